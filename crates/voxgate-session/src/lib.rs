@@ -1,0 +1,23 @@
+//! voxgate's sans-IO per-connection state machine.
+//!
+//! A [`Session`] is fed [`Input`]s (audio bytes, control text, time) and yields [`Output`]s (client
+//! events, decoded audio for consumers, the close decision). It owns no socket, no task and no
+//! clock: the server's connection task drives it, and tests drive it with plain values.
+
+mod protocol;
+mod segmenter;
+mod session;
+
+pub use protocol::{ClientControl, CloseSummary, ConsumerSummary, ServerEvent, UtteranceReason};
+pub use segmenter::{Segment, SegmenterConfig, Segmenter};
+pub use session::{
+    AudioChunk, CloseCode, Input, Output, Session, SessionConfig, SessionError, SessionStats,
+};
+
+/// Output sample rate of every session (16 kHz mono PCM16).
+pub const SAMPLE_RATE: u32 = voxgate_media::OUTPUT_RATE;
+
+/// Seconds of media time for a sample count at 16 kHz.
+pub fn seconds(samples: u64) -> f64 {
+    samples as f64 / f64::from(SAMPLE_RATE)
+}

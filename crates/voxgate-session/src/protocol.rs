@@ -1,0 +1,149 @@
+//! The client protocol: control messages in, JSON events out (Deepgram's names where they exist).
+
+use serde::{Deserialize, Serialize};
+
+/// A text control message from the client.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type")]
+pub enum ClientControl {
+    KeepAlive,
+    Finalize,
+    CloseStream,
+}
+
+impl ClientControl {
+    /// Parses a control message; the error text says what was wrong, for the client.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| {
+            let shown: String = text.chars().take(64).collect();
+            format!("unknown or malformed control message {shown:?}: {e}; expected {{\"type\":\"KeepAlive\"|\"Finalize\"|\"CloseStream\"}}")
+        })
+    }
+}
+
+/// Why an utterance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UtteranceReason {
+    /// The VAD heard enough silence.
+    Silence,
+    /// `max_utterance_seconds` was reached; the next utterance starts at the same sample.
+    Limit,
+    /// The client sent `Finalize`.
+    Finalize,
+    /// The stream closed (client, idle timeout or shutdown).
+    Close,
+}
+
+/// Per-consumer delivery counts, as reported in `Closed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerSummary {
+    pub name: String,
+    pub kind: String,
+    pub delivered_bytes: u64,
+    pub dropped_bytes: u64,
+    pub requests: u64,
+}
+
+/// The summary sent in `Closed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloseSummary {
+    pub bytes_in: u64,
+    pub messages_in: u64,
+    pub seconds_decoded: f64,
+    pub samples_decoded: u64,
+    pub utterances: u64,
+    pub decode_errors: u64,
+    pub resyncs: u64,
+    pub consumers: Vec<ConsumerSummary>,
+}
+
+/// A server event, sent to the client as one JSON text message (and to subscribers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ServerEvent {
+    /// The session is live and its format known.
+    Started {
+        session_id: String,
+        format: String,
+        channels: u8,
+        sample_rate: u32,
+    },
+    /// Media time advanced (sent about once per second of decoded audio).
+    Progress { seconds_decoded: f64, speaking: bool },
+    SpeechStarted { utterance: u64, timestamp: f64 },
+    UtteranceEnd {
+        utterance: u64,
+        start: f64,
+        end: f64,
+        reason: UtteranceReason,
+    },
+    /// A transcript from a speech-to-text consumer.
+    Transcript {
+        utterance: u64,
+        text: String,
+        is_final: bool,
+        backend: String,
+    },
+    Warning { code: String, message: String },
+    Error { code: String, message: String },
+    Closed {
+        session_id: String,
+        code: u16,
+        reason: String,
+        summary: CloseSummary,
+    },
+}
+
+impl ServerEvent {
+    pub fn warning(code: &str, message: impl Into<String>) -> Self {
+        Self::Warning {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self::Error {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+    /// The JSON text sent on the wire.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("events serialize: only strings and numbers")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_control_messages() {
+        assert_eq!(
+            ClientControl::parse(r#"{"type":"KeepAlive"}"#),
+            Ok(ClientControl::KeepAlive)
+        );
+        assert_eq!(
+            ClientControl::parse(r#"{"type":"Finalize","extra":1}"#),
+            Ok(ClientControl::Finalize)
+        );
+        let err = ClientControl::parse(r#"{"type":"Dance"}"#).unwrap_err();
+        assert!(err.contains("Dance"), "{err}");
+        assert!(ClientControl::parse("not json").is_err());
+    }
+
+    #[test]
+    fn events_are_tagged_json() {
+        let e = ServerEvent::UtteranceEnd {
+            utterance: 2,
+            start: 1.5,
+            end: 3.0,
+            reason: UtteranceReason::Limit,
+        };
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["type"], "UtteranceEnd");
+        assert_eq!(v["reason"], "limit");
+        assert_eq!(v["end"], 3.0);
+    }
+}

@@ -1,0 +1,472 @@
+//! The per-connection state machine: `handle_input` in, `poll_output` out, `poll_timeout` for time.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use voxgate_media::{Decoder, DetectedFormat, Limits, MediaError, MediaEvent, SourceFormat};
+
+use crate::protocol::{ClientControl, CloseSummary, ServerEvent, UtteranceReason};
+use crate::segmenter::{Segment, Segmenter, SegmenterConfig};
+use crate::{seconds, SAMPLE_RATE};
+
+/// WebSocket close codes the session decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1000: the client asked (`CloseStream`) or went away.
+    Normal,
+    /// 1001: the server is shutting down.
+    GoingAway,
+    /// 1003: the data is not a format voxgate can decode.
+    Unsupported,
+    /// 1008: a policy was violated (idle timeout, session too long, limits).
+    Policy,
+    /// 1009: a message or element was too big.
+    TooBig,
+    /// 1011: an internal error.
+    Internal,
+}
+
+impl CloseCode {
+    pub fn as_u16(self) -> u16 {
+        match self {
+            Self::Normal => 1000,
+            Self::GoingAway => 1001,
+            Self::Unsupported => 1003,
+            Self::Policy => 1008,
+            Self::TooBig => 1009,
+            Self::Internal => 1011,
+        }
+    }
+}
+
+/// Everything a session needs to know at start.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub session_id: String,
+    pub source: SourceFormat,
+    pub limits: Limits,
+    pub segmenter: SegmenterConfig,
+    /// Close when neither audio nor KeepAlive arrives for this long.
+    pub idle_timeout: Duration,
+    /// Close after this long whatever happens (`None`: no limit).
+    pub max_duration: Option<Duration>,
+    /// Whether any consumer takes audio; without one, no audio output is produced at all.
+    pub wants_audio: bool,
+    /// Media time between `Progress` events (0 = none). Default 1 s.
+    pub progress_every_samples: u64,
+}
+
+impl SessionConfig {
+    pub fn new(session_id: impl Into<String>, source: SourceFormat) -> Self {
+        Self {
+            session_id: session_id.into(),
+            source,
+            limits: Limits::default(),
+            segmenter: SegmenterConfig::default(),
+            idle_timeout: Duration::from_secs(10),
+            max_duration: None,
+            wants_audio: false,
+            progress_every_samples: u64::from(SAMPLE_RATE),
+        }
+    }
+}
+
+/// One input to the session.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// A binary message: audio (may be empty).
+    Audio { now: Instant, data: &'a [u8] },
+    /// A text message: control.
+    Text { now: Instant, text: &'a str },
+    /// The instant returned by `poll_timeout` has passed.
+    Timeout { now: Instant },
+    /// The client closed its socket or it broke: flush, then close.
+    PeerClosed,
+    /// The server is shutting down: flush, then close with 1001.
+    Shutdown,
+    /// The transport saw a violation (e.g. an oversized message): tell the client with an
+    /// `Error` event carrying `error`, flush what was received, and close with `code`.
+    Violation {
+        code: CloseCode,
+        error: &'a str,
+        message: &'a str,
+    },
+}
+
+/// Decoded audio for consumers: 16 kHz mono PCM16 starting at sample `start` of the session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioChunk {
+    pub start: u64,
+    pub pcm: Arc<[i16]>,
+}
+
+/// One output of the session. Drain with `poll_output` after every input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send to the client (and subscribers).
+    Event(ServerEvent),
+    /// Offer to the audio consumers (only produced when `wants_audio`).
+    Audio(AudioChunk),
+    /// Everything received has been flushed; close with this code. The driver completes the
+    /// summary with its consumers' counts and sends `Closed`. Always the last output.
+    Close {
+        code: CloseCode,
+        reason: String,
+        summary: CloseSummary,
+    },
+}
+
+/// Misuse of the session by its driver (never caused by client input).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error("input after the session closed")]
+    Closed,
+    #[error("invalid session parameters: {0}")]
+    Params(String),
+}
+
+/// Counters of one session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    pub bytes_in: u64,
+    pub messages_in: u64,
+    pub samples: u64,
+    pub utterances: u64,
+    pub limit_finalizations: u64,
+    pub decode_errors: u64,
+    pub resyncs: u64,
+    pub control_errors: u64,
+}
+
+/// The state machine of one connection.
+pub struct Session {
+    cfg: SessionConfig,
+    decoder: Decoder,
+    segmenter: Segmenter,
+    pcm: Vec<i16>,
+    segments: Vec<Segment>,
+    outputs: VecDeque<Output>,
+    stats: SessionStats,
+    started_at: Option<Instant>,
+    last_activity: Option<Instant>,
+    next_progress: u64,
+    format: Option<DetectedFormat>,
+    closed: bool,
+}
+
+impl Session {
+    /// Builds a session. Bad raw-format parameters are refused here, before any audio.
+    pub fn new(cfg: SessionConfig) -> Result<Self, SessionError> {
+        let decoder = Decoder::new(cfg.source, cfg.limits.clone())
+            .map_err(|e| SessionError::Params(e.to_string()))?;
+        let mut session = Self {
+            segmenter: Segmenter::new(cfg.segmenter.clone()),
+            next_progress: cfg.progress_every_samples,
+            cfg,
+            decoder,
+            pcm: Vec::new(),
+            segments: Vec::new(),
+            outputs: VecDeque::new(),
+            stats: SessionStats::default(),
+            started_at: None,
+            last_activity: None,
+            format: None,
+            closed: false,
+        };
+        session.drain_media_events();
+        Ok(session)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.cfg.session_id
+    }
+
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
+    }
+
+    pub fn format(&self) -> Option<DetectedFormat> {
+        self.format
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    pub fn is_speaking(&self) -> bool {
+        self.segmenter.is_speaking()
+    }
+
+    /// Turns audio output on or off (a consumer that takes audio joined or left).
+    pub fn set_wants_audio(&mut self, wants: bool) {
+        self.cfg.wants_audio = wants;
+    }
+
+    /// Unparsed bytes the decoder holds right now.
+    pub fn pending_bytes(&self) -> usize {
+        self.decoder.stats().pending_bytes
+    }
+
+    /// Feeds one input. Call `poll_output` until it returns `None` before the next input.
+    pub fn handle_input(&mut self, input: Input<'_>) -> Result<(), SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        match input {
+            Input::Audio { now, data } => {
+                self.touch(now);
+                self.stats.bytes_in += data.len() as u64;
+                self.stats.messages_in += 1;
+                self.pcm.clear();
+                let result = self.decoder.push(data, &mut self.pcm);
+                self.drain_media_events();
+                self.route_pcm();
+                if let Err(e) = result {
+                    self.fail(&e);
+                }
+            }
+            Input::Text { now, text } => {
+                self.touch(now);
+                match ClientControl::parse(text) {
+                    Ok(ClientControl::KeepAlive) => {}
+                    Ok(ClientControl::Finalize) => {
+                        self.segmenter
+                            .finalize(UtteranceReason::Finalize, &mut self.segments);
+                        self.route_segments();
+                    }
+                    Ok(ClientControl::CloseStream) => {
+                        self.close(CloseCode::Normal, "CloseStream received".into());
+                    }
+                    Err(message) => {
+                        self.stats.control_errors += 1;
+                        self.emit(ServerEvent::error("bad_control_message", message));
+                    }
+                }
+            }
+            Input::Timeout { now } => {
+                if let Some(deadline) = self.idle_deadline() {
+                    if now >= deadline {
+                        let secs = self.cfg.idle_timeout.as_secs_f64();
+                        let msg = format!("idle timeout: no audio or KeepAlive for {secs} s");
+                        self.emit(ServerEvent::error("idle_timeout", msg.clone()));
+                        self.close(CloseCode::Policy, msg);
+                        return Ok(());
+                    }
+                }
+                if let Some(deadline) = self.duration_deadline() {
+                    if now >= deadline {
+                        let msg = "maximum session duration reached".to_owned();
+                        self.emit(ServerEvent::error("max_duration", msg.clone()));
+                        self.close(CloseCode::Policy, msg);
+                    }
+                }
+            }
+            Input::PeerClosed => self.close(CloseCode::Normal, "client closed".into()),
+            Input::Shutdown => self.close(CloseCode::GoingAway, "server shutting down".into()),
+            Input::Violation {
+                code,
+                error,
+                message,
+            } => {
+                self.emit(ServerEvent::error(error, message));
+                self.close(code, message.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// Earliest instant at which `Input::Timeout` must be fed; `None` if nothing is armed.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        match (self.idle_deadline(), self.duration_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Starts the clocks; the driver calls it once when the connection is accepted.
+    pub fn start(&mut self, now: Instant) {
+        self.started_at.get_or_insert(now);
+        self.last_activity.get_or_insert(now);
+    }
+
+    fn touch(&mut self, now: Instant) {
+        self.started_at.get_or_insert(now);
+        self.last_activity = Some(now);
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        self.last_activity.map(|t| t + self.cfg.idle_timeout)
+    }
+
+    fn duration_deadline(&self) -> Option<Instant> {
+        Some(self.started_at? + self.cfg.max_duration?)
+    }
+
+    fn emit(&mut self, event: ServerEvent) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    fn drain_media_events(&mut self) {
+        while let Some(event) = self.decoder.poll_event() {
+            match event {
+                MediaEvent::FormatDetected(format) => {
+                    self.format = Some(format);
+                    let channels = channels_of(format);
+                    self.emit(ServerEvent::Started {
+                        session_id: self.cfg.session_id.clone(),
+                        format: format.name().to_owned(),
+                        channels,
+                        sample_rate: SAMPLE_RATE,
+                    });
+                }
+                MediaEvent::DecodeError { what } => {
+                    self.stats.decode_errors += 1;
+                    self.emit(ServerEvent::warning(
+                        "decode_error",
+                        format!("a frame could not be decoded and was skipped: {what}"),
+                    ));
+                }
+                MediaEvent::Resynced { skipped_bytes } => {
+                    self.stats.resyncs += 1;
+                    self.emit(ServerEvent::warning(
+                        "decode_resynced",
+                        format!("lost sync; skipped {skipped_bytes} bytes and resumed at the next cluster/page"),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn route_pcm(&mut self) {
+        if self.pcm.is_empty() {
+            return;
+        }
+        let start = self.stats.samples;
+        self.stats.samples += self.pcm.len() as u64;
+        if self.cfg.wants_audio {
+            self.outputs.push_back(Output::Audio(AudioChunk {
+                start,
+                pcm: Arc::from(self.pcm.as_slice()),
+            }));
+        }
+        self.segmenter.push(&self.pcm, &mut self.segments);
+        self.route_segments();
+        if self.cfg.progress_every_samples > 0 && self.stats.samples >= self.next_progress {
+            while self.next_progress <= self.stats.samples {
+                self.next_progress += self.cfg.progress_every_samples;
+            }
+            self.emit(ServerEvent::Progress {
+                seconds_decoded: seconds(self.stats.samples),
+                speaking: self.segmenter.is_speaking(),
+            });
+        }
+    }
+
+    fn route_segments(&mut self) {
+        for segment in std::mem::take(&mut self.segments) {
+            match segment {
+                Segment::Started { utterance, start } => {
+                    self.stats.utterances += 1;
+                    self.emit(ServerEvent::SpeechStarted {
+                        utterance,
+                        timestamp: seconds(start),
+                    });
+                }
+                Segment::Ended {
+                    utterance,
+                    start,
+                    end,
+                    reason,
+                } => {
+                    if reason == UtteranceReason::Limit {
+                        self.stats.limit_finalizations += 1;
+                        let max = seconds(self.cfg.segmenter.max_utterance_samples);
+                        self.emit(ServerEvent::warning(
+                            "utterance_limit_reached",
+                            format!("utterance {utterance} reached {max} s and was finalized; the stream continues"),
+                        ));
+                    }
+                    self.emit(ServerEvent::UtteranceEnd {
+                        utterance,
+                        start: seconds(start),
+                        end: seconds(end),
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, error: &MediaError) {
+        let code = match error {
+            MediaError::Unsupported(_) | MediaError::Malformed { .. } => CloseCode::Unsupported,
+            MediaError::Limit(_) => CloseCode::TooBig,
+            _ => CloseCode::Policy,
+        };
+        self.emit(ServerEvent::error(error.code(), error.to_string()));
+        self.close_inner(code, error.to_string(), false);
+    }
+
+    fn close(&mut self, code: CloseCode, reason: String) {
+        self.close_inner(code, reason, true);
+    }
+
+    fn close_inner(&mut self, code: CloseCode, reason: String, flush_decoder: bool) {
+        if flush_decoder {
+            self.pcm.clear();
+            let result = self.decoder.finish(&mut self.pcm);
+            self.drain_media_events();
+            self.route_pcm();
+            if let Err(e) = result {
+                self.emit(ServerEvent::error(e.code(), e.to_string()));
+            }
+        }
+        self.segmenter
+            .finalize(UtteranceReason::Close, &mut self.segments);
+        self.route_segments();
+        let summary = self.summary();
+        self.outputs.push_back(Output::Close {
+            code,
+            reason,
+            summary,
+        });
+        self.closed = true;
+    }
+
+    /// The session's part of the `Closed` summary (consumers are added by the driver).
+    pub fn summary(&self) -> CloseSummary {
+        let media = self.decoder.stats();
+        CloseSummary {
+            bytes_in: self.stats.bytes_in,
+            messages_in: self.stats.messages_in,
+            seconds_decoded: seconds(self.stats.samples),
+            samples_decoded: self.stats.samples,
+            utterances: self.stats.utterances,
+            decode_errors: media.decode_errors,
+            resyncs: media.resyncs,
+            consumers: Vec::new(),
+        }
+    }
+}
+
+fn channels_of(format: DetectedFormat) -> u8 {
+    match format {
+        DetectedFormat::WebmOpus { channels } | DetectedFormat::OggOpus { channels } => channels,
+        DetectedFormat::Opus { channels, .. }
+        | DetectedFormat::Linear16 { channels, .. }
+        | DetectedFormat::Float32 { channels, .. }
+        | DetectedFormat::Linear8 { channels, .. }
+        | DetectedFormat::Mulaw { channels, .. }
+        | DetectedFormat::Alaw { channels, .. } => channels,
+    }
+}

@@ -1,0 +1,5 @@
+//! Subcommands besides `serve`.
+
+pub mod decode;
+pub mod index;
+pub mod stream;

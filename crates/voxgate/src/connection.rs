@@ -1,0 +1,461 @@
+//! One task per connection drives one `Session`: reads the socket, feeds the session, and
+//! dispatches its outputs to the client writer and the consumers without ever awaiting a consumer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use metrics::{counter, gauge};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use voxgate_media::SourceFormat;
+use voxgate_session::{
+    CloseCode, ConsumerSummary, Input, Output, ServerEvent, Session, SessionConfig,
+    UtteranceReason,
+};
+
+use crate::config::WebhookConfig;
+use crate::consumers::subscribers::Hub;
+use crate::consumers::webhook::{Target, WebhookHandle};
+use crate::consumers::Offer;
+use crate::hook;
+use crate::metrics as m;
+use crate::server::AppState;
+
+/// What the upgrade request carried.
+pub struct ListenParams {
+    pub query: HashMap<String, String>,
+    pub token: Option<String>,
+    pub peer: SocketAddr,
+}
+
+/// A refusal before the session starts: an `Error` event, then a close with a reason.
+struct Refusal {
+    code: u16,
+    error: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: u16, error: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            error,
+            message: message.into(),
+        }
+    }
+}
+
+/// Maps the connect query to a source format. Containers are autodetected.
+pub fn source_format(query: &HashMap<String, String>) -> Result<SourceFormat, String> {
+    let num = |key: &str, default: u32| -> Result<u32, String> {
+        match query.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<u32>()
+                .map_err(|_| format!("{key}={v:?} is not a number")),
+        }
+    };
+    let encoding = query.get("encoding").map(|s| s.to_ascii_lowercase());
+    let channels = || -> Result<u8, String> {
+        let c = num("channels", 1)?;
+        u8::try_from(c).map_err(|_| format!("channels={c} is out of range"))
+    };
+    Ok(match encoding.as_deref() {
+        None | Some("" | "auto" | "webm" | "ogg" | "opus_container") => SourceFormat::Auto,
+        Some("opus") => SourceFormat::Opus {
+            sample_rate: num("sample_rate", 48_000)?,
+            channels: channels()?,
+        },
+        Some("linear16" | "pcm_s16le" | "pcm16") => SourceFormat::Linear16 {
+            sample_rate: num("sample_rate", 16_000)?,
+            channels: channels()?,
+        },
+        Some("float32" | "linear32" | "pcm_f32le") => SourceFormat::Float32 {
+            sample_rate: num("sample_rate", 16_000)?,
+            channels: channels()?,
+        },
+        Some("linear8" | "pcm8" | "pcm_u8") => SourceFormat::Linear8 {
+            sample_rate: num("sample_rate", 8_000)?,
+            channels: channels()?,
+        },
+        Some("mulaw" | "ulaw" | "pcm_mulaw") => SourceFormat::Mulaw {
+            sample_rate: num("sample_rate", 8_000)?,
+            channels: channels()?,
+        },
+        Some("alaw" | "pcm_alaw") => SourceFormat::Alaw {
+            sample_rate: num("sample_rate", 8_000)?,
+            channels: channels()?,
+        },
+        Some(other) => {
+            return Err(format!(
+                "unsupported encoding {other:?}; use opus, linear16, float32, linear8, mulaw, alaw, or omit it for WebM/Ogg"
+            ))
+        }
+    })
+}
+
+fn valid_session_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Drives one `/v1/listen` connection from upgrade to close.
+pub async fn run(state: Arc<AppState>, socket: WebSocket, params: ListenParams) {
+    let (mut sink, stream) = socket.split();
+    match prepare(&state, &params).await {
+        Ok(prepared) => drive(state, sink, stream, prepared).await,
+        Err(refusal) => {
+            counter!(m::SESSIONS_REJECTED, "reason" => refusal.error).increment(1);
+            counter!(m::CLIENT_ERRORS, "code" => refusal.error).increment(1);
+            counter!(m::CLOSES, "code" => refusal.code.to_string()).increment(1);
+            info!(peer = %params.peer, error = refusal.error, message = %refusal.message, "connection refused");
+            let event = ServerEvent::error(refusal.error, refusal.message.clone());
+            let _ = sink.send(Message::Text(event.to_json().into())).await;
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
+                    code: refusal.code,
+                    reason: truncate_reason(&refusal.message).into(),
+                })))
+                .await;
+        }
+    }
+}
+
+struct Prepared {
+    session: Session,
+    webhooks: Vec<WebhookHandle>,
+    hub: Arc<Hub>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+async fn prepare(state: &Arc<AppState>, params: &ListenParams) -> Result<Prepared, Refusal> {
+    let cfg = &state.cfg;
+    if state.shutdown.is_cancelled() {
+        return Err(Refusal::new(1013, "shutting_down", "server is shutting down; retry on another instance"));
+    }
+    let permit = state.permits.clone().try_acquire_owned().map_err(|_| {
+        Refusal::new(
+            1013,
+            "over_capacity",
+            format!(
+                "server at capacity ({} sessions); retry later",
+                cfg.server.max_sessions
+            ),
+        )
+    })?;
+    let source = source_format(&params.query).map_err(|e| Refusal::new(1003, "unsupported_encoding", e))?;
+    let session_id = match params.query.get("session_id") {
+        Some(id) if valid_session_id(id) => id.clone(),
+        Some(_) => {
+            return Err(Refusal::new(
+                1008,
+                "invalid_session_id",
+                "session_id must be 1-128 characters of A-Z a-z 0-9 - _ . :",
+            ))
+        }
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+
+    // Consumers: the configured default set, a named selection, or the on_connect hook's answer.
+    let mut uid = params.query.get("uid").cloned().unwrap_or_default();
+    let webhook_cfgs: Vec<Arc<WebhookConfig>> = if let Some(hook_cfg) = &cfg.on_connect {
+        let answer = hook::on_connect(&state.http, hook_cfg, params, "listen")
+            .await
+            .map_err(|e| Refusal::new(1011, "on_connect_failed", e))?;
+        if !answer.allow {
+            return Err(Refusal::new(
+                1008,
+                "rejected",
+                answer.reason.unwrap_or_else(|| "rejected by on_connect hook".into()),
+            ));
+        }
+        if let Some(u) = answer.uid {
+            uid = u;
+        }
+        let mut errors = Vec::new();
+        for (i, w) in answer.webhooks.iter().enumerate() {
+            w.validate(&format!("on_connect.webhooks[{i}]"), &mut errors);
+        }
+        if !errors.is_empty() {
+            return Err(Refusal::new(1011, "on_connect_invalid", errors.join("; ")));
+        }
+        answer.webhooks.into_iter().map(Arc::new).collect()
+    } else if let Some(names) = params.query.get("consumers") {
+        let mut chosen = Vec::new();
+        for name in names.split(',').filter(|n| !n.is_empty()) {
+            let w = cfg.webhooks.iter().find(|w| w.name == name).ok_or_else(|| {
+                Refusal::new(1008, "unknown_consumer", format!("no consumer named {name:?}"))
+            })?;
+            chosen.push(Arc::new(w.clone()));
+        }
+        chosen
+    } else {
+        cfg.webhooks
+            .iter()
+            .filter(|w| w.default)
+            .map(|w| Arc::new(w.clone()))
+            .collect()
+    };
+
+    let mut session_cfg = SessionConfig::new(session_id.clone(), source);
+    session_cfg.limits = cfg.limits();
+    session_cfg.segmenter = cfg.segmenter();
+    session_cfg.idle_timeout = cfg.idle_timeout();
+    session_cfg.max_duration = cfg.max_session();
+    let session = Session::new(session_cfg)
+        .map_err(|e| Refusal::new(1008, "invalid_parameters", e.to_string()))?;
+
+    let hub = Arc::new(Hub::new(
+        cfg.subscribers.max_per_session,
+        cfg.subscribers.queue_messages,
+    ));
+    {
+        let mut sessions = state.sessions.lock().expect("session map lock is never poisoned");
+        if sessions.contains_key(&session_id) {
+            return Err(Refusal::new(
+                1008,
+                "session_id_in_use",
+                format!("session {session_id:?} is already live"),
+            ));
+        }
+        sessions.insert(session_id.clone(), hub.clone());
+    }
+    // Only webhooks with a delay exist; absent delay = no consumer, no buffer.
+    let webhooks = webhook_cfgs
+        .into_iter()
+        .filter(|w| w.delay_seconds.is_some())
+        .map(|w| {
+            let breaker = state.breakers.get(&w.url);
+            WebhookHandle::spawn(
+                w,
+                Target {
+                    session_id: session_id.clone(),
+                    uid: uid.clone(),
+                },
+                state.http.clone(),
+                breaker,
+            )
+        })
+        .collect();
+    Ok(Prepared {
+        session,
+        webhooks,
+        hub,
+        _permit: permit,
+    })
+}
+
+fn truncate_reason(reason: &str) -> String {
+    // A close reason must fit in a control frame (123 bytes).
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+async fn drive(
+    state: Arc<AppState>,
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    prepared: Prepared,
+) {
+    let Prepared {
+        mut session,
+        mut webhooks,
+        hub,
+        _permit,
+    } = prepared;
+    let id = session.id().to_owned();
+    gauge!(m::SESSIONS_ACTIVE).increment(1.0);
+    counter!(m::SESSIONS_TOTAL, "endpoint" => "listen").increment(1);
+    info!(session = %id, webhooks = webhooks.len(), "session started");
+
+    // The client writer: a bounded queue; a client that does not read its events is closed.
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(state.cfg.server.client_queue_messages);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = out_rx.recv().await {
+            let is_close = matches!(msg, Message::Close(_));
+            if sink.send(msg).await.is_err() || is_close {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let mut client_gone = false;
+    let mut client_slow = false;
+    let send = |msg: Message, client_slow: &mut bool| {
+        if out_tx.try_send(msg).is_err() {
+            *client_slow = true;
+        }
+    };
+
+    let now = || Instant::now().into_std();
+    session.start(now());
+    let shutdown = state.shutdown.clone();
+    let mut format_label: &'static str = "";
+    let (code, reason, mut summary) = 'session: loop {
+        session.set_wants_audio(!webhooks.is_empty() || hub.wants_audio());
+        while let Some(out) = session.poll_output() {
+            match out {
+                Output::Event(event) => {
+                    observe(&event);
+                    if let ServerEvent::Started { format, .. } = &event {
+                        format_label = session.format().map(|f| f.name()).unwrap_or("");
+                        info!(session = %id, format = %format, "format detected");
+                    }
+                    let json = event.to_json();
+                    hub.publish_event(&json);
+                    if !client_gone {
+                        send(Message::Text(json.into()), &mut client_slow);
+                    }
+                }
+                Output::Audio(chunk) => {
+                    m::add_audio_samples(format_label, chunk.pcm.len() as u64);
+                    for w in webhooks.iter_mut() {
+                        if let Offer::Dropped { first: true } = w.offer(&chunk) {
+                            let event = ServerEvent::warning(
+                                "consumer_dropping",
+                                format!("webhook {:?} is not keeping up; audio is being dropped", w.name()),
+                            );
+                            if !client_gone {
+                                send(Message::Text(event.to_json().into()), &mut client_slow);
+                            }
+                        }
+                    }
+                    hub.publish_audio(&chunk.pcm);
+                }
+                Output::Close {
+                    code,
+                    reason,
+                    summary,
+                } => break 'session (code, reason, summary),
+            }
+        }
+        if client_slow && !session.is_closed() {
+            client_gone = true; // the writer queue is full; stop writing, but flush consumers
+            warn!(session = %id, "client is not reading its events; closing");
+            let _ = session.handle_input(Input::Violation {
+                code: CloseCode::Policy,
+                error: "client_too_slow",
+                message: "client did not read its events; closing",
+            });
+            continue;
+        }
+        let deadline = session.poll_timeout();
+        let result = tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Binary(data))) => {
+                    counter!(m::BYTES_IN).increment(data.len() as u64);
+                    session.handle_input(Input::Audio { now: now(), data: &data })
+                }
+                Some(Ok(Message::Text(text))) => session.handle_input(Input::Text { now: now(), text: text.as_str() }),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                Some(Ok(Message::Close(_))) | None => {
+                    client_gone = true;
+                    session.handle_input(Input::PeerClosed)
+                }
+                Some(Err(e)) => {
+                    let text = e.to_string();
+                    let (code, error) = if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+                        (CloseCode::TooBig, "message_too_large")
+                    } else {
+                        (CloseCode::Policy, "protocol_error")
+                    };
+                    let message = if code == CloseCode::TooBig {
+                        format!("message larger than server.max_message_bytes ({} bytes)", state.cfg.server.max_message_bytes)
+                    } else {
+                        format!("WebSocket protocol error: {text}")
+                    };
+                    session.handle_input(Input::Violation { code, error, message: &message })
+                }
+            },
+            () = sleep_until_opt(deadline) => session.handle_input(Input::Timeout { now: now() }),
+            () = shutdown.cancelled() => session.handle_input(Input::Shutdown),
+        };
+        if let Err(e) = result {
+            warn!(session = %id, error = %e, "session input refused");
+        }
+    };
+
+    // Flush consumers: everything accepted is delivered or counted as dropped.
+    let flush = Duration::from_secs_f64(if state.shutdown.is_cancelled() {
+        state.cfg.server.shutdown_grace_seconds * 0.8
+    } else {
+        state.cfg.server.close_flush_seconds
+    });
+    let deadline = Instant::now() + flush;
+    let mut consumers: Vec<ConsumerSummary> = Vec::new();
+    for w in webhooks {
+        consumers.push(w.finish(deadline).await);
+    }
+    summary.consumers = consumers;
+    let closed = ServerEvent::Closed {
+        session_id: id.clone(),
+        code: code.as_u16(),
+        reason: reason.clone(),
+        summary: summary.clone(),
+    };
+    let json = closed.to_json();
+    hub.publish_event(&json);
+    hub.close();
+    state
+        .sessions
+        .lock()
+        .expect("session map lock is never poisoned")
+        .remove(&id);
+    if !client_gone {
+        let _ = out_tx.try_send(Message::Text(json.into()));
+        let _ = out_tx.try_send(Message::Close(Some(CloseFrame {
+            code: code.as_u16(),
+            reason: truncate_reason(&reason).into(),
+        })));
+    }
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    counter!(m::CLOSES, "code" => code.as_u16().to_string()).increment(1);
+    gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
+    info!(session = %id, code = code.as_u16(), %reason, seconds = summary.seconds_decoded,
+        decode_errors = summary.decode_errors, resyncs = summary.resyncs, "session closed");
+}
+
+/// Metrics for events that matter to operators.
+fn observe(event: &ServerEvent) {
+    match event {
+        ServerEvent::SpeechStarted { .. } => counter!(m::UTTERANCES).increment(1),
+        ServerEvent::UtteranceEnd {
+            reason: UtteranceReason::Limit,
+            ..
+        } => counter!(m::UTTERANCE_LIMIT).increment(1),
+        ServerEvent::Warning { code, message } => match code.as_str() {
+            "decode_error" => {
+                counter!(m::DECODE_ERRORS).increment(1);
+                warn!(%message, "decode error");
+            }
+            "decode_resynced" => {
+                counter!(m::RESYNCS).increment(1);
+                warn!(%message, "demuxer resynced");
+            }
+            _ => {}
+        },
+        ServerEvent::Error { code, message } => {
+            counter!(m::CLIENT_ERRORS, "code" => code.clone()).increment(1);
+            warn!(%code, %message, "error sent to client");
+        }
+        _ => {}
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,9 @@
+//! voxgate: the server and CLI around the sans-IO cores.
+
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod consumers;
+pub mod hook;
+pub mod metrics;
+pub mod server;

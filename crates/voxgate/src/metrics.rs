@@ -1,0 +1,111 @@
+//! Metrics: the `metrics` facade with a Prometheus exporter rendered at `/metrics`. Label sets
+//! are closed (consumer kinds, reasons, outcomes, formats), never session ids.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const SESSIONS_ACTIVE: &str = "voxgate_sessions_active";
+pub const SESSIONS_TOTAL: &str = "voxgate_sessions_total";
+pub const SESSIONS_REJECTED: &str = "voxgate_sessions_rejected_total";
+pub const BUFFERED_BYTES: &str = "voxgate_buffered_bytes";
+pub const DECODE_ERRORS: &str = "voxgate_decode_errors_total";
+pub const RESYNCS: &str = "voxgate_resyncs_total";
+pub const UTTERANCES: &str = "voxgate_utterances_total";
+pub const UTTERANCE_LIMIT: &str = "voxgate_utterance_limit_total";
+pub const DROPPED_BYTES: &str = "voxgate_dropped_bytes_total";
+pub const DELIVERED_BYTES: &str = "voxgate_delivered_bytes_total";
+pub const WEBHOOK_REQUESTS: &str = "voxgate_webhook_requests_total";
+pub const BYTES_IN: &str = "voxgate_bytes_in_total";
+pub const CLOSES: &str = "voxgate_ws_closes_total";
+pub const CLIENT_ERRORS: &str = "voxgate_client_errors_total";
+pub const SUBSCRIBERS_ACTIVE: &str = "voxgate_subscribers_active";
+
+/// Consumer kinds (the `consumer` label).
+pub const CONSUMER_KINDS: [&str; 2] = ["webhook", "subscriber"];
+/// Formats (the `format` label of audio seconds).
+const FORMATS: [&str; 8] = [
+    "webm", "ogg", "opus", "linear16", "float32", "linear8", "mulaw", "alaw",
+];
+
+static AUDIO_SAMPLES: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder once (tests start many servers in one process).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the metrics recorder is installed once, here");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(SESSIONS_ACTIVE, "Live ingest sessions");
+    describe_counter!(SESSIONS_TOTAL, "Sessions accepted, by endpoint");
+    describe_counter!(SESSIONS_REJECTED, "Connections refused, by reason");
+    describe_gauge!(
+        BUFFERED_BYTES,
+        "Audio bytes held by consumers over all sessions (queues, batches, in flight)"
+    );
+    describe_counter!(DECODE_ERRORS, "Frames that could not be decoded and were skipped");
+    describe_counter!(RESYNCS, "Times a demuxer lost sync and resumed at the next cluster/page");
+    describe_counter!(UTTERANCES, "Utterances started");
+    describe_counter!(UTTERANCE_LIMIT, "Utterances finalized at max_utterance_seconds");
+    describe_counter!(DROPPED_BYTES, "Audio bytes a consumer gave up on, by reason");
+    describe_counter!(DELIVERED_BYTES, "Audio bytes delivered to consumers");
+    describe_counter!(WEBHOOK_REQUESTS, "Webhook HTTP attempts, by outcome");
+    describe_counter!(BYTES_IN, "Bytes of audio messages received");
+    describe_counter!(CLOSES, "Sessions closed, by WebSocket close code");
+    describe_counter!(CLIENT_ERRORS, "Error events sent to clients, by code");
+    describe_gauge!(SUBSCRIBERS_ACTIVE, "Realtime subscribers connected");
+    gauge!(SESSIONS_ACTIVE).set(0.0);
+    gauge!(SUBSCRIBERS_ACTIVE).set(0.0);
+    for kind in CONSUMER_KINDS {
+        gauge!(BUFFERED_BYTES, "consumer" => kind).set(0.0);
+    }
+    counter!(DECODE_ERRORS).absolute(0);
+    counter!(RESYNCS).absolute(0);
+    counter!(UTTERANCE_LIMIT).absolute(0);
+}
+
+/// Counts decoded samples (16 kHz) for `voxgate_audio_seconds_total{format}`.
+pub fn add_audio_samples(format: &str, samples: u64) {
+    if let Some(i) = FORMATS.iter().position(|f| *f == format) {
+        AUDIO_SAMPLES[i].fetch_add(samples, Ordering::Relaxed);
+    }
+}
+
+/// The Prometheus text page: the recorder's metrics plus the fractional audio-seconds counter.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut out = handle.render();
+    out.push_str("# HELP voxgate_audio_seconds_total Seconds of audio decoded, by source format\n");
+    out.push_str("# TYPE voxgate_audio_seconds_total counter\n");
+    for (i, f) in FORMATS.iter().enumerate() {
+        let secs = AUDIO_SAMPLES[i].load(Ordering::Relaxed) as f64 / 16_000.0;
+        out.push_str(&format!(
+            "voxgate_audio_seconds_total{{format=\"{f}\"}} {secs}\n"
+        ));
+    }
+    out
+}
+
+/// Bytes held by one consumer kind, mirrored in the `voxgate_buffered_bytes` gauge.
+pub fn buffered(kind: &'static str, delta: i64) {
+    let g = gauge!(BUFFERED_BYTES, "consumer" => kind);
+    if delta >= 0 {
+        g.increment(delta as f64);
+    } else {
+        g.decrement((-delta) as f64);
+    }
+}
+
+pub fn dropped(kind: &'static str, reason: &'static str, bytes: u64) {
+    counter!(DROPPED_BYTES, "consumer" => kind, "reason" => reason).increment(bytes);
+}

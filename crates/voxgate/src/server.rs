@@ -1,0 +1,224 @@
+//! The listener: routes, shared state, admission, graceful shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::connection::{self, ListenParams};
+use crate::consumers::subscribers::{Hub, SubMessage};
+use crate::consumers::webhook::Breakers;
+use crate::metrics::{self as m, SESSIONS_REJECTED, SUBSCRIBERS_ACTIVE};
+
+/// State shared by every connection.
+pub struct AppState {
+    pub cfg: Config,
+    pub metrics: PrometheusHandle,
+    pub http: reqwest::Client,
+    pub breakers: Breakers,
+    pub sessions: Mutex<HashMap<String, Arc<Hub>>>,
+    pub permits: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Arc::new(Self {
+            permits: Arc::new(Semaphore::new(cfg.server.max_sessions)),
+            cfg,
+            metrics: m::install(),
+            http,
+            breakers: Breakers::default(),
+            sessions: Mutex::new(HashMap::new()),
+            shutdown,
+            tracker: TaskTracker::new(),
+            ready: AtomicBool::new(true),
+        }))
+    }
+
+    pub fn hub(&self, id: &str) -> Option<Arc<Hub>> {
+        self.sessions
+            .lock()
+            .expect("session map lock is never poisoned")
+            .get(id)
+            .cloned()
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/v1/listen", get(listen))
+        .route("/v1/sessions/{id}/subscribe", get(subscribe))
+        .route("/metrics", get(metrics_page))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled, then drains sessions within the grace period.
+pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let grace = Duration::from_secs_f64(cfg.server.shutdown_grace_seconds);
+    let state = AppState::new(cfg, shutdown.clone())?;
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    info!(addr = %listener.local_addr()?, "voxgate listening");
+    let stop = shutdown.clone();
+    let drain_state = state.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            stop.cancelled().await;
+            drain_state.ready.store(false, Ordering::SeqCst);
+            info!("shutdown: no longer accepting; flushing sessions");
+        })
+        .await?;
+    state.tracker.close();
+    if tokio::time::timeout(grace, state.tracker.wait()).await.is_err() {
+        warn!(
+            remaining = state.tracker.len(),
+            "shutdown grace period over; exiting with sessions still flushing"
+        );
+    }
+    info!("voxgate stopped");
+    Ok(())
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("../assets/index.html"))
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::SeqCst) && !state.shutdown.is_cancelled() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    }
+}
+
+async fn metrics_page(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        m::render(&state.metrics),
+    )
+        .into_response()
+}
+
+async fn listen(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = bearer(&headers).or_else(|| query.get("token").cloned());
+    let params = ListenParams {
+        query,
+        token,
+        peer,
+    };
+    let max = state.cfg.server.max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            let tracker = state.tracker.clone();
+            tracker.track_future(connection::run(state, socket, params))
+        })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+async fn subscribe(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(hub) = state.hub(&id) else {
+        counter!(SESSIONS_REJECTED, "reason" => "unknown_session").increment(1);
+        return (StatusCode::NOT_FOUND, format!("no live session {id:?}")).into_response();
+    };
+    let audio = matches!(query.get("audio").map(String::as_str), Some("true" | "1"));
+    let sub = match hub.subscribe(audio) {
+        Ok(sub) => sub,
+        Err(full) => {
+            counter!(SESSIONS_REJECTED, "reason" => "subscribers_full").increment(1);
+            return (StatusCode::SERVICE_UNAVAILABLE, full.to_string()).into_response();
+        }
+    };
+    drop(hub);
+    let queue = state.cfg.subscribers.queue_messages;
+    ws.on_upgrade(move |socket| {
+        let tracker = state.tracker.clone();
+        tracker.track_future(run_subscriber(socket, sub, queue))
+    })
+}
+
+async fn run_subscriber(
+    mut socket: WebSocket,
+    mut sub: crate::consumers::subscribers::Subscription,
+    queue: usize,
+) {
+    gauge!(SUBSCRIBERS_ACTIVE).increment(1.0);
+    let (code, reason) = loop {
+        tokio::select! {
+            msg = sub.rx.recv() => match msg {
+                Some(msg) => {
+                    sub.taken(&msg);
+                    let ws_msg = match msg {
+                        SubMessage::Event(s) => Message::Text(s.as_ref().into()),
+                        SubMessage::Audio(b) => Message::Binary(b),
+                    };
+                    if socket.send(ws_msg).await.is_err() {
+                        break (None, "");
+                    }
+                }
+                None if sub.kicked.is_cancelled() => {
+                    break (Some(1008), "subscriber lagging: queue full; disconnected");
+                }
+                None => break (Some(1000), "session ended"),
+            },
+            () = sub.kicked.cancelled() => {
+                counter!(m::CLOSES, "code" => "1008").increment(1);
+                warn!(queue, "disconnecting lagging subscriber");
+                break (Some(1008), "subscriber lagging: queue full; disconnected");
+            }
+            incoming = socket.recv() => if matches!(incoming, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
+                break (None, "");
+            },
+        }
+    };
+    sub.discard_rest();
+    if let Some(code) = code {
+        let _ = socket
+            .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+    }
+    gauge!(SUBSCRIBERS_ACTIVE).decrement(1.0);
+}
