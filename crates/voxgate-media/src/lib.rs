@@ -3,7 +3,24 @@
 //! Fed `&[u8]` chunks split anywhere, it yields 16 kHz mono PCM16. No I/O, no clock, no tasks.
 //! Memory per stream is bounded by [`Limits`], whatever the input and however long it runs.
 
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
 use std::fmt;
+
+mod buffer;
+mod decoder;
+pub mod demux;
+pub mod detect;
+pub mod ebml;
+pub mod g711;
+pub mod ogg;
+pub mod opus_stage;
+pub mod pcm;
+pub mod resample;
+pub mod webm;
+
+pub use decoder::{memory_bound, Decoder, EVENT_QUEUE_CAP};
 
 /// Output sample rate of every pipeline.
 pub const OUTPUT_RATE: u32 = 16_000;
@@ -30,6 +47,7 @@ impl Default for Limits {
     }
 }
 
+#[allow(missing_docs)] // fields: rate in Hz, interleaved channel count, counters as named
 /// What the client said it sends. `Auto` sniffs a container (WebM or Ogg).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SourceFormat {
@@ -49,6 +67,7 @@ pub enum SourceFormat {
     Alaw { sample_rate: u32, channels: u8 },
 }
 
+#[allow(missing_docs)] // fields: rate in Hz, interleaved channel count, counters as named
 /// The format a stream turned out to be. `name()` is a closed label set, fit for metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DetectedFormat {
@@ -84,6 +103,7 @@ impl fmt::Display for DetectedFormat {
     }
 }
 
+#[allow(missing_docs)] // fields: rate in Hz, interleaved channel count, counters as named
 /// Errors of the codec core. Only fatal ones are returned from [`Decoder::push`]; frame-local
 /// problems are counted in [`Stats`] and reported as [`MediaEvent`]s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,6 +138,7 @@ impl MediaError {
     }
 }
 
+#[allow(missing_docs)] // fields: rate in Hz, interleaved channel count, counters as named
 /// Things worth telling the client and the metrics about, drained with [`Decoder::poll_event`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MediaEvent {
@@ -129,6 +150,7 @@ pub enum MediaEvent {
     Resynced { skipped_bytes: u64 },
 }
 
+#[allow(missing_docs)] // fields: rate in Hz, interleaved channel count, counters as named
 /// Counters of one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -140,47 +162,4 @@ pub struct Stats {
     pub resyncs: u64,
     pub pending_bytes: usize,
     pub peak_pending_bytes: usize,
-}
-
-/// One stream's whole ingest pipeline: sniff/demux -> decode -> downmix -> resample to 16 kHz mono.
-pub struct Decoder {
-    stats: Stats,
-}
-
-impl Decoder {
-    /// Builds a pipeline for `format`. Parameters (rate 8000..=48000, channels 1..=2 for raw
-    /// formats; Opus rates 8/12/16/24/48 kHz) are checked here.
-    pub fn new(format: SourceFormat, limits: Limits) -> Result<Self, MediaError> {
-        let _ = (format, limits);
-        Ok(Self {
-            stats: Stats::default(),
-        })
-    }
-
-    /// Feeds one chunk split anywhere (for `SourceFormat::Opus`, exactly one packet; empty chunks
-    /// are legal). Appends the 16 kHz mono samples it could produce to `out`. Returns `Err` only
-    /// for fatal errors; the decoder then stays failed.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<i16>) -> Result<(), MediaError> {
-        let _ = (chunk, out);
-        Ok(())
-    }
-
-    /// End of stream: flushes resampler state into `out`. A truncated trailing element is counted
-    /// as a decode error, not returned.
-    pub fn finish(&mut self, out: &mut Vec<i16>) -> Result<(), MediaError> {
-        let _ = out;
-        Ok(())
-    }
-
-    pub fn poll_event(&mut self) -> Option<MediaEvent> {
-        None
-    }
-
-    pub fn stats(&self) -> &Stats {
-        &self.stats
-    }
-
-    pub fn format(&self) -> Option<DetectedFormat> {
-        None
-    }
 }

@@ -1,0 +1,56 @@
+//! Every corpus capture and reference file decodes to the reference length and content.
+
+mod common;
+use common::*;
+use voxgate_media::SourceFormat;
+
+const FRAME_16K: i64 = 320;
+
+fn check_capture(name: &str, ext: &str) {
+    let data = bytes(&format!("captures/{name}.{ext}"));
+    let index = messages(name);
+    let reference = wav(&format!("captures/{name}.decoded-16k.wav"));
+    let by_msg = decode(SourceFormat::Auto, split_by_index(&data, &index));
+    let whole = decode(SourceFormat::Auto, [&data[..]]);
+    assert_eq!(by_msg.pcm, whole.pcm, "{name}: output depends on chunking");
+    let delta = by_msg.pcm.len() as i64 - reference.len() as i64;
+    let (snr, lag) = best_snr(&by_msg.pcm, &reference, 400);
+    eprintln!(
+        "{name}: samples {} vs ref {} (delta {delta}), SNR {snr:.1} dB at lag {lag}, stats {:?}",
+        by_msg.pcm.len(),
+        reference.len(),
+        by_msg.stats
+    );
+    assert!(
+        delta.abs() <= FRAME_16K,
+        "{name}: sample count off by {delta}"
+    );
+    assert!(snr > 20.0, "{name}: SNR {snr:.1} dB");
+    assert_eq!(by_msg.stats.decode_errors, 0);
+    assert_eq!(by_msg.stats.resyncs, 0);
+}
+
+#[test]
+fn chromium_short_250ms() {
+    check_capture("chromium_short_250ms", "webm");
+}
+
+#[test]
+fn chromium_short_100ms() {
+    check_capture("chromium_short_100ms", "webm");
+}
+
+#[test]
+fn chromium_medium_250ms() {
+    check_capture("chromium_medium_250ms", "webm");
+}
+
+#[test]
+fn chromium_long_250ms() {
+    check_capture("chromium_long_250ms", "webm");
+}
+
+#[test]
+fn firefox_medium_250ms_ogg() {
+    check_capture("firefox_medium_250ms_ogg", "ogg");
+}
