@@ -98,10 +98,13 @@ pub fn best_snr(ours: &[i16], reference: &[i16], max_lag: i64) -> (f64, i64) {
             (xy, lag)
         })
         .fold((f64::MIN, 0), |best, c| if c.0 > best.0 { c } else { best });
-    let (sig, err) = reference.iter().enumerate().fold((0.0, 0.0), |(s, e), (i, &r)| {
-        let r = f64::from(r);
-        let d = r - at(ours, i as i64 + lag);
-        (s + r * r, e + d * d)
-    });
+    let (sig, err) = reference
+        .iter()
+        .enumerate()
+        .fold((0.0, 0.0), |(s, e), (i, &r)| {
+            let r = f64::from(r);
+            let d = r - at(ours, i as i64 + lag);
+            (s + r * r, e + d * d)
+        });
     (10.0 * (sig / f64::max(err, 1e-9)).log10(), lag)
 }
