@@ -9,7 +9,7 @@ mod segmenter;
 mod session;
 
 pub use protocol::{ClientControl, CloseSummary, ConsumerSummary, ServerEvent, UtteranceReason};
-pub use segmenter::{Segment, SegmenterConfig, Segmenter};
+pub use segmenter::{Segment, Segmenter, SegmenterConfig};
 pub use session::{
     AudioChunk, CloseCode, Input, Output, Session, SessionConfig, SessionError, SessionStats,
 };

@@ -70,8 +70,14 @@ pub enum ServerEvent {
         sample_rate: u32,
     },
     /// Media time advanced (sent about once per second of decoded audio).
-    Progress { seconds_decoded: f64, speaking: bool },
-    SpeechStarted { utterance: u64, timestamp: f64 },
+    Progress {
+        seconds_decoded: f64,
+        speaking: bool,
+    },
+    SpeechStarted {
+        utterance: u64,
+        timestamp: f64,
+    },
     UtteranceEnd {
         utterance: u64,
         start: f64,
@@ -85,8 +91,14 @@ pub enum ServerEvent {
         is_final: bool,
         backend: String,
     },
-    Warning { code: String, message: String },
-    Error { code: String, message: String },
+    Warning {
+        code: String,
+        message: String,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
     Closed {
         session_id: String,
         code: u16,

@@ -240,7 +240,9 @@ impl WebhookConfig {
         }
         if let Some(d) = self.delay_seconds {
             if !(d.is_finite() && d >= 0.0) {
-                errors.push(format!("{prefix}.delay_seconds: must be >= 0 (absent = off)"));
+                errors.push(format!(
+                    "{prefix}.delay_seconds: must be >= 0 (absent = off)"
+                ));
             } else if d > self.max_buffer_seconds {
                 errors.push(format!(
                     "{prefix}.delay_seconds: {d} exceeds max_buffer_seconds {}",
@@ -469,8 +471,10 @@ mod tests {
         let mut cfg = Config::default();
         cfg.server.listen = "nowhere".into();
         cfg.server.max_message_bytes = 1;
-        cfg.webhooks.push(WebhookConfig::new("a", "ftp://x", Some(-1.0)));
-        cfg.webhooks.push(WebhookConfig::new("a", "http://x", Some(120.0)));
+        cfg.webhooks
+            .push(WebhookConfig::new("a", "ftp://x", Some(-1.0)));
+        cfg.webhooks
+            .push(WebhookConfig::new("a", "http://x", Some(120.0)));
         let err = cfg.validate().unwrap_err();
         let text = err.to_string();
         for needle in [

@@ -14,8 +14,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use voxgate_media::SourceFormat;
 use voxgate_session::{
-    CloseCode, ConsumerSummary, Input, Output, ServerEvent, Session, SessionConfig,
-    UtteranceReason,
+    CloseCode, ConsumerSummary, Input, Output, ServerEvent, Session, SessionConfig, UtteranceReason,
 };
 
 use crate::config::WebhookConfig;
@@ -108,7 +107,7 @@ fn valid_session_id(id: &str) -> bool {
 
 /// Drives one `/v1/listen` connection from upgrade to close.
 pub async fn run(state: Arc<AppState>, socket: WebSocket, params: ListenParams) {
-    let (mut sink, stream) = socket.split();
+    let (mut sink, mut stream) = socket.split();
     match prepare(&state, &params).await {
         Ok(prepared) => drive(state, sink, stream, prepared).await,
         Err(refusal) => {
@@ -124,8 +123,29 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, params: ListenParams) 
                     reason: truncate_reason(&refusal.message).into(),
                 })))
                 .await;
+            await_peer_close(&mut stream).await;
         }
     }
+}
+
+/// After our Close frame, reads until the peer's Close (or a short timeout), so that closing the
+/// TCP connection with unread client data does not reset it and lose the Close frame.
+async fn await_peer_close(stream: &mut futures_util::stream::SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    // The read side is unusable (e.g. an oversized message); linger briefly so
+                    // the peer reads our Close before the connection is torn down.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    })
+    .await;
 }
 
 struct Prepared {
@@ -138,7 +158,11 @@ struct Prepared {
 async fn prepare(state: &Arc<AppState>, params: &ListenParams) -> Result<Prepared, Refusal> {
     let cfg = &state.cfg;
     if state.shutdown.is_cancelled() {
-        return Err(Refusal::new(1013, "shutting_down", "server is shutting down; retry on another instance"));
+        return Err(Refusal::new(
+            1013,
+            "shutting_down",
+            "server is shutting down; retry on another instance",
+        ));
     }
     let permit = state.permits.clone().try_acquire_owned().map_err(|_| {
         Refusal::new(
@@ -150,7 +174,8 @@ async fn prepare(state: &Arc<AppState>, params: &ListenParams) -> Result<Prepare
             ),
         )
     })?;
-    let source = source_format(&params.query).map_err(|e| Refusal::new(1003, "unsupported_encoding", e))?;
+    let source =
+        source_format(&params.query).map_err(|e| Refusal::new(1003, "unsupported_encoding", e))?;
     let session_id = match params.query.get("session_id") {
         Some(id) if valid_session_id(id) => id.clone(),
         Some(_) => {
@@ -173,7 +198,9 @@ async fn prepare(state: &Arc<AppState>, params: &ListenParams) -> Result<Prepare
             return Err(Refusal::new(
                 1008,
                 "rejected",
-                answer.reason.unwrap_or_else(|| "rejected by on_connect hook".into()),
+                answer
+                    .reason
+                    .unwrap_or_else(|| "rejected by on_connect hook".into()),
             ));
         }
         if let Some(u) = answer.uid {
@@ -190,9 +217,17 @@ async fn prepare(state: &Arc<AppState>, params: &ListenParams) -> Result<Prepare
     } else if let Some(names) = params.query.get("consumers") {
         let mut chosen = Vec::new();
         for name in names.split(',').filter(|n| !n.is_empty()) {
-            let w = cfg.webhooks.iter().find(|w| w.name == name).ok_or_else(|| {
-                Refusal::new(1008, "unknown_consumer", format!("no consumer named {name:?}"))
-            })?;
+            let w = cfg
+                .webhooks
+                .iter()
+                .find(|w| w.name == name)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        1008,
+                        "unknown_consumer",
+                        format!("no consumer named {name:?}"),
+                    )
+                })?;
             chosen.push(Arc::new(w.clone()));
         }
         chosen
@@ -217,7 +252,10 @@ async fn prepare(state: &Arc<AppState>, params: &ListenParams) -> Result<Prepare
         cfg.subscribers.queue_messages,
     ));
     {
-        let mut sessions = state.sessions.lock().expect("session map lock is never poisoned");
+        let mut sessions = state
+            .sessions
+            .lock()
+            .expect("session map lock is never poisoned");
         if sessions.contains_key(&session_id) {
             return Err(Refusal::new(
                 1008,
@@ -302,7 +340,6 @@ async fn drive(
     let shutdown = state.shutdown.clone();
     let mut format_label: &'static str = "";
     let (code, reason, mut summary) = 'session: loop {
-        session.set_wants_audio(!webhooks.is_empty() || hub.wants_audio());
         while let Some(out) = session.poll_output() {
             match out {
                 Output::Event(event) => {
@@ -323,7 +360,10 @@ async fn drive(
                         if let Offer::Dropped { first: true } = w.offer(&chunk) {
                             let event = ServerEvent::warning(
                                 "consumer_dropping",
-                                format!("webhook {:?} is not keeping up; audio is being dropped", w.name()),
+                                format!(
+                                    "webhook {:?} is not keeping up; audio is being dropped",
+                                    w.name()
+                                ),
                             );
                             if !client_gone {
                                 send(Message::Text(event.to_json().into()), &mut client_slow);
@@ -354,6 +394,8 @@ async fn drive(
             msg = stream.next() => match msg {
                 Some(Ok(Message::Binary(data))) => {
                     counter!(m::BYTES_IN).increment(data.len() as u64);
+                    // A subscriber that wants audio may have joined since the last message.
+                    session.set_wants_audio(!webhooks.is_empty() || hub.wants_audio());
                     session.handle_input(Input::Audio { now: now(), data: &data })
                 }
                 Some(Ok(Message::Text(text))) => session.handle_input(Input::Text { now: now(), text: text.as_str() }),
@@ -420,6 +462,9 @@ async fn drive(
     }
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    if !client_gone {
+        await_peer_close(&mut stream).await;
+    }
     counter!(m::CLOSES, "code" => code.as_u16().to_string()).increment(1);
     gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
     info!(session = %id, code = code.as_u16(), %reason, seconds = summary.seconds_decoded,

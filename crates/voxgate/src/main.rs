@@ -71,7 +71,10 @@ fn main() -> std::process::ExitCode {
         }
         Command::Decode(args) => match cli::decode::run(&args) {
             Ok(report) => {
-                println!("{}", serde_json::to_string(&report).expect("report serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serializes")
+                );
                 std::process::ExitCode::SUCCESS
             }
             Err(e) => {

@@ -54,11 +54,23 @@ fn describe() {
         BUFFERED_BYTES,
         "Audio bytes held by consumers over all sessions (queues, batches, in flight)"
     );
-    describe_counter!(DECODE_ERRORS, "Frames that could not be decoded and were skipped");
-    describe_counter!(RESYNCS, "Times a demuxer lost sync and resumed at the next cluster/page");
+    describe_counter!(
+        DECODE_ERRORS,
+        "Frames that could not be decoded and were skipped"
+    );
+    describe_counter!(
+        RESYNCS,
+        "Times a demuxer lost sync and resumed at the next cluster/page"
+    );
     describe_counter!(UTTERANCES, "Utterances started");
-    describe_counter!(UTTERANCE_LIMIT, "Utterances finalized at max_utterance_seconds");
-    describe_counter!(DROPPED_BYTES, "Audio bytes a consumer gave up on, by reason");
+    describe_counter!(
+        UTTERANCE_LIMIT,
+        "Utterances finalized at max_utterance_seconds"
+    );
+    describe_counter!(
+        DROPPED_BYTES,
+        "Audio bytes a consumer gave up on, by reason"
+    );
     describe_counter!(DELIVERED_BYTES, "Audio bytes delivered to consumers");
     describe_counter!(WEBHOOK_REQUESTS, "Webhook HTTP attempts, by outcome");
     describe_counter!(BYTES_IN, "Bytes of audio messages received");

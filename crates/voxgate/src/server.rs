@@ -79,7 +79,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Serves until `shutdown` is cancelled, then drains sessions within the grace period.
-pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let grace = Duration::from_secs_f64(cfg.server.shutdown_grace_seconds);
     let state = AppState::new(cfg, shutdown.clone())?;
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -94,7 +98,10 @@ pub async fn run(cfg: Config, listener: TcpListener, shutdown: CancellationToken
         })
         .await?;
     state.tracker.close();
-    if tokio::time::timeout(grace, state.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(grace, state.tracker.wait())
+        .await
+        .is_err()
+    {
         warn!(
             remaining = state.tracker.len(),
             "shutdown grace period over; exiting with sessions still flushing"
@@ -132,11 +139,7 @@ async fn listen(
     ws: WebSocketUpgrade,
 ) -> Response {
     let token = bearer(&headers).or_else(|| query.get("token").cloned());
-    let params = ListenParams {
-        query,
-        token,
-        peer,
-    };
+    let params = ListenParams { query, token, peer };
     let max = state.cfg.server.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)

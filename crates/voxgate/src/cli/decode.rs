@@ -41,8 +41,8 @@ pub struct DecodeReport {
 }
 
 pub fn run(args: &DecodeArgs) -> anyhow::Result<DecodeReport> {
-    let data = std::fs::read(&args.input)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+    let data =
+        std::fs::read(&args.input).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
     let mut query = std::collections::HashMap::new();
     if let Some(e) = &args.encoding {
         query.insert("encoding".to_owned(), e.clone());

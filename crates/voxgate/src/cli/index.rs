@@ -53,7 +53,11 @@ pub fn load(path: &Path, total: usize) -> anyhow::Result<Vec<Message>> {
             t_ms: e.t_recv_ms,
         });
     }
-    anyhow::ensure!(next == total, "{}: messages cover {next} of {total} bytes", path.display());
+    anyhow::ensure!(
+        next == total,
+        "{}: messages cover {next} of {total} bytes",
+        path.display()
+    );
     Ok(out)
 }
 

@@ -46,12 +46,15 @@ fn raw_chunk(url: &str) -> Option<usize> {
 
 /// Runs the client; returns the process exit code (non-zero after an `Error` event).
 pub async fn run(args: &StreamArgs) -> anyhow::Result<i32> {
-    let data = std::fs::read(&args.file)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let data =
+        std::fs::read(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
     let messages = match &args.index {
         Some(p) => index::load(p, data.len())?,
         None => {
-            let chunk = args.chunk_bytes.or_else(|| raw_chunk(&args.url)).unwrap_or(4000);
+            let chunk = args
+                .chunk_bytes
+                .or_else(|| raw_chunk(&args.url))
+                .unwrap_or(4000);
             let mut m = index::fixed(data.len(), chunk);
             for (i, msg) in m.iter_mut().enumerate() {
                 msg.t_ms = Some(i as f64 * args.chunk_ms);

@@ -36,7 +36,9 @@ pub enum Offer {
     Accepted,
     /// Dropped (counted); `first` is true for the first drop after an accepted item, so the
     /// client is warned once per episode rather than once per chunk.
-    Dropped { first: bool },
+    Dropped {
+        first: bool,
+    },
 }
 
 /// PCM16 samples as little-endian bytes.

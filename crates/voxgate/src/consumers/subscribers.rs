@@ -90,7 +90,9 @@ impl Hub {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Subscriber>> {
-        self.subs.lock().expect("subscriber list lock is never poisoned")
+        self.subs
+            .lock()
+            .expect("subscriber list lock is never poisoned")
     }
 
     pub fn subscribe(&self, audio: bool) -> Result<Subscription, HubFull> {
@@ -131,7 +133,11 @@ impl Hub {
         Self::offer_all(&mut subs, &msg, |s| s.audio);
     }
 
-    fn offer_all(subs: &mut Vec<Subscriber>, msg: &SubMessage, wants: impl Fn(&Subscriber) -> bool) {
+    fn offer_all(
+        subs: &mut Vec<Subscriber>,
+        msg: &SubMessage,
+        wants: impl Fn(&Subscriber) -> bool,
+    ) {
         subs.retain(|s| {
             if !wants(s) {
                 return true;

@@ -51,18 +51,26 @@ pub struct Breaker {
 
 impl Breaker {
     fn allow(&self) -> bool {
-        let guard = self.open_until.lock().expect("breaker lock is never poisoned");
+        let guard = self
+            .open_until
+            .lock()
+            .expect("breaker lock is never poisoned");
         guard.is_none_or(|t| Instant::now() >= t)
     }
     fn success(&self) {
         self.failures.store(0, Ordering::Relaxed);
-        *self.open_until.lock().expect("breaker lock is never poisoned") = None;
+        *self
+            .open_until
+            .lock()
+            .expect("breaker lock is never poisoned") = None;
     }
     fn failure(&self, threshold: u32, cooldown: Duration) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= threshold {
-            *self.open_until.lock().expect("breaker lock is never poisoned") =
-                Some(Instant::now() + cooldown);
+            *self
+                .open_until
+                .lock()
+                .expect("breaker lock is never poisoned") = Some(Instant::now() + cooldown);
         }
     }
 }
@@ -216,7 +224,9 @@ impl Worker {
         buffered(KIND, -(bytes as i64));
         match outcome {
             Ok(()) => {
-                self.stats.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.stats
+                    .delivered_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
                 counter!(DELIVERED_BYTES, "consumer" => KIND).increment(bytes);
             }
             Err(reason) => {
@@ -268,7 +278,11 @@ impl Worker {
                     self.breaker.failure(self.cfg.breaker_failures, cooldown);
                 }
                 Err(e) => {
-                    let outcome = if e.is_timeout() { "timeout" } else { "transport_error" };
+                    let outcome = if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "transport_error"
+                    };
                     debug!(webhook = %self.cfg.name, error = %e, attempt, "webhook request failed");
                     counter!(WEBHOOK_REQUESTS, "outcome" => outcome).increment(1);
                     self.breaker.failure(self.cfg.breaker_failures, cooldown);
@@ -278,7 +292,13 @@ impl Worker {
         Err("gave_up")
     }
 
-    fn request(&self, seq: u64, start: u64, samples: usize, body: bytes::Bytes) -> reqwest::RequestBuilder {
+    fn request(
+        &self,
+        seq: u64,
+        start: u64,
+        samples: usize,
+        body: bytes::Bytes,
+    ) -> reqwest::RequestBuilder {
         let t = &self.target;
         let idempotency = format!("{}:{}:{}", t.session_id, self.cfg.name, seq);
         let content_type = match self.cfg.body {
@@ -310,8 +330,8 @@ impl Worker {
 
 /// `sha256=<hex>` of HMAC-SHA256(secret, idempotency_key + "." + body).
 pub fn sign(secret: &str, idempotency_key: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
-        .expect("HMAC accepts keys of any length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
     mac.update(idempotency_key.as_bytes());
     mac.update(b".");
     mac.update(body);
