@@ -2,7 +2,9 @@
 //!
 //! libopus decodes straight at the requested rate (8/12/16/24/48 kHz) and downmixes stereo
 //! streams to mono itself. Decoding at 16 kHz is the default: it skips the 48 kHz synthesis and
-//! the resampler (see the benchmark). Pre-skip, DiscardPadding and the Ogg end granule are kept
+//! the resampler. Measured on `chromium_long_250ms` (152 s, `benches/decode.rs`, one core):
+//! 16 kHz direct 720x real time against 429x for 48 kHz + resampling, with ~50 dB SNR against
+//! ffmpeg's reference decodes either way. Pre-skip, DiscardPadding and the Ogg end granule are kept
 //! in 48 kHz units, as the containers define them, and converted here. Owns one decode buffer
 //! sized for a 120 ms frame; allocates nothing per packet.
 

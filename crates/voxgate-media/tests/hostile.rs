@@ -313,3 +313,30 @@ fn oversized_pending_input_is_a_limit_not_a_stall() {
     assert!(matches!(result, Err(MediaError::Limit(_))), "{result:?}");
     assert!(d.stats().peak_pending_bytes <= 1024);
 }
+
+#[test]
+fn laced_blocks_are_counted_frame_errors() {
+    let pk = packets(CHROME, 10);
+    let mut data = init();
+    let mut c = cluster(1, &pk);
+    // Turn the first block's flags into Xiph lacing (flags byte follows track and timestamp).
+    let first = c.windows(3).position(|w| w == [0x81, 0, 0]).unwrap();
+    c[first + 3] = 0x82;
+    data.extend(c);
+    let mut d = auto();
+    let pcm = push_all(&mut d, &data).unwrap();
+    assert_eq!(d.stats().decode_errors, 1);
+    assert_eq!(d.stats().frames, 9);
+    assert_eq!(pcm.len(), 9 * 960);
+}
+
+#[test]
+fn a_restarted_recorder_on_the_same_stream_decodes_both() {
+    let one = bytes(CHROME);
+    let single = decode(SourceFormat::Auto, [&one[..]]);
+    let twice = [one.clone(), one].concat();
+    let run = decode(SourceFormat::Auto, twice.chunks(4096));
+    assert_eq!(run.pcm, [single.pcm.clone(), single.pcm].concat());
+    assert_eq!(run.stats.resyncs, 0);
+    assert_eq!(run.stats.decode_errors, 0);
+}
