@@ -12,6 +12,7 @@ pub use protocol::{ClientControl, CloseSummary, ConsumerSummary, ServerEvent, Ut
 pub use segmenter::{Segment, Segmenter, SegmenterConfig};
 pub use session::{
     AudioChunk, CloseCode, Input, Output, Session, SessionConfig, SessionError, SessionStats,
+    MAX_GAP_SAMPLES,
 };
 
 /// Output sample rate of every session (16 kHz mono PCM16).

@@ -91,6 +91,11 @@ pub enum ServerEvent {
         is_final: bool,
         backend: String,
     },
+    /// A telephony stream event (Twilio `start`, `dtmf`, `mark`, `stop`), for subscribers.
+    Telephony {
+        event: String,
+        detail: serde_json::Value,
+    },
     Warning {
         code: String,
         message: String,

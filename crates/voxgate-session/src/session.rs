@@ -79,6 +79,9 @@ pub enum Input<'a> {
     Audio { now: Instant, data: &'a [u8] },
     /// A text message: control.
     Text { now: Instant, text: &'a str },
+    /// Audio known to be missing (a gap in device sequence numbers or telephony timestamps):
+    /// `samples` of 16 kHz silence keep media time continuous. Capped at `MAX_GAP_SAMPLES`.
+    Silence { now: Instant, samples: u64 },
     /// The instant returned by `poll_timeout` has passed.
     Timeout { now: Instant },
     /// The client closed its socket or it broke: flush, then close.
@@ -137,7 +140,12 @@ pub struct SessionStats {
     pub decode_errors: u64,
     pub resyncs: u64,
     pub control_errors: u64,
+    /// Samples of silence inserted for known gaps.
+    pub gap_samples: u64,
 }
+
+/// Longest gap filled at once (10 s at 16 kHz); longer gaps are filled only up to this.
+pub const MAX_GAP_SAMPLES: u64 = 160_000;
 
 /// The state machine of one connection.
 pub struct Session {
@@ -225,6 +233,14 @@ impl Session {
                 if let Err(e) = result {
                     self.fail(&e);
                 }
+            }
+            Input::Silence { now, samples } => {
+                self.touch(now);
+                let samples = samples.min(MAX_GAP_SAMPLES);
+                self.stats.gap_samples += samples;
+                self.pcm.clear();
+                self.pcm.resize(samples as usize, 0);
+                self.route_pcm();
             }
             Input::Text { now, text } => {
                 self.touch(now);

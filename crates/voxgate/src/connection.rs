@@ -21,6 +21,7 @@ use crate::config::WebhookConfig;
 use crate::consumers::subscribers::Hub;
 use crate::consumers::webhook::{Target, WebhookHandle};
 use crate::consumers::Offer;
+use crate::frontend::{Action, Frontend, Listen, SeqHeader};
 use crate::hook;
 use crate::metrics as m;
 use crate::server::AppState;
@@ -33,7 +34,7 @@ pub struct ListenParams {
 }
 
 /// A refusal before the session starts: an `Error` event, then a close with a reason.
-struct Refusal {
+pub(crate) struct Refusal {
     code: u16,
     error: &'static str,
     message: String,
@@ -98,7 +99,24 @@ pub fn source_format(query: &HashMap<String, String>) -> Result<SourceFormat, St
     })
 }
 
-fn valid_session_id(id: &str) -> bool {
+/// Device Opus with `seq=1`: each message starts with a 4-byte sequence number; `frame_ms`
+/// (default 20) sizes the silence that conceals a lost packet.
+fn seq_header(query: &HashMap<String, String>) -> Option<SeqHeader> {
+    if !matches!(query.get("seq").map(String::as_str), Some("1" | "true")) {
+        return None;
+    }
+    let frame_ms: u64 = query
+        .get("frame_ms")
+        .and_then(|v| v.parse().ok())
+        .filter(|ms| (2..=120).contains(ms))
+        .unwrap_or(20);
+    Some(SeqHeader {
+        frame_samples: frame_ms * 16,
+        next: None,
+    })
+}
+
+pub(crate) fn valid_session_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
         && id
             .bytes()
@@ -107,30 +125,42 @@ fn valid_session_id(id: &str) -> bool {
 
 /// Drives one `/v1/listen` connection from upgrade to close.
 pub async fn run(state: Arc<AppState>, socket: WebSocket, params: ListenParams) {
-    let (mut sink, mut stream) = socket.split();
+    let (sink, stream) = socket.split();
     match prepare(&state, &params).await {
-        Ok(prepared) => drive(state, sink, stream, prepared).await,
-        Err(refusal) => {
-            counter!(m::SESSIONS_REJECTED, "reason" => refusal.error).increment(1);
-            counter!(m::CLIENT_ERRORS, "code" => refusal.error).increment(1);
-            counter!(m::CLOSES, "code" => refusal.code.to_string()).increment(1);
-            info!(peer = %params.peer, error = refusal.error, message = %refusal.message, "connection refused");
-            let event = ServerEvent::error(refusal.error, refusal.message.clone());
-            let _ = sink.send(Message::Text(event.to_json().into())).await;
-            let _ = sink
-                .send(Message::Close(Some(CloseFrame {
-                    code: refusal.code,
-                    reason: truncate_reason(&refusal.message).into(),
-                })))
-                .await;
-            await_peer_close(&mut stream).await;
+        Ok(prepared) => {
+            let frontend = Box::new(Listen {
+                seq: seq_header(&params.query),
+            });
+            drive(state, sink, stream, prepared, frontend, "listen").await
         }
+        Err(refusal) => refuse(sink, stream, &params, refusal).await,
     }
+}
+
+pub(crate) async fn refuse(
+    mut sink: WsSink,
+    mut stream: WsStream,
+    params: &ListenParams,
+    refusal: Refusal,
+) {
+    counter!(m::SESSIONS_REJECTED, "reason" => refusal.error).increment(1);
+    counter!(m::CLIENT_ERRORS, "code" => refusal.error).increment(1);
+    counter!(m::CLOSES, "code" => refusal.code.to_string()).increment(1);
+    info!(peer = %params.peer, error = refusal.error, message = %refusal.message, "connection refused");
+    let event = ServerEvent::error(refusal.error, refusal.message.clone());
+    let _ = sink.send(Message::Text(event.to_json().into())).await;
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: refusal.code,
+            reason: truncate_reason(&refusal.message).into(),
+        })))
+        .await;
+    await_peer_close(&mut stream).await;
 }
 
 /// After our Close frame, reads until the peer's Close (or a short timeout), so that closing the
 /// TCP connection with unread client data does not reset it and lose the Close frame.
-async fn await_peer_close(stream: &mut futures_util::stream::SplitStream<WebSocket>) {
+pub(crate) async fn await_peer_close(stream: &mut futures_util::stream::SplitStream<WebSocket>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             match stream.next().await {
@@ -148,14 +178,17 @@ async fn await_peer_close(stream: &mut futures_util::stream::SplitStream<WebSock
     .await;
 }
 
-struct Prepared {
+pub(crate) struct Prepared {
     session: Session,
     webhooks: Vec<WebhookHandle>,
-    hub: Arc<Hub>,
+    pub(crate) hub: Arc<Hub>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-async fn prepare(state: &Arc<AppState>, params: &ListenParams) -> Result<Prepared, Refusal> {
+pub(crate) async fn prepare(
+    state: &Arc<AppState>,
+    params: &ListenParams,
+) -> Result<Prepared, Refusal> {
     let cfg = &state.cfg;
     if state.shutdown.is_cancelled() {
         return Err(Refusal::new(
@@ -290,7 +323,7 @@ async fn prepare(state: &Arc<AppState>, params: &ListenParams) -> Result<Prepare
     })
 }
 
-fn truncate_reason(reason: &str) -> String {
+pub(crate) fn truncate_reason(reason: &str) -> String {
     // A close reason must fit in a control frame (123 bytes).
     let mut end = reason.len().min(120);
     while !reason.is_char_boundary(end) {
@@ -299,11 +332,79 @@ fn truncate_reason(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
-async fn drive(
+pub(crate) type WsSink = futures_util::stream::SplitSink<WebSocket, Message>;
+pub(crate) type WsStream = futures_util::stream::SplitStream<WebSocket>;
+
+/// Applies a frontend's actions to the session.
+fn apply(
+    session: &mut Session,
+    action: Action,
+    ctx: &mut Dispatch<'_>,
+) -> Result<(), voxgate_session::SessionError> {
+    let now = Instant::now().into_std();
+    match action {
+        Action::Audio(data) => session.handle_input(Input::Audio { now, data: &data }),
+        Action::Control(kind) => {
+            let text = format!(r#"{{"type":"{kind}"}}"#);
+            session.handle_input(Input::Text { now, text: &text })
+        }
+        Action::ControlText(text) => session.handle_input(Input::Text { now, text: &text }),
+        Action::Silence(samples) => {
+            counter!(m::GAP_SAMPLES).increment(samples);
+            session.handle_input(Input::Silence { now, samples })
+        }
+        Action::Reply(msg) => {
+            ctx.send(msg);
+            Ok(())
+        }
+        Action::Notice(event) => {
+            ctx.event(&event);
+            Ok(())
+        }
+        Action::Violation {
+            code,
+            error,
+            message,
+        } => session.handle_input(Input::Violation {
+            code,
+            error,
+            message: &message,
+        }),
+    }
+}
+
+/// Where session outputs go: the client writer (through the frontend) and the subscribers.
+struct Dispatch<'a> {
+    out_tx: &'a mpsc::Sender<Message>,
+    frontend: &'a dyn Frontend,
+    hub: &'a Hub,
+    client_gone: bool,
+    client_slow: bool,
+}
+
+impl Dispatch<'_> {
+    fn send(&mut self, msg: Message) {
+        if !self.client_gone && self.out_tx.try_send(msg).is_err() {
+            self.client_slow = true;
+        }
+    }
+
+    fn event(&mut self, event: &ServerEvent) {
+        observe(event);
+        self.hub.publish_event(&event.to_json());
+        if let Some(msg) = self.frontend.render(event) {
+            self.send(msg);
+        }
+    }
+}
+
+pub(crate) async fn drive(
     state: Arc<AppState>,
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    mut sink: WsSink,
+    mut stream: WsStream,
     prepared: Prepared,
+    mut frontend: Box<dyn Frontend>,
+    endpoint: &'static str,
 ) {
     let Prepared {
         mut session,
@@ -313,8 +414,8 @@ async fn drive(
     } = prepared;
     let id = session.id().to_owned();
     gauge!(m::SESSIONS_ACTIVE).increment(1.0);
-    counter!(m::SESSIONS_TOTAL, "endpoint" => "listen").increment(1);
-    info!(session = %id, webhooks = webhooks.len(), "session started");
+    counter!(m::SESSIONS_TOTAL, "endpoint" => endpoint).increment(1);
+    info!(session = %id, endpoint, webhooks = webhooks.len(), "session started");
 
     // The client writer: a bounded queue; a client that does not read its events is closed.
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(state.cfg.server.client_queue_messages);
@@ -327,47 +428,41 @@ async fn drive(
         }
         let _ = sink.close().await;
     });
-    let mut client_gone = false;
-    let mut client_slow = false;
-    let send = |msg: Message, client_slow: &mut bool| {
-        if out_tx.try_send(msg).is_err() {
-            *client_slow = true;
-        }
-    };
 
     let now = || Instant::now().into_std();
     session.start(now());
     let shutdown = state.shutdown.clone();
     let mut format_label: &'static str = "";
+    let mut actions: Vec<Action> = Vec::new();
+    let mut client_gone = false;
     let (code, reason, mut summary) = 'session: loop {
+        let mut ctx = Dispatch {
+            out_tx: &out_tx,
+            frontend: frontend.as_ref(),
+            hub: &hub,
+            client_gone,
+            client_slow: false,
+        };
         while let Some(out) = session.poll_output() {
             match out {
                 Output::Event(event) => {
-                    observe(&event);
                     if let ServerEvent::Started { format, .. } = &event {
                         format_label = session.format().map(|f| f.name()).unwrap_or("");
                         info!(session = %id, format = %format, "format detected");
                     }
-                    let json = event.to_json();
-                    hub.publish_event(&json);
-                    if !client_gone {
-                        send(Message::Text(json.into()), &mut client_slow);
-                    }
+                    ctx.event(&event);
                 }
                 Output::Audio(chunk) => {
                     m::add_audio_samples(format_label, chunk.pcm.len() as u64);
                     for w in webhooks.iter_mut() {
                         if let Offer::Dropped { first: true } = w.offer(&chunk) {
-                            let event = ServerEvent::warning(
+                            ctx.event(&ServerEvent::warning(
                                 "consumer_dropping",
                                 format!(
                                     "webhook {:?} is not keeping up; audio is being dropped",
                                     w.name()
                                 ),
-                            );
-                            if !client_gone {
-                                send(Message::Text(event.to_json().into()), &mut client_slow);
-                            }
+                            ));
                         }
                     }
                     hub.publish_audio(&chunk.pcm);
@@ -379,7 +474,7 @@ async fn drive(
                 } => break 'session (code, reason, summary),
             }
         }
-        if client_slow && !session.is_closed() {
+        if ctx.client_slow && !session.is_closed() {
             client_gone = true; // the writer queue is full; stop writing, but flush consumers
             warn!(session = %id, "client is not reading its events; closing");
             let _ = session.handle_input(Input::Violation {
@@ -394,11 +489,13 @@ async fn drive(
             msg = stream.next() => match msg {
                 Some(Ok(Message::Binary(data))) => {
                     counter!(m::BYTES_IN).increment(data.len() as u64);
-                    // A subscriber that wants audio may have joined since the last message.
-                    session.set_wants_audio(!webhooks.is_empty() || hub.wants_audio());
-                    session.handle_input(Input::Audio { now: now(), data: &data })
+                    frontend.on_binary(data, &mut actions);
+                    Ok(())
                 }
-                Some(Ok(Message::Text(text))) => session.handle_input(Input::Text { now: now(), text: text.as_str() }),
+                Some(Ok(Message::Text(text))) => {
+                    frontend.on_text(text.as_str(), &mut actions);
+                    Ok(())
+                }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
                 Some(Ok(Message::Close(_))) | None => {
                     client_gone = true;
@@ -425,6 +522,25 @@ async fn drive(
         if let Err(e) = result {
             warn!(session = %id, error = %e, "session input refused");
         }
+        let mut ctx = Dispatch {
+            out_tx: &out_tx,
+            frontend: frontend.as_ref(),
+            hub: &hub,
+            client_gone,
+            client_slow: false,
+        };
+        if !actions.is_empty() {
+            // A subscriber that wants audio may have joined since the last message.
+            session.set_wants_audio(!webhooks.is_empty() || hub.wants_audio());
+        }
+        for action in actions.drain(..) {
+            if session.is_closed() {
+                break;
+            }
+            if let Err(e) = apply(&mut session, action, &mut ctx) {
+                warn!(session = %id, error = %e, "session input refused");
+            }
+        }
     };
 
     // Flush consumers: everything accepted is delivered or counted as dropped.
@@ -445,8 +561,7 @@ async fn drive(
         reason: reason.clone(),
         summary: summary.clone(),
     };
-    let json = closed.to_json();
-    hub.publish_event(&json);
+    hub.publish_event(&closed.to_json());
     hub.close();
     state
         .sessions
@@ -454,7 +569,9 @@ async fn drive(
         .expect("session map lock is never poisoned")
         .remove(&id);
     if !client_gone {
-        let _ = out_tx.try_send(Message::Text(json.into()));
+        if let Some(msg) = frontend.render(&closed) {
+            let _ = out_tx.try_send(msg);
+        }
         let _ = out_tx.try_send(Message::Close(Some(CloseFrame {
             code: code.as_u16(),
             reason: truncate_reason(&reason).into(),

@@ -4,6 +4,8 @@ pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod consumers;
+pub mod frontend;
 pub mod hook;
 pub mod metrics;
 pub mod server;
+pub mod twilio;

@@ -21,6 +21,7 @@ pub const WEBHOOK_REQUESTS: &str = "voxgate_webhook_requests_total";
 pub const BYTES_IN: &str = "voxgate_bytes_in_total";
 pub const CLOSES: &str = "voxgate_ws_closes_total";
 pub const CLIENT_ERRORS: &str = "voxgate_client_errors_total";
+pub const GAP_SAMPLES: &str = "voxgate_gap_samples_total";
 pub const SUBSCRIBERS_ACTIVE: &str = "voxgate_subscribers_active";
 
 /// Consumer kinds (the `consumer` label).
@@ -77,6 +78,10 @@ fn describe() {
     describe_counter!(CLOSES, "Sessions closed, by WebSocket close code");
     describe_counter!(CLIENT_ERRORS, "Error events sent to clients, by code");
     describe_gauge!(SUBSCRIBERS_ACTIVE, "Realtime subscribers connected");
+    describe_counter!(
+        GAP_SAMPLES,
+        "16 kHz samples of silence inserted for gaps in device sequence numbers or telephony timestamps"
+    );
     gauge!(SESSIONS_ACTIVE).set(0.0);
     gauge!(SUBSCRIBERS_ACTIVE).set(0.0);
     for kind in CONSUMER_KINDS {

@@ -71,6 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/v1/listen", get(listen))
+        .route("/v1/twilio", get(twilio))
         .route("/v1/sessions/{id}/subscribe", get(subscribe))
         .route("/metrics", get(metrics_page))
         .route("/livez", get(|| async { "ok" }))
@@ -146,6 +147,24 @@ async fn listen(
         .on_upgrade(move |socket| {
             let tracker = state.tracker.clone();
             tracker.track_future(connection::run(state, socket, params))
+        })
+}
+
+async fn twilio(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = bearer(&headers).or_else(|| query.get("token").cloned());
+    let params = ListenParams { query, token, peer };
+    let max = state.cfg.server.max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            let tracker = state.tracker.clone();
+            tracker.track_future(crate::twilio::run(state, socket, params))
         })
 }
 

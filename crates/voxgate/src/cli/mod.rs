@@ -1,5 +1,8 @@
 //! Subcommands besides `serve`.
 
 pub mod decode;
+pub mod device;
 pub mod index;
+pub mod load;
+pub mod sink;
 pub mod stream;
