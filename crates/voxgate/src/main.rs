@@ -30,6 +30,10 @@ enum Command {
     Decode(cli::decode::DecodeArgs),
     /// Stream a file to a gateway and print its events as JSON lines.
     Stream(cli::stream::StreamArgs),
+    /// Load-test a gateway: N concurrent sessions streaming a capture, bounded in time.
+    Load(cli::load::LoadArgs),
+    /// An audio-bytes webhook receiver that checks signatures, sequences and continuity.
+    Sink(cli::sink::SinkArgs),
 }
 
 fn init_tracing() {
@@ -89,6 +93,33 @@ fn main() -> std::process::ExitCode {
                 Ok(_) => std::process::ExitCode::FAILURE,
                 Err(e) => {
                     eprintln!("voxgate stream: {e:#}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Load(args) => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+            match rt.block_on(cli::load::run(&args)) {
+                Ok(r) if r.sessions_failed == 0 => std::process::ExitCode::SUCCESS,
+                Ok(_) => std::process::ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("voxgate load: {e:#}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
+        Command::Sink(args) => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+            match rt.block_on(cli::sink::run(&args)) {
+                Ok(stats) => {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&stats).expect("stats serialize")
+                    );
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("voxgate sink: {e:#}");
                     std::process::ExitCode::FAILURE
                 }
             }

@@ -5,4 +5,6 @@ pub mod device;
 pub mod index;
 pub mod load;
 pub mod sink;
+pub mod load;
+pub mod sink;
 pub mod stream;
