@@ -5,6 +5,4 @@ pub mod device;
 pub mod index;
 pub mod load;
 pub mod sink;
-pub mod load;
-pub mod sink;
 pub mod stream;
