@@ -20,7 +20,10 @@ use voxgate_session::{
 use crate::config::WebhookConfig;
 use crate::consumers::subscribers::Hub;
 use crate::consumers::webhook::{Target, WebhookHandle};
-use crate::consumers::Offer;
+use crate::consumers::{Consumer, Offer};
+
+/// Events consumers may queue for their session before further ones are dropped (counted).
+const NOTICE_QUEUE: usize = 64;
 use crate::frontend::{Action, Frontend, Listen, SeqHeader};
 use crate::hook;
 use crate::metrics as m;
@@ -180,7 +183,9 @@ pub(crate) async fn await_peer_close(stream: &mut futures_util::stream::SplitStr
 
 pub(crate) struct Prepared {
     session: Session,
-    webhooks: Vec<WebhookHandle>,
+    consumers: Vec<Box<dyn Consumer>>,
+    /// Events consumers send back (transcripts, backend trouble), bounded.
+    notices: mpsc::Receiver<ServerEvent>,
     pub(crate) hub: Arc<Hub>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -299,25 +304,29 @@ pub(crate) async fn prepare(
         sessions.insert(session_id.clone(), hub.clone());
     }
     // Only webhooks with a delay exist; absent delay = no consumer, no buffer.
-    let webhooks = webhook_cfgs
+    let (notifier, notices) = mpsc::channel(NOTICE_QUEUE);
+    let mut consumers: Vec<Box<dyn Consumer>> = Vec::new();
+    let target = Target {
+        session_id: session_id.clone(),
+        uid: uid.clone(),
+    };
+    for w in webhook_cfgs
         .into_iter()
         .filter(|w| w.delay_seconds.is_some())
-        .map(|w| {
-            let breaker = state.breakers.get(&w.url);
-            WebhookHandle::spawn(
-                w,
-                Target {
-                    session_id: session_id.clone(),
-                    uid: uid.clone(),
-                },
-                state.http.clone(),
-                breaker,
-            )
-        })
-        .collect();
+    {
+        let breaker = state.breakers.get(&w.url);
+        consumers.push(Box::new(WebhookHandle::spawn(
+            w,
+            target.clone(),
+            state.http.clone(),
+            breaker,
+        )));
+    }
+    drop(notifier); // consumers that talk back get a clone
     Ok(Prepared {
         session,
-        webhooks,
+        consumers,
+        notices,
         hub,
         _permit: permit,
     })
@@ -408,14 +417,16 @@ pub(crate) async fn drive(
 ) {
     let Prepared {
         mut session,
-        mut webhooks,
+        mut consumers,
+        mut notices,
         hub,
         _permit,
     } = prepared;
+    let consumers_want_audio = |c: &[Box<dyn Consumer>]| c.iter().any(|c| c.wants_audio());
     let id = session.id().to_owned();
     gauge!(m::SESSIONS_ACTIVE).increment(1.0);
     counter!(m::SESSIONS_TOTAL, "endpoint" => endpoint).increment(1);
-    info!(session = %id, endpoint, webhooks = webhooks.len(), "session started");
+    info!(session = %id, endpoint, consumers = consumers.len(), "session started");
 
     // The client writer: a bounded queue; a client that does not read its events is closed.
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(state.cfg.server.client_queue_messages);
@@ -450,17 +461,20 @@ pub(crate) async fn drive(
                         format_label = session.format().map(|f| f.name()).unwrap_or("");
                         info!(session = %id, format = %format, "format detected");
                     }
+                    for c in consumers.iter_mut() {
+                        c.on_event(&event);
+                    }
                     ctx.event(&event);
                 }
                 Output::Audio(chunk) => {
                     m::add_audio_samples(format_label, chunk.pcm.len() as u64);
-                    for w in webhooks.iter_mut() {
-                        if let Offer::Dropped { first: true } = w.offer(&chunk) {
+                    for c in consumers.iter_mut().filter(|c| c.wants_audio()) {
+                        if let Offer::Dropped { first: true } = c.on_audio(&chunk) {
                             ctx.event(&ServerEvent::warning(
                                 "consumer_dropping",
                                 format!(
-                                    "webhook {:?} is not keeping up; audio is being dropped",
-                                    w.name()
+                                    "consumer {:?} is not keeping up; audio is being dropped",
+                                    c.name()
                                 ),
                             ));
                         }
@@ -518,6 +532,10 @@ pub(crate) async fn drive(
             },
             () = sleep_until_opt(deadline) => session.handle_input(Input::Timeout { now: now() }),
             () = shutdown.cancelled() => session.handle_input(Input::Shutdown),
+            Some(event) = notices.recv() => {
+                actions.push(Action::Notice(event));
+                Ok(())
+            }
         };
         if let Err(e) = result {
             warn!(session = %id, error = %e, "session input refused");
@@ -531,7 +549,7 @@ pub(crate) async fn drive(
         };
         if !actions.is_empty() {
             // A subscriber that wants audio may have joined since the last message.
-            session.set_wants_audio(!webhooks.is_empty() || hub.wants_audio());
+            session.set_wants_audio(consumers_want_audio(&consumers) || hub.wants_audio());
         }
         for action in actions.drain(..) {
             if session.is_closed() {
@@ -550,11 +568,22 @@ pub(crate) async fn drive(
         state.cfg.server.close_flush_seconds
     });
     let deadline = Instant::now() + flush;
-    let mut consumers: Vec<ConsumerSummary> = Vec::new();
-    for w in webhooks {
-        consumers.push(w.finish(deadline).await);
+    let mut summaries: Vec<ConsumerSummary> = Vec::new();
+    for c in consumers {
+        summaries.push(c.finish(deadline).await);
     }
-    summary.consumers = consumers;
+    // Last words of consumers (e.g. final transcripts) reach subscribers and the client.
+    let mut ctx = Dispatch {
+        out_tx: &out_tx,
+        frontend: frontend.as_ref(),
+        hub: &hub,
+        client_gone,
+        client_slow: false,
+    };
+    while let Ok(event) = notices.try_recv() {
+        ctx.event(&event);
+    }
+    summary.consumers = summaries;
     let closed = ServerEvent::Closed {
         session_id: id.clone(),
         code: code.as_u16(),

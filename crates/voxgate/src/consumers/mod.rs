@@ -4,9 +4,34 @@
 pub mod subscribers;
 pub mod webhook;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use voxgate_session::ConsumerSummary;
+use tokio::time::Instant;
+use voxgate_session::{AudioChunk, ConsumerSummary, ServerEvent};
+
+/// A session's consumer. The connection task calls these without awaiting (ingest never waits
+/// for a consumer); each consumer owns a bounded queue and counts what it drops.
+pub trait Consumer: Send + Sync {
+    fn name(&self) -> &str;
+    /// Whether it takes audio (only then does the session produce audio outputs).
+    fn wants_audio(&self) -> bool {
+        true
+    }
+    /// Offers decoded 16 kHz audio. Must not block.
+    fn on_audio(&mut self, chunk: &AudioChunk) -> Offer;
+    /// Sees every session event (utterance boundaries drive per-utterance consumers).
+    fn on_event(&mut self, _event: &ServerEvent) {}
+    /// Closes the queue and flushes until `deadline`; what is left is counted as dropped.
+    fn finish(
+        self: Box<Self>,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = ConsumerSummary> + Send>>;
+}
+
+/// Events a consumer sends back to its session (e.g. transcripts, backend warnings).
+pub type Notifier = tokio::sync::mpsc::Sender<ServerEvent>;
 
 /// Counters shared between a consumer's handle (ingest side) and its task.
 #[derive(Debug, Default)]

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 use voxgate_session::AudioChunk;
 
-use super::{pcm_bytes, ConsumerStats, Offer};
+use super::{pcm_bytes, Consumer, ConsumerStats, Offer};
 use crate::config::{BodyFormat, WebhookConfig};
 use crate::metrics::{buffered, dropped, DELIVERED_BYTES, WEBHOOK_REQUESTS};
 
@@ -171,6 +171,22 @@ impl WebhookHandle {
             }
         }
         self.stats.summary(&self.cfg.name, KIND)
+    }
+}
+
+impl Consumer for WebhookHandle {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+    fn on_audio(&mut self, chunk: &AudioChunk) -> Offer {
+        self.offer(chunk)
+    }
+    fn finish(
+        self: Box<Self>,
+        deadline: Instant,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = voxgate_session::ConsumerSummary> + Send>>
+    {
+        Box::pin(WebhookHandle::finish(*self, deadline))
     }
 }
 
