@@ -84,12 +84,24 @@ pub enum ServerEvent {
         end: f64,
         reason: UtteranceReason,
     },
-    /// A transcript from a speech-to-text consumer.
+    /// A transcript from a speech-to-text consumer. `start`/`end` are media seconds: the
+    /// utterance's bounds for per-utterance backends, the recognized segment's for streaming ones.
     Transcript {
         utterance: u64,
         text: String,
         is_final: bool,
         backend: String,
+        #[serde(default)]
+        start: f64,
+        #[serde(default)]
+        end: f64,
+    },
+    /// A conversation event relayed from an upstream service (Omi's pusher protocol):
+    /// `conversation_id`, `transcript`, `finalize`, `speaker_sample`, `finalize_result`.
+    Conversation {
+        event: String,
+        conversation_id: Option<String>,
+        data: serde_json::Value,
     },
     /// A telephony stream event (Twilio `start`, `dtmf`, `mark`, `stop`), for subscribers.
     Telephony {

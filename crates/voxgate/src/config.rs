@@ -23,6 +23,37 @@ pub struct Config {
     /// connect query (`consumers=a,b`) or the `on_connect` hook says otherwise.
     pub webhooks: Vec<WebhookConfig>,
     pub on_connect: Option<OnConnectConfig>,
+    /// Named speech-to-text backends; those with `default = true` serve every session unless
+    /// the connect query (`stt=a,b`, or `stt=` for none) says otherwise.
+    pub stt: Vec<SttConfig>,
+    /// Omi pusher compatibility (`/v1/trigger/listen`).
+    pub omi: OmiConfig,
+}
+
+/// Consumers of Omi's pusher protocol that are not audio webhooks. Per-user values from the
+/// `on_connect` hook replace these.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OmiConfig {
+    /// Realtime transcript webhook: `POST ?uid=` with `{"segments":[...],"session_id":...}`.
+    pub transcript_webhook: Option<String>,
+    /// Receives `104` finalize and `105` speaker-sample events as JSON.
+    pub conversation_webhook: Option<String>,
+    /// Realtime audio apps: each gets `POST ?sample_rate=&uid=` of PCM every N seconds.
+    pub audio_apps: Vec<String>,
+    /// N for audio apps. Default 4.
+    pub audio_app_delay_seconds: f64,
+}
+
+impl Default for OmiConfig {
+    fn default() -> Self {
+        Self {
+            transcript_webhook: None,
+            conversation_webhook: None,
+            audio_apps: Vec::new(),
+            audio_app_delay_seconds: 4.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -286,6 +317,198 @@ impl WebhookConfig {
     }
 }
 
+/// Which speech-to-text protocol a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SttBackend {
+    /// OpenAI-compatible `POST {url}/v1/audio/transcriptions`, one request per utterance
+    /// (OpenAI, faster-whisper-server, whisper.cpp `--inference-path`, vLLM, ...).
+    Openai,
+    /// Deepgram-compatible streaming WebSocket `{url}/v1/listen`.
+    Deepgram,
+    /// Embedded PocketSphinx (cargo feature `pocketsphinx`; demo-grade accuracy).
+    Pocketsphinx,
+}
+
+impl SttBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::Deepgram => "deepgram",
+            Self::Pocketsphinx => "pocketsphinx",
+        }
+    }
+}
+
+/// One speech-to-text backend. Transcripts go back to the client (and subscribers) as
+/// `Transcript` events and, with `transcript_webhook`, are POSTed as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SttConfig {
+    pub name: String,
+    pub backend: SttBackend,
+    /// Base URL (`http(s)://` for openai; `ws(s)://` or `http(s)://` for deepgram). Unused by
+    /// pocketsphinx.
+    #[serde(default)]
+    pub url: String,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub language: Option<String>,
+    /// OpenAI `prompt` (vocabulary hints).
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Sent as `Authorization: Bearer KEY` (openai) or `Authorization: Token KEY` (deepgram).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Part of the default set. Default true.
+    #[serde(default = "yes")]
+    pub default: bool,
+    /// Per request (openai, pocketsphinx) or per connection attempt (deepgram). Default 30000.
+    #[serde(default = "default_stt_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries after the first attempt of an utterance. Default 2.
+    #[serde(default = "default_stt_retries")]
+    pub max_retries: u32,
+    /// First retry / reconnect delay; doubles, with full jitter. Default 200 ms.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_initial_ms: u64,
+    /// Longest retry / reconnect delay. Default 5000 ms.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Requests (or decoder threads) in flight for this backend over all sessions. Default 4.
+    #[serde(default = "default_stt_concurrency")]
+    pub max_concurrency: usize,
+    /// Cap of audio held per session for this backend (open utterance + utterances waiting,
+    /// or unacknowledged streaming audio); beyond it new audio is dropped, counted. Default 90.
+    #[serde(default = "default_stt_buffer_seconds")]
+    pub max_buffer_seconds: f64,
+    /// Deepgram: send `{"type":"KeepAlive"}` when no audio was sent for this long. Default 3.
+    #[serde(default = "default_keepalive_seconds")]
+    pub keepalive_seconds: f64,
+    /// Final transcripts are POSTed here as JSON (retries with backoff, counted drops).
+    #[serde(default)]
+    pub transcript_webhook: Option<String>,
+    /// PocketSphinx acoustic model directory. Default the Debian `pocketsphinx-en-us` one.
+    #[serde(default)]
+    pub hmm: Option<String>,
+    /// PocketSphinx language model. Default Debian `en-us.lm.bin`.
+    #[serde(default)]
+    pub lm: Option<String>,
+    /// PocketSphinx pronunciation dictionary. Default Debian `cmudict-en-us.dict`.
+    #[serde(default)]
+    pub dict: Option<String>,
+}
+
+fn default_stt_timeout_ms() -> u64 {
+    30_000
+}
+fn default_stt_retries() -> u32 {
+    2
+}
+fn default_stt_concurrency() -> usize {
+    4
+}
+fn default_stt_buffer_seconds() -> f64 {
+    90.0
+}
+fn default_keepalive_seconds() -> f64 {
+    3.0
+}
+
+impl SttConfig {
+    /// A backend with every default, for tests.
+    pub fn new(name: &str, backend: SttBackend, url: &str) -> Self {
+        Self {
+            name: name.into(),
+            backend,
+            url: url.into(),
+            model: None,
+            language: None,
+            prompt: None,
+            api_key: None,
+            default: true,
+            timeout_ms: default_stt_timeout_ms(),
+            max_retries: default_stt_retries(),
+            backoff_initial_ms: default_backoff_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            max_concurrency: default_stt_concurrency(),
+            max_buffer_seconds: default_stt_buffer_seconds(),
+            keepalive_seconds: default_keepalive_seconds(),
+            transcript_webhook: None,
+            hmm: None,
+            lm: None,
+            dict: None,
+        }
+    }
+
+    /// Errors of this entry, each prefixed with `prefix`.
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<String>) {
+        if self.name.is_empty() || self.name.len() > 64 {
+            errors.push(format!("{prefix}.name: must be 1-64 characters"));
+        }
+        let schemes: &[&str] = match self.backend {
+            SttBackend::Openai => &["http", "https"],
+            SttBackend::Deepgram => &["ws", "wss", "http", "https"],
+            SttBackend::Pocketsphinx => &[],
+        };
+        if !schemes.is_empty() {
+            match url::Url::parse(&self.url) {
+                Ok(u) if schemes.contains(&u.scheme()) => {}
+                Ok(u) => errors.push(format!(
+                    "{prefix}.url: scheme {:?} is not one of {schemes:?}",
+                    u.scheme()
+                )),
+                Err(e) => errors.push(format!("{prefix}.url: {:?}: {e}", self.url)),
+            }
+        }
+        if self.backend == SttBackend::Pocketsphinx && !cfg!(feature = "pocketsphinx") {
+            errors.push(format!(
+                "{prefix}.backend: this voxgate was built without the `pocketsphinx` cargo feature"
+            ));
+        }
+        if self.timeout_ms == 0 {
+            errors.push(format!("{prefix}.timeout_ms: must be > 0"));
+        }
+        if self.max_retries > 20 {
+            errors.push(format!("{prefix}.max_retries: must be <= 20"));
+        }
+        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
+            errors.push(format!(
+                "{prefix}.backoff_*: need 0 < backoff_initial_ms <= backoff_max_ms"
+            ));
+        }
+        if !(1..=1024).contains(&self.max_concurrency) {
+            errors.push(format!("{prefix}.max_concurrency: must be in 1..=1024"));
+        }
+        if !(self.max_buffer_seconds.is_finite()
+            && self.max_buffer_seconds >= 1.0
+            && self.max_buffer_seconds <= 3600.0)
+        {
+            errors.push(format!("{prefix}.max_buffer_seconds: must be in [1, 3600]"));
+        }
+        if !(self.keepalive_seconds.is_finite()
+            && self.keepalive_seconds > 0.0
+            && self.keepalive_seconds <= 60.0)
+        {
+            errors.push(format!("{prefix}.keepalive_seconds: must be in (0, 60]"));
+        }
+        if let Some(hook) = &self.transcript_webhook {
+            match url::Url::parse(hook) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => errors.push(format!(
+                    "{prefix}.transcript_webhook: {hook:?} is not an http(s) URL"
+                )),
+            }
+        }
+    }
+
+    /// Byte cap of this backend's per-session buffer.
+    pub fn max_buffer_bytes(&self) -> usize {
+        (self.max_buffer_seconds * 16_000.0) as usize * 2
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnConnectConfig {
@@ -389,6 +612,13 @@ impl Config {
                 errors.push(format!("webhooks[{i}].name: duplicate name {:?}", w.name));
             }
         }
+        let mut stt_names = std::collections::HashSet::new();
+        for (i, s) in self.stt.iter().enumerate() {
+            s.validate(&format!("stt[{i}]"), &mut errors);
+            if !stt_names.insert(s.name.as_str()) {
+                errors.push(format!("stt[{i}].name: duplicate name {:?}", s.name));
+            }
+        }
         if let Some(hook) = &self.on_connect {
             if url::Url::parse(&hook.url).is_err() {
                 errors.push(format!("on_connect.url: {:?} is not a URL", hook.url));
@@ -396,6 +626,23 @@ impl Config {
             if hook.timeout_ms == 0 {
                 errors.push("on_connect.timeout_ms: must be > 0".into());
             }
+        }
+        let o = &self.omi;
+        for (name, url) in [
+            ("omi.transcript_webhook", o.transcript_webhook.as_ref()),
+            ("omi.conversation_webhook", o.conversation_webhook.as_ref()),
+        ]
+        .into_iter()
+        .chain(o.audio_apps.iter().map(|u| ("omi.audio_apps", Some(u))))
+        {
+            if let Some(url) = url {
+                if url::Url::parse(url).is_err() {
+                    errors.push(format!("{name}: {url:?} is not a URL"));
+                }
+            }
+        }
+        if !(o.audio_app_delay_seconds.is_finite() && o.audio_app_delay_seconds >= 0.0) {
+            errors.push("omi.audio_app_delay_seconds: must be >= 0".into());
         }
         if errors.is_empty() {
             Ok(())
@@ -444,6 +691,8 @@ impl Config {
             .filter(|w| w.delay_seconds.is_some())
             .map(|w| w.max_buffer_bytes())
             .sum();
+        // Any backend may be selected by the connect query.
+        let stt: usize = self.stt.iter().map(SttConfig::max_buffer_bytes).sum();
         // A subscriber queue holds at most `queue_messages` items, each at most one decoded
         // message (a max-size message of 8 kHz u8 PCM doubles at 16 kHz PCM16: x4 bound).
         let subscriber = self.subscribers.queue_messages * self.server.max_message_bytes * 4;
@@ -453,6 +702,7 @@ impl Config {
             + SEGMENTER
             + self.server.client_queue_messages * EVENT
             + webhooks
+            + stt
             + subscriber * self.subscribers.max_per_session
     }
 }
@@ -487,6 +737,40 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
+    }
+
+    #[test]
+    fn stt_entries_are_validated() {
+        let mut cfg = Config::default();
+        cfg.stt
+            .push(SttConfig::new("a", SttBackend::Openai, "ws://x"));
+        let mut dup = SttConfig::new("a", SttBackend::Deepgram, "wss://x");
+        dup.max_concurrency = 0;
+        dup.transcript_webhook = Some("nope".into());
+        cfg.stt.push(dup);
+        let text = cfg.validate().unwrap_err().to_string();
+        for needle in [
+            "stt[0].url",
+            "stt[1].name: duplicate",
+            "stt[1].max_concurrency",
+            "stt[1].transcript_webhook",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in {text}");
+        }
+        let toml = r#"
+            [[stt]]
+            name = "whisper"
+            backend = "openai"
+            url = "http://127.0.0.1:8000"
+            model = "Systran/faster-whisper-small"
+        "#;
+        let parsed: Config = figment::Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap();
+        parsed.validate().unwrap();
+        assert_eq!(parsed.stt[0].backend, SttBackend::Openai);
+        assert!(parsed.stt[0].default);
     }
 
     #[test]

@@ -31,9 +31,18 @@ use crate::server::AppState;
 
 /// What the upgrade request carried.
 pub struct ListenParams {
+    /// `listen`, `twilio` or `omi` (a closed label set).
+    pub endpoint: &'static str,
     pub query: HashMap<String, String>,
     pub token: Option<String>,
     pub peer: SocketAddr,
+}
+
+/// Omi consumers besides audio webhooks, from the hook (per user) or the config.
+#[derive(Default)]
+struct OmiTargets {
+    transcript_webhook: Option<String>,
+    conversation_webhook: Option<String>,
 }
 
 /// A refusal before the session starts: an `Error` event, then a close with a reason.
@@ -44,7 +53,7 @@ pub(crate) struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: u16, error: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: u16, error: &'static str, message: impl Into<String>) -> Self {
         Self {
             code,
             error,
@@ -228,8 +237,20 @@ pub(crate) async fn prepare(
 
     // Consumers: the configured default set, a named selection, or the on_connect hook's answer.
     let mut uid = params.query.get("uid").cloned().unwrap_or_default();
-    let webhook_cfgs: Vec<Arc<WebhookConfig>> = if let Some(hook_cfg) = &cfg.on_connect {
-        let answer = hook::on_connect(&state.http, hook_cfg, params, "listen")
+    let omi = params.endpoint == "omi";
+    let app = |url: &String, i: usize| {
+        Arc::new(WebhookConfig::new(
+            &format!("audio_app_{i}"),
+            url,
+            Some(cfg.omi.audio_app_delay_seconds),
+        ))
+    };
+    let mut omi_targets = OmiTargets {
+        transcript_webhook: cfg.omi.transcript_webhook.clone(),
+        conversation_webhook: cfg.omi.conversation_webhook.clone(),
+    };
+    let mut webhook_cfgs: Vec<Arc<WebhookConfig>> = if let Some(hook_cfg) = &cfg.on_connect {
+        let answer = hook::on_connect(&state.http, hook_cfg, params, params.endpoint)
             .await
             .map_err(|e| Refusal::new(1011, "on_connect_failed", e))?;
         if !answer.allow {
@@ -251,7 +272,17 @@ pub(crate) async fn prepare(
         if !errors.is_empty() {
             return Err(Refusal::new(1011, "on_connect_invalid", errors.join("; ")));
         }
-        answer.webhooks.into_iter().map(Arc::new).collect()
+        if omi {
+            omi_targets = OmiTargets {
+                transcript_webhook: answer.transcript_webhook.clone(),
+                conversation_webhook: answer.conversation_webhook.clone(),
+            };
+        }
+        let mut list: Vec<Arc<WebhookConfig>> = answer.webhooks.into_iter().map(Arc::new).collect();
+        if omi {
+            list.extend(answer.audio_apps.iter().enumerate().map(|(i, u)| app(u, i)));
+        }
+        list
     } else if let Some(names) = params.query.get("consumers") {
         let mut chosen = Vec::new();
         for name in names.split(',').filter(|n| !n.is_empty()) {
@@ -276,6 +307,20 @@ pub(crate) async fn prepare(
             .map(|w| Arc::new(w.clone()))
             .collect()
     };
+    if omi && cfg.on_connect.is_none() {
+        webhook_cfgs.extend(
+            cfg.omi
+                .audio_apps
+                .iter()
+                .enumerate()
+                .map(|(i, u)| app(u, i)),
+        );
+    }
+
+    let stt_backends = state
+        .stt
+        .select(params.query.get("stt"))
+        .map_err(|e| Refusal::new(1008, "unknown_stt", e))?;
 
     let mut session_cfg = SessionConfig::new(session_id.clone(), source);
     session_cfg.limits = cfg.limits();
@@ -322,6 +367,26 @@ pub(crate) async fn prepare(
             breaker,
         )));
     }
+    if omi {
+        crate::omi::consumers(
+            state,
+            &target,
+            omi_targets.transcript_webhook,
+            omi_targets.conversation_webhook,
+            &notifier,
+            &mut consumers,
+        );
+    }
+    // Lookback for speech-to-text: `SpeechStarted` reaches back by pre-roll + onset.
+    let lookback = (cfg.segmenter.pre_roll_ms + cfg.segmenter.min_speech_ms) * 16 + 512;
+    crate::consumers::stt::build(
+        stt_backends,
+        &state.http,
+        lookback,
+        &target,
+        &notifier,
+        &mut consumers,
+    );
     drop(notifier); // consumers that talk back get a clone
     Ok(Prepared {
         session,
@@ -444,6 +509,7 @@ pub(crate) async fn drive(
     session.start(now());
     let shutdown = state.shutdown.clone();
     let mut format_label: &'static str = "";
+    let mut counted_samples = 0u64;
     let mut actions: Vec<Action> = Vec::new();
     let mut client_gone = false;
     let (code, reason, mut summary) = 'session: loop {
@@ -467,7 +533,6 @@ pub(crate) async fn drive(
                     ctx.event(&event);
                 }
                 Output::Audio(chunk) => {
-                    m::add_audio_samples(format_label, chunk.pcm.len() as u64);
                     for c in consumers.iter_mut().filter(|c| c.wants_audio()) {
                         if let Offer::Dropped { first: true } = c.on_audio(&chunk) {
                             ctx.event(&ServerEvent::warning(
@@ -487,6 +552,12 @@ pub(crate) async fn drive(
                     summary,
                 } => break 'session (code, reason, summary),
             }
+        }
+        // Decoded audio is counted whether or not any consumer takes it.
+        let decoded = session.stats().samples;
+        if decoded > counted_samples {
+            m::add_audio_samples(format_label, decoded - counted_samples);
+            counted_samples = decoded;
         }
         if ctx.client_slow && !session.is_closed() {
             client_gone = true; // the writer queue is full; stop writing, but flush consumers
@@ -555,12 +626,20 @@ pub(crate) async fn drive(
             if session.is_closed() {
                 break;
             }
+            if let Action::Notice(event) = &action {
+                for c in consumers.iter_mut() {
+                    c.on_event(event);
+                }
+            }
             if let Err(e) = apply(&mut session, action, &mut ctx) {
                 warn!(session = %id, error = %e, "session input refused");
             }
         }
     };
 
+    if summary.samples_decoded > counted_samples {
+        m::add_audio_samples(format_label, summary.samples_decoded - counted_samples);
+    }
     // Flush consumers: everything accepted is delivered or counted as dropped.
     let flush = Duration::from_secs_f64(if state.shutdown.is_cancelled() {
         state.cfg.server.shutdown_grace_seconds * 0.8

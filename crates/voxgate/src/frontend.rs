@@ -276,3 +276,138 @@ impl Frontend for Twilio {
         }
     }
 }
+
+/// Omi's pusher protocol on `/v1/trigger/listen`: binary frames of a little-endian u32 opcode and
+/// a payload. Malformed frames and unknown opcodes close the session with 1003 and a reason.
+pub struct Omi {
+    rate: u32,
+    conversation_id: Option<String>,
+    /// Capture time of the first audio frame and samples received since (at `rate`).
+    first_ts: Option<f64>,
+    samples_in: u64,
+}
+
+/// A late capture timestamp beyond this many seconds counts as a gap (filled, counted).
+const OMI_GAP_TOLERANCE: f64 = 0.5;
+
+impl Omi {
+    pub fn new(rate: u32) -> Self {
+        Self {
+            rate,
+            conversation_id: None,
+            first_ts: None,
+            samples_in: 0,
+        }
+    }
+
+    fn malformed(message: String) -> Action {
+        Action::Violation {
+            code: CloseCode::Unsupported,
+            error: "malformed_frame",
+            message,
+        }
+    }
+
+    fn json(&self, op: u32, event: &str, payload: &[u8]) -> Action {
+        match serde_json::from_slice(payload) {
+            Ok(v) => self.conversation(event, v),
+            Err(e) => Self::malformed(format!("opcode {op}: payload is not JSON: {e}")),
+        }
+    }
+
+    fn conversation(&self, event: &str, data: serde_json::Value) -> Action {
+        Action::Notice(ServerEvent::Conversation {
+            event: event.to_owned(),
+            conversation_id: self.conversation_id.clone(),
+            data,
+        })
+    }
+}
+
+impl Frontend for Omi {
+    fn on_binary(&mut self, data: Bytes, out: &mut Vec<Action>) {
+        if data.len() < 4 {
+            out.push(Self::malformed(format!(
+                "a {}-byte frame has no 4-byte opcode",
+                data.len()
+            )));
+            return;
+        }
+        let op = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let payload = data.slice(4..);
+        match op {
+            100 => out.push(Action::Control("KeepAlive")),
+            101 => {
+                if payload.len() < 8 {
+                    out.push(Self::malformed(
+                        "opcode 101: audio frame shorter than its 8-byte timestamp".into(),
+                    ));
+                    return;
+                }
+                let ts = f64::from_le_bytes(payload[..8].try_into().expect("8 bytes checked"));
+                let pcm = payload.slice(8..);
+                if !pcm.len().is_multiple_of(2) {
+                    out.push(Self::malformed(format!(
+                        "opcode 101: PCM16 payload of odd length {}",
+                        pcm.len()
+                    )));
+                    return;
+                }
+                let rate = f64::from(self.rate);
+                match self.first_ts {
+                    None if ts.is_finite() => self.first_ts = Some(ts),
+                    Some(first) if ts.is_finite() => {
+                        let expected = first + self.samples_in as f64 / rate;
+                        let gap = ts - expected;
+                        if gap > OMI_GAP_TOLERANCE {
+                            let gap_samples = (gap * rate) as u64;
+                            self.samples_in += gap_samples;
+                            out.push(Action::Silence((gap * 16_000.0) as u64));
+                            out.push(Action::Notice(ServerEvent::warning(
+                                "media_gap",
+                                format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
+                            )));
+                        }
+                    }
+                    _ => {}
+                }
+                self.samples_in += pcm.len() as u64 / 2;
+                out.push(Action::Audio(pcm));
+            }
+            102 => out.push(self.json(op, "transcript", &payload)),
+            103 => match std::str::from_utf8(&payload) {
+                Ok(id) if !id.is_empty() && id.len() <= 256 => {
+                    self.conversation_id = Some(id.to_owned());
+                    out.push(self.conversation("conversation_id", serde_json::Value::Null));
+                }
+                _ => out.push(Self::malformed(
+                    "opcode 103: conversation id must be 1-256 bytes of UTF-8".into(),
+                )),
+            },
+            104 => out.push(self.json(op, "finalize", &payload)),
+            105 => out.push(self.json(op, "speaker_sample", &payload)),
+            other => out.push(Action::Violation {
+                code: CloseCode::Unsupported,
+                error: "unknown_opcode",
+                message: format!("unknown opcode {other}"),
+            }),
+        }
+    }
+
+    fn on_text(&mut self, _text: &str, out: &mut Vec<Action>) {
+        out.push(Self::malformed(
+            "text frames are not part of this protocol; send binary opcode frames".into(),
+        ));
+    }
+
+    fn render(&self, event: &ServerEvent) -> Option<Message> {
+        match event {
+            ServerEvent::Conversation { event, data, .. } if event == "finalize_result" => {
+                let mut frame = 201u32.to_le_bytes().to_vec();
+                frame.extend_from_slice(data.to_string().as_bytes());
+                Some(Message::Binary(frame.into()))
+            }
+            _ => None,
+        }
+    }
+}

@@ -27,6 +27,15 @@ pub struct HookAnswer {
     pub uid: Option<String>,
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// Omi: realtime audio app URLs (each a webhook with `omi.audio_app_delay_seconds`).
+    #[serde(default)]
+    pub audio_apps: Vec<String>,
+    /// Omi: the user's realtime transcript webhook.
+    #[serde(default)]
+    pub transcript_webhook: Option<String>,
+    /// Omi: the user's conversation webhook.
+    #[serde(default)]
+    pub conversation_webhook: Option<String>,
 }
 
 /// Asks the hook; any failure (timeout, non-2xx, bad JSON) is an error string for the client.

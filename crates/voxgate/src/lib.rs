@@ -7,5 +7,6 @@ pub mod consumers;
 pub mod frontend;
 pub mod hook;
 pub mod metrics;
+pub mod omi;
 pub mod server;
 pub mod twilio;

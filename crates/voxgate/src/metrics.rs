@@ -23,9 +23,12 @@ pub const CLOSES: &str = "voxgate_ws_closes_total";
 pub const CLIENT_ERRORS: &str = "voxgate_client_errors_total";
 pub const GAP_SAMPLES: &str = "voxgate_gap_samples_total";
 pub const SUBSCRIBERS_ACTIVE: &str = "voxgate_subscribers_active";
+pub const STT_REQUESTS: &str = "voxgate_stt_requests_total";
+pub const STT_LATENCY: &str = "voxgate_stt_latency_seconds";
+pub const TRANSCRIPT_DELIVERIES: &str = "voxgate_transcript_webhook_total";
 
 /// Consumer kinds (the `consumer` label).
-pub const CONSUMER_KINDS: [&str; 2] = ["webhook", "subscriber"];
+pub const CONSUMER_KINDS: [&str; 3] = ["webhook", "subscriber", "stt"];
 /// Formats (the `format` label of audio seconds).
 const FORMATS: [&str; 8] = [
     "webm", "ogg", "opus", "linear16", "float32", "linear8", "mulaw", "alaw",
@@ -39,6 +42,11 @@ pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(STT_LATENCY.into()),
+                    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
+                )
+                .expect("bucket list is not empty")
                 .install_recorder()
                 .expect("the metrics recorder is installed once, here");
             describe();
@@ -78,6 +86,19 @@ fn describe() {
     describe_counter!(CLOSES, "Sessions closed, by WebSocket close code");
     describe_counter!(CLIENT_ERRORS, "Error events sent to clients, by code");
     describe_gauge!(SUBSCRIBERS_ACTIVE, "Realtime subscribers connected");
+    describe_counter!(
+        STT_REQUESTS,
+        "Speech-to-text attempts and connections, by backend and outcome"
+    );
+    metrics::describe_histogram!(
+        STT_LATENCY,
+        metrics::Unit::Seconds,
+        "From utterance end to its final transcript, by backend"
+    );
+    describe_counter!(
+        TRANSCRIPT_DELIVERIES,
+        "Transcript webhook POSTs, by outcome (delivered, gave_up, queue_full)"
+    );
     describe_counter!(
         GAP_SAMPLES,
         "16 kHz samples of silence inserted for gaps in device sequence numbers or telephony timestamps"

@@ -32,6 +32,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub http: reqwest::Client,
     pub breakers: Breakers,
+    /// Speech-to-text backends: concurrency limits and health, shared by all sessions.
+    pub stt: crate::consumers::stt::Registry,
     pub sessions: Mutex<HashMap<String, Arc<Hub>>>,
     pub permits: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -45,12 +47,14 @@ impl AppState {
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()?;
+        let stt = crate::consumers::stt::Registry::new(&cfg.stt);
         Ok(Arc::new(Self {
             permits: Arc::new(Semaphore::new(cfg.server.max_sessions)),
             cfg,
             metrics: m::install(),
             http,
             breakers: Breakers::default(),
+            stt,
             sessions: Mutex::new(HashMap::new()),
             shutdown,
             tracker: TaskTracker::new(),
@@ -72,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(index))
         .route("/v1/listen", get(listen))
         .route("/v1/twilio", get(twilio))
+        .route("/v1/trigger/listen", get(omi))
         .route("/v1/sessions/{id}/subscribe", get(subscribe))
         .route("/metrics", get(metrics_page))
         .route("/livez", get(|| async { "ok" }))
@@ -118,7 +123,14 @@ async fn index() -> Html<&'static str> {
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(Ordering::SeqCst) && !state.shutdown.is_cancelled() {
-        (StatusCode::OK, "ready").into_response()
+        // Detail lines (speech-to-text backend health) follow; a failing backend degrades
+        // transcripts, not ingest, so it does not make the instance unready.
+        let mut body = String::from("ready");
+        for line in state.stt.health_lines() {
+            body.push('\n');
+            body.push_str(&line);
+        }
+        (StatusCode::OK, body).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     }
@@ -140,7 +152,12 @@ async fn listen(
     ws: WebSocketUpgrade,
 ) -> Response {
     let token = bearer(&headers).or_else(|| query.get("token").cloned());
-    let params = ListenParams { query, token, peer };
+    let params = ListenParams {
+        endpoint: "listen",
+        query,
+        token,
+        peer,
+    };
     let max = state.cfg.server.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
@@ -158,13 +175,41 @@ async fn twilio(
     ws: WebSocketUpgrade,
 ) -> Response {
     let token = bearer(&headers).or_else(|| query.get("token").cloned());
-    let params = ListenParams { query, token, peer };
+    let params = ListenParams {
+        endpoint: "twilio",
+        query,
+        token,
+        peer,
+    };
     let max = state.cfg.server.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let tracker = state.tracker.clone();
             tracker.track_future(crate::twilio::run(state, socket, params))
+        })
+}
+
+async fn omi(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = bearer(&headers).or_else(|| query.get("token").cloned());
+    let params = ListenParams {
+        endpoint: "omi",
+        query,
+        token,
+        peer,
+    };
+    let max = state.cfg.server.max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            let tracker = state.tracker.clone();
+            tracker.track_future(crate::omi::run(state, socket, params))
         })
 }
 

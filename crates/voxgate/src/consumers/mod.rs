@@ -1,6 +1,8 @@
 //! Consumers: each owns its bounded queue, its overflow policy and its counters. A session builds
 //! only the consumers it has, so a session without any holds no audio for them.
 
+pub mod json_webhook;
+pub mod stt;
 pub mod subscribers;
 pub mod webhook;
 

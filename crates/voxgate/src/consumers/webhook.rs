@@ -50,21 +50,21 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    fn allow(&self) -> bool {
+    pub(crate) fn allow(&self) -> bool {
         let guard = self
             .open_until
             .lock()
             .expect("breaker lock is never poisoned");
         guard.is_none_or(|t| Instant::now() >= t)
     }
-    fn success(&self) {
+    pub(crate) fn success(&self) {
         self.failures.store(0, Ordering::Relaxed);
         *self
             .open_until
             .lock()
             .expect("breaker lock is never poisoned") = None;
     }
-    fn failure(&self, threshold: u32, cooldown: Duration) {
+    pub(crate) fn failure(&self, threshold: u32, cooldown: Duration) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= threshold {
             *self

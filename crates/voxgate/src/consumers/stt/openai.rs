@@ -1,0 +1,101 @@
+//! OpenAI-compatible transcription: `POST {url}/v1/audio/transcriptions`, multipart with
+//! `file` (a 16 kHz mono PCM16 WAV of the utterance), `model`, optional `language` and `prompt`,
+//! `response_format=json`; the answer is `{"text": "..."}`. Served by OpenAI, faster-whisper
+//! servers (speaches), whisper.cpp's server with `--inference-path /v1/audio/transcriptions`,
+//! vLLM and others.
+
+use std::time::Duration;
+
+use metrics::counter;
+use reqwest::multipart::{Form, Part};
+use tracing::debug;
+
+use super::{retryable, with_retries, Attempt};
+use crate::config::SttConfig;
+use crate::consumers::webhook::wav_bytes;
+use crate::metrics::STT_REQUESTS;
+
+/// The endpoint for a base URL (a full endpoint URL is used as it is).
+pub fn endpoint(url: &str) -> String {
+    let base = url.trim_end_matches('/');
+    if base.ends_with("/audio/transcriptions") {
+        base.to_owned()
+    } else if base.ends_with("/v1") {
+        format!("{base}/audio/transcriptions")
+    } else {
+        format!("{base}/v1/audio/transcriptions")
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Answer {
+    text: String,
+}
+
+/// One utterance, with retries; the error says why it was given up.
+pub async fn transcribe(
+    client: &reqwest::Client,
+    cfg: &SttConfig,
+    pcm: &[i16],
+) -> Result<String, String> {
+    let wav = bytes::Bytes::from(wav_bytes(pcm));
+    let url = endpoint(&cfg.url);
+    let name = cfg.name.clone();
+    with_retries(cfg, |attempt| {
+        let mut form = Form::new()
+            .part(
+                "file",
+                Part::bytes(wav.to_vec())
+                    .file_name("utterance.wav")
+                    .mime_str("audio/wav")
+                    .expect("audio/wav is a valid MIME type"),
+            )
+            .text("model", cfg.model.clone().unwrap_or_else(|| "whisper-1".into()))
+            .text("response_format", "json");
+        if let Some(language) = &cfg.language {
+            form = form.text("language", language.clone());
+        }
+        if let Some(prompt) = &cfg.prompt {
+            form = form.text("prompt", prompt.clone());
+        }
+        let mut req = client
+            .post(&url)
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .multipart(form);
+        if let Some(key) = &cfg.api_key {
+            req = req.bearer_auth(key);
+        }
+        let name = name.clone();
+        async move {
+            let outcome = match req.send().await {
+                Ok(resp) if resp.status().is_success() => match resp.json::<Answer>().await {
+                    Ok(a) => Ok(a.text.trim().to_owned()),
+                    Err(e) => Err(("bad_answer", false, format!("unreadable answer: {e}"))),
+                },
+                Ok(resp) => {
+                    let status = resp.status();
+                    let body: String = resp.text().await.unwrap_or_default().chars().take(200).collect();
+                    Err(("http_error", retryable(status), format!("HTTP {status}: {body}")))
+                }
+                Err(e) if e.is_timeout() => Err(("timeout", true, "request timed out".to_owned())),
+                Err(e) => Err(("transport_error", true, format!("transport error: {e}"))),
+            };
+            match outcome {
+                Ok(text) => {
+                    counter!(STT_REQUESTS, "backend" => name, "outcome" => "success").increment(1);
+                    Attempt::Done(text)
+                }
+                Err((label, retry, message)) => {
+                    debug!(stt = %name, attempt, %message, "transcription attempt failed");
+                    counter!(STT_REQUESTS, "backend" => name, "outcome" => label).increment(1);
+                    if retry {
+                        Attempt::Retry(message)
+                    } else {
+                        Attempt::Fatal(message)
+                    }
+                }
+            }
+        }
+    })
+    .await
+}

@@ -1,0 +1,204 @@
+//! Omi's pusher protocol on `/v1/trigger/listen`, end to end with a client speaking it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use voxgate::config::WebhookConfig;
+
+fn frame(op: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = op.to_le_bytes().to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
+fn audio(ts: f64, pcm: &[u8]) -> Vec<u8> {
+    let mut p = ts.to_le_bytes().to_vec();
+    p.extend_from_slice(pcm);
+    frame(101, &p)
+}
+
+/// `seconds` of the medium speech at 16 kHz as 101 frames of `frame_bytes`.
+fn audio_frames(seconds: f64, frame_bytes: usize) -> Vec<Vec<u8>> {
+    let mut data = std::fs::read(corpus("reference/medium.s16le-16k-mono.pcm")).unwrap();
+    data.truncate((seconds * 32_000.0) as usize);
+    data.chunks(frame_bytes)
+        .enumerate()
+        .map(|(i, c)| audio(1_700_000_000.0 + (i * frame_bytes) as f64 / 32_000.0, c))
+        .collect()
+}
+
+struct OmiRun {
+    close_code: Option<u16>,
+    close_reason: String,
+    replies: Vec<serde_json::Value>,
+}
+
+async fn omi(url: &str, frames: Vec<Vec<u8>>, wait_replies: usize) -> OmiRun {
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    for f in frames {
+        if tx.send(Message::Binary(f.into())).await.is_err() {
+            break;
+        }
+    }
+    let mut run = OmiRun {
+        close_code: None,
+        close_reason: String::new(),
+        replies: Vec::new(),
+    };
+    if wait_replies == 0 {
+        let _ = tx.send(Message::Close(None)).await;
+    }
+    let read = async {
+        while let Some(Ok(msg)) = rx.next().await {
+            match msg {
+                Message::Binary(b) => {
+                    assert_eq!(&b[..4], &201u32.to_le_bytes());
+                    run.replies.push(serde_json::from_slice(&b[4..]).unwrap());
+                    if run.replies.len() == wait_replies {
+                        let _ = tx.send(Message::Close(None)).await;
+                    }
+                }
+                Message::Close(f) => {
+                    if let Some(f) = f {
+                        run.close_code = Some(u16::from(f.code));
+                        run.close_reason = f.reason.to_string();
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .unwrap();
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_delays_and_audio_apps_get_every_sample() {
+    let rx = Receiver::start(Mode::Ok).await;
+    let mut cfg = test_config();
+    cfg.webhooks
+        .push(WebhookConfig::new("dev0", &rx.url("dev0"), Some(0.0)));
+    cfg.webhooks
+        .push(WebhookConfig::new("dev5", &rx.url("dev5"), Some(5.0)));
+    cfg.omi.audio_apps.push(rx.url("app"));
+    let gw = Gateway::start(cfg).await;
+    let frames = audio_frames(12.0, 16_000);
+    let n = frames.len();
+    let run = omi(
+        &gw.ws("/v1/trigger/listen?uid=u1&sample_rate=16000"),
+        frames,
+        0,
+    )
+    .await;
+    assert_eq!(
+        run.close_code, None,
+        "client closed first: {}",
+        run.close_reason
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = 12 * 16_000;
+    let dev0 = rx.requests("dev0");
+    assert_eq!(dev0.len(), n, "delay 0 posts every frame");
+    assert_eq!(dev0.iter().map(|r| r.samples).sum::<u64>(), total);
+    let dev5 = rx.requests("dev5");
+    assert_eq!(
+        dev5.iter().map(|r| r.samples).collect::<Vec<_>>(),
+        vec![80_000, 80_000, 32_000]
+    );
+    let app = rx.requests("app");
+    assert_eq!(
+        app.iter().map(|r| r.samples).collect::<Vec<_>>(),
+        vec![64_000, 64_000, 64_000]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcripts_and_conversation_events_are_forwarded() {
+    let rx = Receiver::start(Mode::Ok).await;
+    let mut cfg = test_config();
+    cfg.omi.transcript_webhook = Some(rx.url("transcripts"));
+    cfg.omi.conversation_webhook = Some(rx.url("conversations"));
+    let gw = Gateway::start(cfg).await;
+    let mut frames = vec![frame(100, b""), frame(103, b"conv-42")];
+    frames.extend(audio_frames(1.0, 8000));
+    frames.push(frame(
+        102,
+        br#"{"segments":[{"text":"hello there","speaker":"SPEAKER_0"}],"memory_id":"m1"}"#,
+    ));
+    frames.push(frame(105, br#"{"speaker_id":1,"url":"x"}"#));
+    frames.push(frame(104, br#"{"reason":"user"}"#));
+    let run = omi(&gw.ws("/v1/trigger/listen?uid=u2"), frames, 1).await;
+    assert_eq!(run.replies.len(), 1);
+    assert_eq!(run.replies[0]["conversation_id"], "conv-42");
+    assert_eq!(run.replies[0]["success"], true);
+    let t = rx.requests("transcripts");
+    assert_eq!(t.len(), 1);
+    let body: serde_json::Value = serde_json::from_slice(&t[0].body).unwrap();
+    assert_eq!(body["segments"][0]["text"], "hello there");
+    assert_eq!(body["conversation_id"], "conv-42");
+    let c = rx.requests("conversations");
+    let events: Vec<String> = c
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["event"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(events, vec!["speaker_sample", "finalize"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalize_is_answered_without_a_conversation_webhook() {
+    let gw = Gateway::start(test_config()).await;
+    let frames = vec![frame(103, b"c-1"), frame(104, b"{}")];
+    let run = omi(&gw.ws("/v1/trigger/listen?uid=u3"), frames, 1).await;
+    assert_eq!(run.replies[0]["conversation_id"], "c-1");
+    assert_eq!(run.replies[0]["success"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_with_1003_and_others_are_unaffected() {
+    let gw = Gateway::start(test_config()).await;
+    // A healthy session runs alongside the bad ones.
+    let good_url = gw.ws("/v1/trigger/listen?uid=good&sample_rate=16000");
+    let good = tokio::spawn(async move { omi(&good_url, audio_frames(3.0, 3200), 0).await });
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![1, 2, 3], "no 4-byte opcode"),
+        (frame(999, b"x"), "unknown opcode 999"),
+        (audio(0.0, &[1, 2, 3]), "odd length"),
+        (frame(102, b"{not json"), "not JSON"),
+    ];
+    for (bad, why) in cases {
+        let run = omi(
+            &gw.ws("/v1/trigger/listen?uid=bad"),
+            vec![audio(0.0, &[0; 320]), bad],
+            0,
+        )
+        .await;
+        assert_eq!(run.close_code, Some(1003), "{why}");
+        assert!(
+            run.close_reason.contains(why),
+            "{} vs {why}",
+            run.close_reason
+        );
+    }
+    let run = omi(&gw.ws("/v1/trigger/listen?uid=x&sample_rate=7"), vec![], 0).await;
+    assert_eq!(run.close_code, Some(1008));
+    assert!(run.close_reason.contains("sample_rate"));
+    let run = omi(&gw.ws("/v1/trigger/listen"), vec![], 0).await;
+    assert_eq!(run.close_code, Some(1008));
+    let good = good.await.unwrap();
+    assert_eq!(good.close_code, None, "{}", good.close_reason);
+    let m = gw.metrics().await;
+    assert!(metric_value(&m, "voxgate_ws_closes_total", "code=\"1003\"") >= 4.0);
+}
