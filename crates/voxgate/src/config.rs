@@ -28,6 +28,10 @@ pub struct Config {
     pub stt: Vec<SttConfig>,
     /// Omi pusher compatibility (`/v1/trigger/listen`).
     pub omi: OmiConfig,
+    /// Tokens, per-user caps and connection rate limits.
+    pub auth: crate::auth::AuthConfig,
+    /// Where webhooks supplied by the `on_connect` hook may point.
+    pub webhook_policy: crate::policy::WebhookPolicy,
 }
 
 /// Consumers of Omi's pusher protocol that are not audio webhooks. Per-user values from the
@@ -627,6 +631,7 @@ impl Config {
                 errors.push("on_connect.timeout_ms: must be > 0".into());
             }
         }
+        self.auth.validate(&s.listen, &mut errors);
         let o = &self.omi;
         for (name, url) in [
             ("omi.transcript_webhook", o.transcript_webhook.as_ref()),

@@ -196,6 +196,7 @@ pub(crate) struct Prepared {
     /// Events consumers send back (transcripts, backend trouble), bounded.
     notices: mpsc::Receiver<ServerEvent>,
     pub(crate) hub: Arc<Hub>,
+    _user_slot: Option<crate::auth::UserSlot>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -211,6 +212,23 @@ pub(crate) async fn prepare(
             "server is shutting down; retry on another instance",
         ));
     }
+    if let Err(retry) = state
+        .rate
+        .check(params.peer.ip(), std::time::Instant::now())
+    {
+        return Err(Refusal::new(
+            1013,
+            "rate_limited",
+            format!(
+                "too many new connections from this address; retry after {} ms",
+                retry.as_millis().max(1)
+            ),
+        ));
+    }
+    let principal = state
+        .auth
+        .verify(params.token.as_deref())
+        .map_err(|why| Refusal::new(1008, "unauthorized", why))?;
     let permit = state.permits.clone().try_acquire_owned().map_err(|_| {
         Refusal::new(
             1013,
@@ -232,11 +250,39 @@ pub(crate) async fn prepare(
                 "session_id must be 1-128 characters of A-Z a-z 0-9 - _ . :",
             ))
         }
-        None => uuid::Uuid::new_v4().to_string(),
+        None => match principal.as_ref().and_then(|p| p.session.clone()) {
+            Some(sid) if valid_session_id(&sid) => sid,
+            _ => uuid::Uuid::new_v4().to_string(),
+        },
+    };
+    // A token bound to a session may only create that session; the token's user is the uid.
+    let user_slot = match &principal {
+        Some(p) => {
+            if p.session.as_ref().is_some_and(|sid| sid != &session_id) {
+                return Err(Refusal::new(
+                    1008,
+                    "forbidden",
+                    "this token is bound to another session_id",
+                ));
+            }
+            let max = cfg.auth.max_sessions_per_user;
+            Some(state.users.acquire(&p.user, max).ok_or_else(|| {
+                Refusal::new(
+                    1013,
+                    "user_over_capacity",
+                    format!("user already has {max} live sessions; retry after one ends"),
+                )
+            })?)
+        }
+        None => None,
     };
 
     // Consumers: the configured default set, a named selection, or the on_connect hook's answer.
-    let mut uid = params.query.get("uid").cloned().unwrap_or_default();
+    let mut uid = match &principal {
+        Some(p) => p.user.clone(),
+        None => params.query.get("uid").cloned().unwrap_or_default(),
+    };
+    let from_hook = cfg.on_connect.is_some();
     let omi = params.endpoint == "omi";
     let app = |url: &String, i: usize| {
         Arc::new(WebhookConfig::new(
@@ -262,8 +308,19 @@ pub(crate) async fn prepare(
                     .unwrap_or_else(|| "rejected by on_connect hook".into()),
             ));
         }
-        if let Some(u) = answer.uid {
+        if let (Some(u), None) = (answer.uid, &principal) {
             uid = u;
+        }
+        // Per-user URLs come from outside: check them against the webhook policy.
+        let mut urls: Vec<&String> = answer.webhooks.iter().map(|w| &w.url).collect();
+        urls.extend(answer.audio_apps.iter());
+        urls.extend(answer.transcript_webhook.iter());
+        urls.extend(answer.conversation_webhook.iter());
+        for url in urls {
+            cfg.webhook_policy
+                .check_url(url)
+                .await
+                .map_err(|why| Refusal::new(1008, "webhook_denied", why))?;
         }
         let mut errors = Vec::new();
         for (i, w) in answer.webhooks.iter().enumerate() {
@@ -307,6 +364,18 @@ pub(crate) async fn prepare(
             .map(|w| Arc::new(w.clone()))
             .collect()
     };
+    if let Some(allowed) = principal.as_ref().and_then(|p| p.consumers.as_ref()) {
+        if let Some(w) = webhook_cfgs.iter().find(|w| !allowed.contains(&w.name)) {
+            if params.query.contains_key("consumers") {
+                return Err(Refusal::new(
+                    1008,
+                    "forbidden",
+                    format!("this token may not use consumer {:?}", w.name),
+                ));
+            }
+        }
+        webhook_cfgs.retain(|w| allowed.contains(&w.name));
+    }
     if omi && cfg.on_connect.is_none() {
         webhook_cfgs.extend(
             cfg.omi
@@ -333,6 +402,7 @@ pub(crate) async fn prepare(
     let hub = Arc::new(Hub::new(
         cfg.subscribers.max_per_session,
         cfg.subscribers.queue_messages,
+        uid.clone(),
     ));
     {
         let mut sessions = state
@@ -360,10 +430,15 @@ pub(crate) async fn prepare(
         .filter(|w| w.delay_seconds.is_some())
     {
         let breaker = state.breakers.get(&w.url);
+        let client = if from_hook {
+            state.http_guarded.clone()
+        } else {
+            state.http.clone()
+        };
         consumers.push(Box::new(WebhookHandle::spawn(
             w,
             target.clone(),
-            state.http.clone(),
+            client,
             breaker,
         )));
     }
@@ -374,6 +449,11 @@ pub(crate) async fn prepare(
             omi_targets.transcript_webhook,
             omi_targets.conversation_webhook,
             &notifier,
+            if from_hook {
+                &state.http_guarded
+            } else {
+                &state.http
+            },
             &mut consumers,
         );
     }
@@ -394,6 +474,7 @@ pub(crate) async fn prepare(
         notices,
         hub,
         _permit: permit,
+        _user_slot: user_slot,
     })
 }
 
@@ -486,6 +567,7 @@ pub(crate) async fn drive(
         mut notices,
         hub,
         _permit,
+        _user_slot,
     } = prepared;
     let consumers_want_audio = |c: &[Box<dyn Consumer>]| c.iter().any(|c| c.wants_audio());
     let id = session.id().to_owned();

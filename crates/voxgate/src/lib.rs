@@ -1,5 +1,6 @@
 //! voxgate: the server and CLI around the sans-IO cores.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod connection;
@@ -8,5 +9,6 @@ pub mod frontend;
 pub mod hook;
 pub mod metrics;
 pub mod omi;
+pub mod policy;
 pub mod server;
 pub mod twilio;

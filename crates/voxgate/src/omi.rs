@@ -64,6 +64,7 @@ pub(crate) fn consumers(
     transcript_webhook: Option<String>,
     conversation_webhook: Option<String>,
     notifier: &Notifier,
+    client: &reqwest::Client,
     out: &mut Vec<Box<dyn Consumer>>,
 ) {
     if let Some(url) = transcript_webhook {
@@ -89,7 +90,7 @@ pub(crate) fn consumers(
         out.push(Box::new(JsonWebhook::spawn(
             cfg,
             select,
-            state.http.clone(),
+            client.clone(),
             state.breakers.get(&url),
             notifier.clone(),
             target.session_id.clone(),
@@ -118,7 +119,7 @@ pub(crate) fn consumers(
             out.push(Box::new(JsonWebhook::spawn(
                 cfg,
                 select,
-                state.http.clone(),
+                client.clone(),
                 state.breakers.get(&url),
                 notifier.clone(),
                 target.session_id.clone(),

@@ -39,6 +39,11 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     pub ready: AtomicBool,
+    /// For webhooks from the `on_connect` hook: guarded DNS, no redirects.
+    pub http_guarded: reqwest::Client,
+    pub auth: crate::auth::Authenticator,
+    pub rate: crate::auth::RateLimiter,
+    pub users: crate::auth::UserSessions,
 }
 
 impl AppState {
@@ -46,7 +51,18 @@ impl AppState {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let http_guarded = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(crate::policy::GuardedResolver {
+                policy: Arc::new(cfg.webhook_policy.clone()),
+            }))
+            .build()?;
+        let auth = crate::auth::Authenticator::new(&cfg.auth, &cfg.server.listen);
+        let rate = crate::auth::RateLimiter::new(cfg.auth.connections_per_ip_per_second);
         let stt = crate::consumers::stt::Registry::new(&cfg.stt);
         Ok(Arc::new(Self {
             permits: Arc::new(Semaphore::new(cfg.server.max_sessions)),
@@ -59,6 +75,10 @@ impl AppState {
             shutdown,
             tracker: TaskTracker::new(),
             ready: AtomicBool::new(true),
+            http_guarded,
+            auth,
+            rate,
+            users: crate::auth::UserSessions::default(),
         }))
     }
 
@@ -222,12 +242,31 @@ async fn subscribe(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let token = bearer(&headers).or_else(|| query.get("token").cloned());
+    let principal = match state.auth.verify(token.as_deref()) {
+        Ok(p) => p,
+        Err(why) => {
+            counter!(SESSIONS_REJECTED, "reason" => "unauthorized").increment(1);
+            return (StatusCode::UNAUTHORIZED, why).into_response();
+        }
+    };
     let Some(hub) = state.hub(&id) else {
         counter!(SESSIONS_REJECTED, "reason" => "unknown_session").increment(1);
         return (StatusCode::NOT_FOUND, format!("no live session {id:?}")).into_response();
     };
+    if let Some(p) = &principal {
+        if !p.may_watch(&id, hub.owner()) {
+            counter!(SESSIONS_REJECTED, "reason" => "forbidden").increment(1);
+            return (
+                StatusCode::FORBIDDEN,
+                format!("this token may not watch session {id:?}"),
+            )
+                .into_response();
+        }
+    }
     let audio = matches!(query.get("audio").map(String::as_str), Some("true" | "1"));
     let sub = match hub.subscribe(audio) {
         Ok(sub) => sub,

@@ -72,6 +72,7 @@ pub struct Hub {
     next_id: AtomicU64,
     max: usize,
     queue: usize,
+    owner: String,
 }
 
 /// Why a subscription was refused.
@@ -80,13 +81,19 @@ pub struct Hub {
 pub struct HubFull(pub usize);
 
 impl Hub {
-    pub fn new(max: usize, queue: usize) -> Self {
+    /// `owner` is the session's user, who may watch it.
+    pub fn new(max: usize, queue: usize, owner: String) -> Self {
         Self {
             subs: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
             max,
             queue,
+            owner,
         }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Subscriber>> {

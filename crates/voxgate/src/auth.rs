@@ -1,0 +1,325 @@
+//! Authentication and admission: JWT bearer tokens (HS256 or EdDSA) on every WebSocket endpoint
+//! and on subscribe, per-user session caps and a per-IP connection rate limit.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+/// When tokens are required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Off when listening on a loopback address, on otherwise.
+    #[default]
+    Auto,
+    Off,
+    Jwt,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Shared secret for HS256 tokens.
+    pub hs256_secret: Option<String>,
+    /// Ed25519 public key (PEM) for EdDSA tokens.
+    pub ed25519_public_key_pem: Option<String>,
+    /// Required `aud` claim. Default `voxgate`.
+    pub audience: String,
+    /// Clock skew allowed on `exp`. Default 30 s.
+    pub leeway_seconds: u64,
+    /// Live sessions per user (`sub`); beyond it, close 1013. Default 20.
+    pub max_sessions_per_user: usize,
+    /// New connections per second per client IP (burst twice that); beyond it, close 1013.
+    /// Default 20.
+    pub connections_per_ip_per_second: f64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Auto,
+            hs256_secret: None,
+            ed25519_public_key_pem: None,
+            audience: "voxgate".into(),
+            leeway_seconds: 30,
+            max_sessions_per_user: 20,
+            connections_per_ip_per_second: 20.0,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether tokens are required when listening on `listen`.
+    pub fn required(&self, listen: &str) -> bool {
+        match self.mode {
+            AuthMode::Off => false,
+            AuthMode::Jwt => true,
+            AuthMode::Auto => !listen
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(false),
+        }
+    }
+
+    pub fn validate(&self, listen: &str, errors: &mut Vec<String>) {
+        if self.required(listen)
+            && self.hs256_secret.is_none()
+            && self.ed25519_public_key_pem.is_none()
+        {
+            errors.push(format!(
+                "auth: listening on {listen} requires tokens (auth.mode = {:?}); set auth.hs256_secret or auth.ed25519_public_key_pem, or auth.mode = \"off\" to run without authentication",
+                self.mode
+            ));
+        }
+        if let Some(s) = &self.hs256_secret {
+            if s.len() < 16 {
+                errors.push("auth.hs256_secret: use at least 16 bytes".into());
+            }
+        }
+        if let Some(pem) = &self.ed25519_public_key_pem {
+            if DecodingKey::from_ed_pem(pem.as_bytes()).is_err() {
+                errors.push("auth.ed25519_public_key_pem: not an Ed25519 public key in PEM".into());
+            }
+        }
+        if !(self.connections_per_ip_per_second.is_finite()
+            && self.connections_per_ip_per_second > 0.0)
+        {
+            errors.push("auth.connections_per_ip_per_second: must be > 0".into());
+        }
+        if self.max_sessions_per_user == 0 {
+            errors.push("auth.max_sessions_per_user: must be > 0".into());
+        }
+    }
+}
+
+/// What a token grants.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    /// The user.
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default)]
+    pub aud: Option<serde_json::Value>,
+    /// The one session this token may create or subscribe to.
+    #[serde(default)]
+    pub sid: Option<String>,
+    /// Sessions this token may subscribe to.
+    #[serde(default)]
+    pub sessions: Vec<String>,
+    /// Named consumers this token may use (absent: any).
+    #[serde(default)]
+    pub consumers: Option<Vec<String>>,
+}
+
+/// A verified caller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub user: String,
+    pub session: Option<String>,
+    pub sessions: Vec<String>,
+    pub consumers: Option<Vec<String>>,
+}
+
+impl Principal {
+    /// May this caller subscribe to session `id` owned by `owner`?
+    pub fn may_watch(&self, id: &str, owner: &str) -> bool {
+        self.session.as_deref() == Some(id)
+            || self.sessions.iter().any(|s| s == id)
+            || (!owner.is_empty() && self.user == owner)
+    }
+}
+
+/// Verifies tokens; `None` inside means authentication is off.
+pub struct Authenticator {
+    keys: Vec<(DecodingKey, Validation)>,
+    required: bool,
+}
+
+impl Authenticator {
+    pub fn new(cfg: &AuthConfig, listen: &str) -> Self {
+        let validation = |alg| {
+            let mut v = Validation::new(alg);
+            v.set_audience(&[cfg.audience.as_str()]);
+            v.leeway = cfg.leeway_seconds;
+            v.set_required_spec_claims(&["exp", "aud", "sub"]);
+            v
+        };
+        let mut keys = Vec::new();
+        if let Some(s) = &cfg.hs256_secret {
+            keys.push((
+                DecodingKey::from_secret(s.as_bytes()),
+                validation(Algorithm::HS256),
+            ));
+        }
+        if let Some(pem) = &cfg.ed25519_public_key_pem {
+            if let Ok(k) = DecodingKey::from_ed_pem(pem.as_bytes()) {
+                keys.push((k, validation(Algorithm::EdDSA)));
+            }
+        }
+        Self {
+            keys,
+            required: cfg.required(listen),
+        }
+    }
+
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// `Ok(None)` when auth is off; otherwise the principal or why the token was refused.
+    pub fn verify(&self, token: Option<&str>) -> Result<Option<Principal>, String> {
+        if !self.required {
+            return Ok(None);
+        }
+        let token = token.ok_or("missing token (Authorization: Bearer or ?token=)")?;
+        let mut last = String::from("no verification key configured");
+        for (key, validation) in &self.keys {
+            match decode::<Claims>(token, key, validation) {
+                Ok(data) => {
+                    let c = data.claims;
+                    return Ok(Some(Principal {
+                        user: c.sub,
+                        session: c.sid,
+                        sessions: c.sessions,
+                        consumers: c.consumers,
+                    }));
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(format!("invalid token: {last}"))
+    }
+}
+
+/// Per-IP token buckets for the connection rate (bounded: stale entries are pruned, and past
+/// `MAX_TRACKED` addresses new ones share one bucket).
+pub struct RateLimiter {
+    per_second: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+const MAX_TRACKED: usize = 100_000;
+
+impl RateLimiter {
+    pub fn new(per_second: f64) -> Self {
+        Self {
+            per_second,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Ok` to admit, or `Err(retry_after)`.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        let burst = self.per_second * 2.0;
+        let mut map = self
+            .buckets
+            .lock()
+            .expect("rate limiter lock is never poisoned");
+        if map.len() >= MAX_TRACKED {
+            map.retain(|_, (tokens, t)| {
+                *tokens + now.duration_since(*t).as_secs_f64() * self.per_second < burst
+            });
+        }
+        let key = if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            ip
+        };
+        let (tokens, last) = map.entry(key).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
+        }
+    }
+}
+
+/// Live sessions per user; a guard releases its slot on drop.
+#[derive(Default)]
+pub struct UserSessions {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+pub struct UserSlot {
+    user: String,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl UserSessions {
+    pub fn acquire(&self, user: &str, max: usize) -> Option<UserSlot> {
+        let mut counts = self
+            .counts
+            .lock()
+            .expect("user count lock is never poisoned");
+        let n = counts.entry(user.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            user: user.to_owned(),
+            counts: self.counts.clone(),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .expect("user count lock is never poisoned");
+        if let Some(n) = counts.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.user);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limiter_admits_a_burst_then_refuses_with_a_hint() {
+        let rl = RateLimiter::new(2.0);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let t = Instant::now();
+        for _ in 0..4 {
+            rl.check(ip, t).unwrap();
+        }
+        let retry = rl.check(ip, t).unwrap_err();
+        assert!(retry > Duration::ZERO && retry <= Duration::from_millis(500));
+        rl.check(ip, t + Duration::from_secs(1)).unwrap();
+        rl.check("10.0.0.2".parse().unwrap(), t).unwrap();
+    }
+
+    #[test]
+    fn auto_mode_follows_the_listen_address() {
+        let c = AuthConfig::default();
+        assert!(!c.required("127.0.0.1:8080"));
+        assert!(c.required("0.0.0.0:8080"));
+        let mut errors = Vec::new();
+        c.validate("0.0.0.0:8080", &mut errors);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+    }
+
+    #[test]
+    fn user_slots_are_released() {
+        let u = UserSessions::default();
+        let a = u.acquire("ann", 1).unwrap();
+        assert!(u.acquire("ann", 1).is_none());
+        drop(a);
+        assert!(u.acquire("ann", 1).is_some());
+    }
+}
