@@ -194,7 +194,11 @@ impl<D: Demux> Container<D> {
 
     fn finish(&mut self, out: &mut Vec<i16>, r: &mut Report) {
         if self.demux.is_truncated() {
-            r.decode_error("stream ended inside an element (truncated)");
+            // A live stream cut between messages (Chromium ends each one with the first byte of
+            // the next block): not corruption, but what was pending is gone; say so.
+            let bytes = self.demux.pending_bytes() as u64;
+            r.stats.truncated_bytes += bytes;
+            r.event(MediaEvent::Truncated { bytes });
         }
         if let Some(opus) = &mut self.opus {
             opus.finish(out);

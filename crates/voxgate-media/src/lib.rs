@@ -148,6 +148,9 @@ pub enum MediaEvent {
     DecodeError { what: String },
     /// Sync was lost and regained at the next Cluster/page; `skipped_bytes` were discarded.
     Resynced { skipped_bytes: u64 },
+    /// The stream ended inside an element; its `bytes` were discarded (a live stream cut between
+    /// messages, not corruption). Counted in `Stats::truncated_bytes`.
+    Truncated { bytes: u64 },
 }
 
 #[allow(missing_docs)] // fields: rate in Hz, interleaved channel count, counters as named
@@ -162,4 +165,6 @@ pub struct Stats {
     pub resyncs: u64,
     pub pending_bytes: usize,
     pub peak_pending_bytes: usize,
+    /// Bytes of a trailing partial element discarded at end of stream.
+    pub truncated_bytes: u64,
 }

@@ -96,6 +96,10 @@ pub enum ServerEvent {
         #[serde(default)]
         end: f64,
     },
+    /// The server is draining: reconnect (to another instance) to continue.
+    Reconnect {
+        reason: String,
+    },
     /// A conversation event relayed from an upstream service (Omi's pusher protocol):
     /// `conversation_id`, `transcript`, `finalize`, `speaker_sample`, `finalize_result`.
     Conversation {

@@ -279,7 +279,12 @@ impl Session {
                 }
             }
             Input::PeerClosed => self.close(CloseCode::Normal, "client closed".into()),
-            Input::Shutdown => self.close(CloseCode::GoingAway, "server shutting down".into()),
+            Input::Shutdown => {
+                self.emit(ServerEvent::Reconnect {
+                    reason: "server draining; reconnect to continue".into(),
+                });
+                self.close(CloseCode::GoingAway, "server shutting down".into());
+            }
             Input::Violation {
                 code,
                 error,
@@ -350,6 +355,12 @@ impl Session {
                     self.emit(ServerEvent::warning(
                         "decode_error",
                         format!("a frame could not be decoded and was skipped: {what}"),
+                    ));
+                }
+                MediaEvent::Truncated { bytes } => {
+                    self.emit(ServerEvent::warning(
+                        "stream_truncated",
+                        format!("the stream ended inside a container element; {bytes} trailing bytes discarded"),
                     ));
                 }
                 MediaEvent::Resynced { skipped_bytes } => {

@@ -791,6 +791,7 @@ fn observe(event: &ServerEvent) {
                 counter!(m::DECODE_ERRORS).increment(1);
                 warn!(%message, "decode error");
             }
+            "stream_truncated" => info!(%message, "stream ended inside an element"),
             "decode_resynced" => {
                 counter!(m::RESYNCS).increment(1);
                 warn!(%message, "demuxer resynced");

@@ -286,8 +286,10 @@ async fn shutdown_flushes_sessions_and_webhooks() {
     gw.shutdown.cancel();
     let mut closed = None;
     let mut code = None;
+    let mut told_to_reconnect = false;
     while let Some(Ok(m)) = crx.next().await {
         match m {
+            Message::Text(t) if t.contains("\"Reconnect\"") => told_to_reconnect = true,
             Message::Text(t) if t.contains("\"Closed\"") => {
                 closed = Some(serde_json::from_str::<serde_json::Value>(&t).unwrap())
             }
@@ -299,6 +301,10 @@ async fn shutdown_flushes_sessions_and_webhooks() {
         }
     }
     assert_eq!(code, Some(1001));
+    assert!(
+        told_to_reconnect,
+        "a draining server tells clients to reconnect"
+    );
     let closed = closed.expect("Closed event before the close frame");
     let total = closed["summary"]["samples_decoded"].as_u64().unwrap();
     assert_eq!(total, (7.3f64 * 16_000.0) as u64);
