@@ -516,10 +516,14 @@ impl Worker {
     fn trim(&mut self) {
         let idle = self.open.is_none() && self.pending.is_empty();
         let mut total: u64 = self.retained.iter().map(|h| h.chunk.pcm.len() as u64).sum();
+        // A `SpeechStarted` decided in the newest chunk reaches back at most `lookback` before it.
+        let last = self.retained.back().map_or(0, |h| h.chunk.pcm.len() as u64);
         while let Some(front) = self.retained.front() {
             let len = front.chunk.pcm.len() as u64;
-            let over_lookback = idle && total - len >= self.lookback;
-            let over_cap = total * 2 > self.cap_bytes * 3 / 4 && (front.sent || total * 2 > self.cap_bytes);
+            let over_lookback =
+                idle && self.retained.len() > 1 && total - len - last >= self.lookback;
+            let over_cap =
+                total * 2 > self.cap_bytes * 3 / 4 && (front.sent || total * 2 > self.cap_bytes);
             if !(over_lookback || over_cap) {
                 break;
             }
@@ -571,7 +575,8 @@ impl Worker {
             self.acknowledge(end);
         }
         let utterance = self.utterance_of(start, end);
-        if r.from_finalize || (r.speech_final && self.pending.front().is_some_and(|p| end >= p.end)) {
+        if r.from_finalize || (r.speech_final && self.pending.front().is_some_and(|p| end >= p.end))
+        {
             if let Some(p) = self.pending.pop_front() {
                 self.ctx.observe_latency(p.at);
             }
@@ -623,7 +628,6 @@ impl Worker {
             ));
         }
     }
-
 }
 
 async fn send_text(c: &mut Conn, text: &'static str) -> Result<(), ()> {

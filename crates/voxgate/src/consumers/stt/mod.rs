@@ -167,7 +167,11 @@ impl Backend {
     }
 
     /// Transcribes one utterance under the backend's concurrency limit, with retries.
-    async fn transcribe(&self, client: &reqwest::Client, pcm: Arc<[i16]>) -> Result<String, String> {
+    async fn transcribe(
+        &self,
+        client: &reqwest::Client,
+        pcm: Arc<[i16]>,
+    ) -> Result<String, String> {
         let _permit = self
             .permits
             .acquire()
@@ -239,7 +243,14 @@ impl Ctx {
         }
     }
 
-    pub fn transcript(&self, utterance: u64, text: String, is_final: bool, start: f64, end: f64) -> ServerEvent {
+    pub fn transcript(
+        &self,
+        utterance: u64,
+        text: String,
+        is_final: bool,
+        start: f64,
+        end: f64,
+    ) -> ServerEvent {
         ServerEvent::Transcript {
             utterance,
             text,
@@ -367,7 +378,9 @@ impl Poster {
                     async move {
                         match req.send().await {
                             Ok(r) if r.status().is_success() => Attempt::Done(()),
-                            Ok(r) if retryable(r.status()) => Attempt::Retry(r.status().to_string()),
+                            Ok(r) if retryable(r.status()) => {
+                                Attempt::Retry(r.status().to_string())
+                            }
                             Ok(r) => Attempt::Fatal(r.status().to_string()),
                             Err(e) => Attempt::Retry(e.to_string()),
                         }
@@ -467,10 +480,11 @@ impl UtteranceHandle {
         }
     }
 
-    /// Keeps only the last `lookback` samples (idle).
-    fn trim_idle(&mut self) {
-        if self.buf.len() > self.lookback {
-            let cut = self.buf.len() - self.lookback;
+    /// Idle: keeps only the samples from `lookback` before `from` on.
+    fn trim_idle(&mut self, from: u64) {
+        let keep_from = from.saturating_sub(self.lookback as u64);
+        if keep_from > self.buf_start {
+            let cut = ((keep_from - self.buf_start) as usize).min(self.buf.len());
             self.buf.drain(..cut);
             self.buf_start += cut as u64;
             self.ctx.release(cut as u64 * 2);
@@ -504,21 +518,16 @@ impl Consumer for UtteranceHandle {
     fn on_audio(&mut self, chunk: &AudioChunk) -> Offer {
         let bytes = chunk.pcm.len() as u64 * 2;
         if self.open.is_none() {
-            // Idle: only the tail that a coming `SpeechStarted` may reach back to.
+            // Idle: only what a `SpeechStarted` decided inside this chunk may reach back to
+            // (the chunk itself and the lookback before it).
             if chunk.start != self.buf_start + self.buf.len() as u64 {
                 self.ctx.release(self.buf.len() as u64 * 2);
                 self.buf.clear();
                 self.buf_start = chunk.start;
             }
-            let skip = chunk.pcm.len().saturating_sub(self.lookback);
-            if skip > 0 {
-                self.ctx.release(self.buf.len() as u64 * 2);
-                self.buf.clear();
-                self.buf_start = chunk.start + skip as u64;
-            }
-            self.buf.extend_from_slice(&chunk.pcm[skip..]);
-            self.ctx.hold((chunk.pcm.len() - skip) as u64 * 2);
-            self.trim_idle();
+            self.buf.extend_from_slice(&chunk.pcm);
+            self.ctx.hold(bytes);
+            self.trim_idle(chunk.start);
             return Offer::Accepted;
         }
         let held = self.ctx.stats.held_bytes.load(Ordering::Relaxed);
@@ -560,7 +569,8 @@ impl Consumer for UtteranceHandle {
                 let rest = self.buf.split_off(take);
                 let pcm: Arc<[i16]> = Arc::from(std::mem::replace(&mut self.buf, rest));
                 self.buf_start += take as u64;
-                self.trim_idle();
+                // What follows `end` may start the next utterance (a limit split).
+                self.trim_idle(end);
                 if pcm.is_empty() {
                     return;
                 }

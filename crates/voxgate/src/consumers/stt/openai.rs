@@ -50,7 +50,10 @@ pub async fn transcribe(
                     .mime_str("audio/wav")
                     .expect("audio/wav is a valid MIME type"),
             )
-            .text("model", cfg.model.clone().unwrap_or_else(|| "whisper-1".into()))
+            .text(
+                "model",
+                cfg.model.clone().unwrap_or_else(|| "whisper-1".into()),
+            )
             .text("response_format", "json");
         if let Some(language) = &cfg.language {
             form = form.text("language", language.clone());
@@ -74,8 +77,18 @@ pub async fn transcribe(
                 },
                 Ok(resp) => {
                     let status = resp.status();
-                    let body: String = resp.text().await.unwrap_or_default().chars().take(200).collect();
-                    Err(("http_error", retryable(status), format!("HTTP {status}: {body}")))
+                    let body: String = resp
+                        .text()
+                        .await
+                        .unwrap_or_default()
+                        .chars()
+                        .take(200)
+                        .collect();
+                    Err((
+                        "http_error",
+                        retryable(status),
+                        format!("HTTP {status}: {body}"),
+                    ))
                 }
                 Err(e) if e.is_timeout() => Err(("timeout", true, "request timed out".to_owned())),
                 Err(e) => Err(("transport_error", true, format!("transport error: {e}"))),

@@ -41,7 +41,10 @@ struct Models {
 impl Pool {
     pub fn start(cfg: &SttConfig) -> Self {
         let models = Arc::new(Models {
-            hmm: cfg.hmm.clone().unwrap_or_else(|| format!("{MODEL_DIR}/en-us")),
+            hmm: cfg
+                .hmm
+                .clone()
+                .unwrap_or_else(|| format!("{MODEL_DIR}/en-us")),
             lm: cfg
                 .lm
                 .clone()
@@ -135,7 +138,15 @@ fn load(m: &Models) -> Result<pocketsphinx::PsDecoder, String> {
         }
     }
     let args = [
-        "voxgate", "-hmm", &m.hmm, "-lm", &m.lm, "-dict", &m.dict, "-logfn", "/dev/null",
+        "voxgate",
+        "-hmm",
+        &m.hmm,
+        "-lm",
+        &m.lm,
+        "-dict",
+        &m.dict,
+        "-logfn",
+        "/dev/null",
     ];
     let config = pocketsphinx::CmdLn::init(true, &args)
         .map_err(|_| "PocketSphinx rejected its configuration".to_owned())?;
