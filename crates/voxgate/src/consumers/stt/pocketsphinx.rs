@@ -89,11 +89,11 @@ impl Pool {
                 }
             }
         };
-        let label = match &outcome {
+        let label: &'static str = match &outcome {
             Ok(_) => "success",
             Err((label, _)) => label,
         };
-        counter!(STT_REQUESTS, "backend" => cfg.name.clone(), "outcome" => *label).increment(1);
+        counter!(STT_REQUESTS, "backend" => cfg.name.clone(), "outcome" => label).increment(1);
         outcome.map_err(|(_, e)| e)
     }
 }
