@@ -525,7 +525,8 @@ fn default_metrics_url(ws: &str) -> Option<String> {
 async fn slot(ctx: Arc<Ctx>, at: Instant, deadline: Instant) -> SlotResult {
     tokio::time::sleep_until(at).await;
     let mut out = SlotResult::default();
-    while Instant::now() < deadline {
+    // A new connection is only worth starting with at least a second of streaming left.
+    while out.connections == 0 || Instant::now() + Duration::from_secs(1) < deadline {
         let c = connection(&ctx, deadline).await;
         let failed = c.failed;
         out.add(c);
