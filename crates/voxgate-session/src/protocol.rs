@@ -96,6 +96,25 @@ pub enum ServerEvent {
         #[serde(default)]
         end: f64,
     },
+    /// Audio accepted so far (sent after every audio message when the session is resumable).
+    Ack {
+        bytes: u64,
+        samples: u64,
+    },
+    /// The session can be resumed within `grace_seconds` of a disconnect with
+    /// `?resume=<session_id>&resume_token=<token>`.
+    Resumable {
+        session_id: String,
+        resume_token: String,
+        grace_seconds: f64,
+    },
+    /// A reconnecting client took the session over; continue sending from byte `bytes` of the
+    /// stream (or start a new recorder: a new container header restarts decoding).
+    Resumed {
+        session_id: String,
+        bytes: u64,
+        samples: u64,
+    },
     /// The server is draining: reconnect (to another instance) to continue.
     Reconnect {
         reason: String,

@@ -55,6 +55,8 @@ pub struct SessionConfig {
     pub wants_audio: bool,
     /// Media time between `Progress` events (0 = none). Default 1 s.
     pub progress_every_samples: u64,
+    /// Acknowledge every audio message with an `Ack` event (for resumable clients).
+    pub ack: bool,
 }
 
 impl SessionConfig {
@@ -68,6 +70,7 @@ impl SessionConfig {
             max_duration: None,
             wants_audio: false,
             progress_every_samples: u64::from(SAMPLE_RATE),
+            ack: false,
         }
     }
 }
@@ -161,6 +164,9 @@ pub struct Session {
     next_progress: u64,
     format: Option<DetectedFormat>,
     closed: bool,
+    /// Counters of decoders replaced by `restart_stream`.
+    carried_decode_errors: u64,
+    carried_resyncs: u64,
 }
 
 impl Session {
@@ -181,6 +187,8 @@ impl Session {
             last_activity: None,
             format: None,
             closed: false,
+            carried_decode_errors: 0,
+            carried_resyncs: 0,
         };
         session.drain_media_events();
         Ok(session)
@@ -211,6 +219,29 @@ impl Session {
         self.cfg.wants_audio = wants;
     }
 
+    /// Bytes of audio accepted so far (a resuming client continues from here).
+    pub fn bytes_in(&self) -> u64 {
+        self.stats.bytes_in
+    }
+
+    /// The client restarted its recorder (a new container header after a resume): decoding
+    /// starts afresh while media time, utterances and counters continue. What the old demuxer
+    /// held of an unfinished element is discarded (and reported as `stream_truncated`).
+    pub fn restart_stream(&mut self) -> Result<(), SessionError> {
+        let fresh = Decoder::new(self.cfg.source, self.cfg.limits.clone())
+            .map_err(|e| SessionError::Params(e.to_string()))?;
+        self.pcm.clear();
+        let _ = self.decoder.finish(&mut self.pcm);
+        self.drain_media_events();
+        self.route_pcm();
+        let old = std::mem::replace(&mut self.decoder, fresh);
+        self.carried_decode_errors += old.stats().decode_errors;
+        self.carried_resyncs += old.stats().resyncs;
+        self.format = None;
+        self.drain_media_events();
+        Ok(())
+    }
+
     /// Unparsed bytes the decoder holds right now.
     pub fn pending_bytes(&self) -> usize {
         self.decoder.stats().pending_bytes
@@ -232,6 +263,11 @@ impl Session {
                 self.route_pcm();
                 if let Err(e) = result {
                     self.fail(&e);
+                } else if self.cfg.ack {
+                    self.emit(ServerEvent::Ack {
+                        bytes: self.stats.bytes_in,
+                        samples: self.stats.samples,
+                    });
                 }
             }
             Input::Silence { now, samples } => {
@@ -479,8 +515,8 @@ impl Session {
             seconds_decoded: seconds(self.stats.samples),
             samples_decoded: self.stats.samples,
             utterances: self.stats.utterances,
-            decode_errors: media.decode_errors,
-            resyncs: media.resyncs,
+            decode_errors: media.decode_errors + self.carried_decode_errors,
+            resyncs: media.resyncs + self.carried_resyncs,
             consumers: Vec::new(),
         }
     }

@@ -79,6 +79,9 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: f64,
     /// Events queued for a client socket before the session is closed as too slow. Default 256.
     pub client_queue_messages: usize,
+    /// How long a resumable session (`?resumable=true`) waits for its client to reconnect
+    /// after the socket drops (0 = resume off). Default 30 s.
+    pub resume_grace_seconds: f64,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +95,7 @@ impl Default for ServerConfig {
             close_flush_seconds: 10.0,
             shutdown_grace_seconds: 15.0,
             client_queue_messages: 256,
+            resume_grace_seconds: 30.0,
         }
     }
 }

@@ -173,7 +173,7 @@ pub(crate) async fn refuse(
 /// After our Close frame, reads until the peer's Close (or a short timeout), so that closing the
 /// TCP connection with unread client data does not reset it and lose the Close frame.
 pub(crate) async fn await_peer_close(stream: &mut futures_util::stream::SplitStream<WebSocket>) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
             match stream.next().await {
                 Some(Ok(Message::Close(_))) | None => break,
@@ -181,7 +181,7 @@ pub(crate) async fn await_peer_close(stream: &mut futures_util::stream::SplitStr
                 Some(Err(_)) => {
                     // The read side is unusable (e.g. an oversized message); linger briefly so
                     // the peer reads our Close before the connection is torn down.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
                     break;
                 }
             }
@@ -196,6 +196,7 @@ pub(crate) struct Prepared {
     /// Events consumers send back (transcripts, backend trouble), bounded.
     notices: mpsc::Receiver<ServerEvent>,
     pub(crate) hub: Arc<Hub>,
+    resume: Option<Resume>,
     _user_slot: Option<crate::auth::UserSlot>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -396,7 +397,13 @@ pub(crate) async fn prepare(
     session_cfg.segmenter = cfg.segmenter();
     session_cfg.idle_timeout = cfg.idle_timeout();
     session_cfg.max_duration = cfg.max_session();
-    let session = Session::new(session_cfg)
+    let grace = cfg.server.resume_grace_seconds;
+    let wants_resume = matches!(
+        params.query.get("resumable").map(String::as_str),
+        Some("true" | "1")
+    );
+    session_cfg.ack = wants_resume && grace > 0.0 && params.endpoint == "listen";
+    let session = Session::new(session_cfg.clone())
         .map_err(|e| Refusal::new(1008, "invalid_parameters", e.to_string()))?;
 
     let hub = Arc::new(Hub::new(
@@ -418,6 +425,22 @@ pub(crate) async fn prepare(
         }
         sessions.insert(session_id.clone(), hub.clone());
     }
+    let resume = if session_cfg.ack {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let (tx, rx) = mpsc::channel(1);
+        state
+            .resumable
+            .lock()
+            .expect("resumable map lock is never poisoned")
+            .insert(session_id.clone(), (token.clone(), tx));
+        Some(Resume {
+            token,
+            grace: Duration::from_secs_f64(grace),
+            rx,
+        })
+    } else {
+        None
+    };
     // Only webhooks with a delay exist; absent delay = no consumer, no buffer.
     let (notifier, notices) = mpsc::channel(NOTICE_QUEUE);
     let mut consumers: Vec<Box<dyn Consumer>> = Vec::new();
@@ -473,6 +496,7 @@ pub(crate) async fn prepare(
         consumers,
         notices,
         hub,
+        resume,
         _permit: permit,
         _user_slot: user_slot,
     })
@@ -555,7 +579,7 @@ impl Dispatch<'_> {
 
 pub(crate) async fn drive(
     state: Arc<AppState>,
-    mut sink: WsSink,
+    sink: WsSink,
     mut stream: WsStream,
     prepared: Prepared,
     mut frontend: Box<dyn Frontend>,
@@ -566,6 +590,7 @@ pub(crate) async fn drive(
         mut consumers,
         mut notices,
         hub,
+        resume,
         _permit,
         _user_slot,
     } = prepared;
@@ -576,15 +601,36 @@ pub(crate) async fn drive(
     info!(session = %id, endpoint, consumers = consumers.len(), "session started");
 
     // The client writer: a bounded queue; a client that does not read its events is closed.
+    // A resumed session hands the writer the new socket's sink.
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(state.cfg.server.client_queue_messages);
+    let (sink_tx, mut sink_rx) = mpsc::channel::<WsSink>(1);
     let writer = tokio::spawn(async move {
-        while let Some(msg) = out_rx.recv().await {
-            let is_close = matches!(msg, Message::Close(_));
-            if sink.send(msg).await.is_err() || is_close {
-                break;
+        let mut sink = Some(sink);
+        loop {
+            tokio::select! {
+                biased;
+                Some(new) = sink_rx.recv() => {
+                    if let Some(mut old) = sink.replace(new) {
+                        let _ = old.close().await;
+                    }
+                }
+                msg = out_rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    let is_close = matches!(msg, Message::Close(_));
+                    if let Some(s) = sink.as_mut() {
+                        if s.send(msg).await.is_err() {
+                            sink = None; // gone; events wait for nobody until a resume
+                        }
+                    }
+                    if is_close {
+                        break;
+                    }
+                }
             }
         }
-        let _ = sink.close().await;
+        if let Some(mut s) = sink {
+            let _ = s.close().await;
+        }
     });
 
     let now = || Instant::now().into_std();
@@ -594,6 +640,21 @@ pub(crate) async fn drive(
     let mut counted_samples = 0u64;
     let mut actions: Vec<Action> = Vec::new();
     let mut client_gone = false;
+    // After a resume, a container header in the first message means a new recorder.
+    let mut check_restart = false;
+    // Bytes a resumed client resends that the session already has.
+    let mut skip_bytes = 0u64;
+    let mut resume = resume;
+    if let Some(r) = &resume {
+        let event = ServerEvent::Resumable {
+            session_id: id.clone(),
+            resume_token: r.token.clone(),
+            grace_seconds: r.grace.as_secs_f64(),
+        };
+        if let Some(msg) = frontend.render(&event) {
+            let _ = out_tx.try_send(msg);
+        }
+    }
     let (code, reason, mut summary) = 'session: loop {
         let mut ctx = Dispatch {
             out_tx: &out_tx,
@@ -652,41 +713,118 @@ pub(crate) async fn drive(
             continue;
         }
         let deadline = session.poll_timeout();
-        let result = tokio::select! {
+        let wake = tokio::select! {
             msg = stream.next() => match msg {
-                Some(Ok(Message::Binary(data))) => {
-                    counter!(m::BYTES_IN).increment(data.len() as u64);
-                    frontend.on_binary(data, &mut actions);
-                    Ok(())
-                }
-                Some(Ok(Message::Text(text))) => {
-                    frontend.on_text(text.as_str(), &mut actions);
-                    Ok(())
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
-                Some(Ok(Message::Close(_))) | None => {
-                    client_gone = true;
-                    session.handle_input(Input::PeerClosed)
-                }
-                Some(Err(e)) => {
-                    let text = e.to_string();
-                    let (code, error) = if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-                        (CloseCode::TooBig, "message_too_large")
-                    } else {
-                        (CloseCode::Policy, "protocol_error")
-                    };
-                    let message = if code == CloseCode::TooBig {
-                        format!("message larger than server.max_message_bytes ({} bytes)", state.cfg.server.max_message_bytes)
-                    } else {
-                        format!("WebSocket protocol error: {text}")
-                    };
-                    session.handle_input(Input::Violation { code, error, message: &message })
-                }
+                Some(Ok(Message::Binary(data))) => Wake::Binary(data),
+                Some(Ok(Message::Text(text))) => Wake::Text(text.as_str().to_owned()),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => Wake::Nothing,
+                Some(Ok(Message::Close(_))) | None => Wake::Gone,
+                Some(Err(e)) => Wake::Broken(e.to_string()),
             },
-            () = sleep_until_opt(deadline) => session.handle_input(Input::Timeout { now: now() }),
-            () = shutdown.cancelled() => session.handle_input(Input::Shutdown),
-            Some(event) = notices.recv() => {
+            () = sleep_until_opt(deadline) => Wake::Timeout,
+            () = shutdown.cancelled() => Wake::Shutdown,
+            Some(event) = notices.recv() => Wake::Notice(event),
+            Some(socket) = recv_reattach(&mut resume) => Wake::Reattach(Box::new(socket)),
+        };
+        // A resumable session waits for its client instead of closing when the socket drops.
+        let wake = match wake {
+            Wake::Gone | Wake::Broken(_) if resume.is_some() && !shutdown.is_cancelled() => {
+                let r = resume.as_mut().expect("checked is_some");
+                info!(session = %id, grace = ?r.grace, "client disconnected; waiting for a resume");
+                tokio::select! {
+                    Some(socket) = r.rx.recv() => Wake::Reattach(Box::new(socket)),
+                    () = tokio::time::sleep(r.grace) => Wake::Gone,
+                    () = shutdown.cancelled() => Wake::Shutdown,
+                }
+            }
+            other => other,
+        };
+        let result = match wake {
+            Wake::Binary(mut data) => {
+                counter!(m::BYTES_IN).increment(data.len() as u64);
+                if skip_bytes > 0 {
+                    // Exact duplicates of what was received before the reconnect.
+                    let dup = skip_bytes.min(data.len() as u64);
+                    skip_bytes -= dup;
+                    counter!(m::RESUME_DUPLICATES).increment(dup);
+                    data = data.slice(dup as usize..);
+                    if data.is_empty() {
+                        continue;
+                    }
+                }
+                if std::mem::take(&mut check_restart)
+                    && session.format().is_some()
+                    && (data.starts_with(&[0x1A, 0x45, 0xDF, 0xA3]) || data.starts_with(b"OggS"))
+                {
+                    info!(session = %id, "resumed client restarted its recorder; decoding afresh");
+                    if let Err(e) = session.restart_stream() {
+                        warn!(session = %id, error = %e, "could not restart the decoder");
+                    }
+                }
+                frontend.on_binary(data, &mut actions);
+                Ok(())
+            }
+            Wake::Text(text) => {
+                frontend.on_text(&text, &mut actions);
+                Ok(())
+            }
+            Wake::Nothing => Ok(()),
+            Wake::Gone => {
+                client_gone = true;
+                session.handle_input(Input::PeerClosed)
+            }
+            Wake::Broken(text) => {
+                let (code, error) = if text.contains("too long")
+                    || text.contains("too big")
+                    || text.contains("Space limit")
+                {
+                    (CloseCode::TooBig, "message_too_large")
+                } else {
+                    (CloseCode::Policy, "protocol_error")
+                };
+                let message = if code == CloseCode::TooBig {
+                    format!(
+                        "message larger than server.max_message_bytes ({} bytes)",
+                        state.cfg.server.max_message_bytes
+                    )
+                } else {
+                    format!("WebSocket protocol error: {text}")
+                };
+                session.handle_input(Input::Violation {
+                    code,
+                    error,
+                    message: &message,
+                })
+            }
+            Wake::Timeout => session.handle_input(Input::Timeout { now: now() }),
+            Wake::Shutdown => session.handle_input(Input::Shutdown),
+            Wake::Notice(event) => {
                 actions.push(Action::Notice(event));
+                Ok(())
+            }
+            Wake::Reattach(reattach) => {
+                let (socket, from) = *reattach;
+                let (new_sink, new_stream) = socket.split();
+                let have = session.bytes_in();
+                skip_bytes = 0;
+                match from {
+                    Some(from) if from < have => skip_bytes = have - from,
+                    Some(from) if from > have => actions.push(Action::Notice(ServerEvent::warning(
+                        "resume_gap",
+                        format!("resume_from {from} is past the {have} bytes received; {} bytes are missing", from - have),
+                    ))),
+                    _ => {}
+                }
+                stream = new_stream;
+                let _ = sink_tx.send(new_sink).await;
+                check_restart = true;
+                counter!(m::SESSIONS_TOTAL, "endpoint" => "resume").increment(1);
+                info!(session = %id, bytes = session.bytes_in(), "session resumed");
+                actions.push(Action::Notice(ServerEvent::Resumed {
+                    session_id: id.clone(),
+                    bytes: session.bytes_in(),
+                    samples: session.stats().samples,
+                }));
                 Ok(())
             }
         };
@@ -718,6 +856,13 @@ pub(crate) async fn drive(
             }
         }
     };
+    if resume.is_some() {
+        state
+            .resumable
+            .lock()
+            .expect("resumable map lock is never poisoned")
+            .remove(&id);
+    }
 
     if summary.samples_decoded > counted_samples {
         m::add_audio_samples(format_label, summary.samples_decoded - counted_samples);
@@ -776,6 +921,80 @@ pub(crate) async fn drive(
     gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
     info!(session = %id, code = code.as_u16(), %reason, seconds = summary.seconds_decoded,
         decode_errors = summary.decode_errors, resyncs = summary.resyncs, "session closed");
+}
+
+/// A resumable session's token and the channel that brings it a reconnecting client's socket.
+pub(crate) struct Resume {
+    token: String,
+    grace: Duration,
+    rx: mpsc::Receiver<Reattach>,
+}
+
+/// A reconnecting client's socket and the stream byte its first message starts at (`None`:
+/// where the server is, as `Resumed` says).
+pub(crate) type Reattach = (WebSocket, Option<u64>);
+
+/// What woke the connection task.
+enum Wake {
+    Binary(bytes::Bytes),
+    Text(String),
+    Nothing,
+    Gone,
+    Broken(String),
+    Timeout,
+    Shutdown,
+    Notice(ServerEvent),
+    Reattach(Box<Reattach>),
+}
+
+async fn recv_reattach(resume: &mut Option<Resume>) -> Option<Reattach> {
+    match resume {
+        Some(r) => r.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `/v1/listen?resume=<session_id>&resume_token=<token>`: hands the socket to the live session.
+pub async fn resume(state: Arc<AppState>, socket: WebSocket, params: ListenParams) {
+    let id = params.query.get("resume").cloned().unwrap_or_default();
+    let token = params
+        .query
+        .get("resume_token")
+        .cloned()
+        .unwrap_or_default();
+    let from = params
+        .query
+        .get("resume_from")
+        .and_then(|v| v.parse::<u64>().ok());
+    let target = {
+        let map = state
+            .resumable
+            .lock()
+            .expect("resumable map lock is never poisoned");
+        map.get(&id)
+            .filter(|(t, _)| constant_time_eq(t.as_bytes(), token.as_bytes()))
+            .map(|(_, tx)| tx.clone())
+    };
+    let Some(tx) = target else {
+        let (sink, stream) = socket.split();
+        let refusal = Refusal::new(
+            1008,
+            "resume_failed",
+            format!(
+                "no resumable session {id:?} with that token (ended, expired or never resumable)"
+            ),
+        );
+        return refuse(sink, stream, &params, refusal).await;
+    };
+    if let Err(e) = tx.send((socket, from)).await {
+        let (sink, stream) = (e.0).0.split();
+        let refusal = Refusal::new(1008, "resume_failed", "the session ended while resuming");
+        refuse(sink, stream, &params, refusal).await;
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Metrics for events that matter to operators.

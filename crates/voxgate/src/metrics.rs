@@ -22,6 +22,7 @@ pub const BYTES_IN: &str = "voxgate_bytes_in_total";
 pub const CLOSES: &str = "voxgate_ws_closes_total";
 pub const CLIENT_ERRORS: &str = "voxgate_client_errors_total";
 pub const GAP_SAMPLES: &str = "voxgate_gap_samples_total";
+pub const RESUME_DUPLICATES: &str = "voxgate_resume_duplicate_bytes_total";
 pub const SUBSCRIBERS_ACTIVE: &str = "voxgate_subscribers_active";
 pub const STT_REQUESTS: &str = "voxgate_stt_requests_total";
 pub const STT_LATENCY: &str = "voxgate_stt_latency_seconds";
@@ -98,6 +99,10 @@ fn describe() {
     describe_counter!(
         TRANSCRIPT_DELIVERIES,
         "Transcript webhook POSTs, by outcome (delivered, gave_up, queue_full)"
+    );
+    describe_counter!(
+        RESUME_DUPLICATES,
+        "Bytes a resuming client resent that the session already had (dropped)"
     );
     describe_counter!(
         GAP_SAMPLES,

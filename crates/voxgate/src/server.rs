@@ -44,6 +44,9 @@ pub struct AppState {
     pub auth: crate::auth::Authenticator,
     pub rate: crate::auth::RateLimiter,
     pub users: crate::auth::UserSessions,
+    /// Live resumable sessions: resume token and the channel that hands them a new socket.
+    pub resumable:
+        Mutex<HashMap<String, (String, tokio::sync::mpsc::Sender<connection::Reattach>)>>,
 }
 
 impl AppState {
@@ -79,6 +82,7 @@ impl AppState {
             auth,
             rate,
             users: crate::auth::UserSessions::default(),
+            resumable: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -183,7 +187,13 @@ async fn listen(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let tracker = state.tracker.clone();
-            tracker.track_future(connection::run(state, socket, params))
+            tracker.track_future(async move {
+                if params.query.contains_key("resume") {
+                    connection::resume(state, socket, params).await
+                } else {
+                    connection::run(state, socket, params).await
+                }
+            })
         })
 }
 

@@ -216,7 +216,9 @@ async fn admission_is_capped_with_1013() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_gets_events_and_audio() {
     let gw = Gateway::start(test_config()).await;
-    let url = gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&session_id=watched");
+    // Resumable, so that an `Ack` proves the first message was processed before subscribing.
+    let url =
+        gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&session_id=watched&resumable=true");
     let msgs = pcm_messages("short", None);
     let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let (mut tx, mut client_rx) = ws.split();
@@ -224,8 +226,12 @@ async fn subscriber_gets_events_and_audio() {
         .await
         .unwrap();
     // Wait until the session is live, then subscribe.
-    let first = client_rx.next().await.unwrap().unwrap();
-    assert!(first.to_text().unwrap().contains("Started"));
+    loop {
+        let msg = client_rx.next().await.unwrap().unwrap();
+        if msg.to_text().unwrap().contains("\"Ack\"") {
+            break;
+        }
+    }
     let (sub, _) =
         tokio_tungstenite::connect_async(gw.ws("/v1/sessions/watched/subscribe?audio=true"))
             .await
