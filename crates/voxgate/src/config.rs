@@ -82,6 +82,9 @@ pub struct ServerConfig {
     /// How long a resumable session (`?resumable=true`) waits for its client to reconnect
     /// after the socket drops (0 = resume off). Default 30 s.
     pub resume_grace_seconds: f64,
+    /// Messages per second one connection may send (token bucket, burst twice that); a flood
+    /// beyond it closes the session with 1008. Default 500.
+    pub max_messages_per_second: f64,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +99,7 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 15.0,
             client_queue_messages: 256,
             resume_grace_seconds: 30.0,
+            max_messages_per_second: 500.0,
         }
     }
 }
@@ -549,7 +553,7 @@ impl Config {
             }
             fig = fig.merge(Toml::file(path));
         }
-        fig = fig.merge(Env::prefixed("VOXGATE_").split("__"));
+        fig = fig.merge(Env::prefixed("VOXGATE_").ignore(&["LOG"]).split("__"));
         let cfg: Config = fig
             .extract()
             .map_err(|e| ConfigErrors(e.into_iter().map(|e| e.to_string()).collect()))?;
@@ -584,6 +588,9 @@ impl Config {
         }
         if !(s.max_session_seconds.is_finite() && s.max_session_seconds >= 0.0) {
             errors.push("server.max_session_seconds: must be >= 0 (0 = unlimited)".into());
+        }
+        if !(s.max_messages_per_second.is_finite() && s.max_messages_per_second >= 1.0) {
+            errors.push("server.max_messages_per_second: must be >= 1".into());
         }
         if s.client_queue_messages == 0 {
             errors.push("server.client_queue_messages: must be > 0".into());

@@ -644,6 +644,9 @@ pub(crate) async fn drive(
     let mut check_restart = false;
     // Bytes a resumed client resends that the session already has.
     let mut skip_bytes = 0u64;
+    // Message flood guard: one token bucket per connection.
+    let flood = crate::auth::RateLimiter::new(state.cfg.server.max_messages_per_second);
+    let flood_key = std::net::IpAddr::from([0, 0, 0, 0]);
     let mut resume = resume;
     if let Some(r) = &resume {
         let event = ServerEvent::Resumable {
@@ -713,7 +716,13 @@ pub(crate) async fn drive(
             continue;
         }
         let deadline = session.poll_timeout();
+        // Biased: input already waiting is read before an idle deadline can fire (an overloaded
+        // server must not mistake its own lag for an idle client).
         let wake = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => Wake::Shutdown,
+            Some(event) = notices.recv() => Wake::Notice(event),
+            Some(socket) = recv_reattach(&mut resume) => Wake::Reattach(Box::new(socket)),
             msg = stream.next() => match msg {
                 Some(Ok(Message::Binary(data))) => Wake::Binary(data),
                 Some(Ok(Message::Text(text))) => Wake::Text(text.as_str().to_owned()),
@@ -722,9 +731,6 @@ pub(crate) async fn drive(
                 Some(Err(e)) => Wake::Broken(e.to_string()),
             },
             () = sleep_until_opt(deadline) => Wake::Timeout,
-            () = shutdown.cancelled() => Wake::Shutdown,
-            Some(event) = notices.recv() => Wake::Notice(event),
-            Some(socket) = recv_reattach(&mut resume) => Wake::Reattach(Box::new(socket)),
         };
         // A resumable session waits for its client instead of closing when the socket drops.
         let wake = match wake {
@@ -739,7 +745,27 @@ pub(crate) async fn drive(
             }
             other => other,
         };
+        let wake = match wake {
+            Wake::Binary(_) | Wake::Text(_)
+                if flood.check(flood_key, std::time::Instant::now()).is_err() =>
+            {
+                counter!(m::SESSIONS_REJECTED, "reason" => "message_flood").increment(1);
+                Wake::Flood
+            }
+            other => other,
+        };
         let result = match wake {
+            Wake::Flood => {
+                let message = format!(
+                    "more than {} messages per second (server.max_messages_per_second)",
+                    state.cfg.server.max_messages_per_second
+                );
+                session.handle_input(Input::Violation {
+                    code: CloseCode::Policy,
+                    error: "message_flood",
+                    message: &message,
+                })
+            }
             Wake::Binary(mut data) => {
                 counter!(m::BYTES_IN).increment(data.len() as u64);
                 if skip_bytes > 0 {
@@ -945,6 +971,8 @@ enum Wake {
     Shutdown,
     Notice(ServerEvent),
     Reattach(Box<Reattach>),
+    /// Messages arrive faster than `server.max_messages_per_second`.
+    Flood,
 }
 
 async fn recv_reattach(resume: &mut Option<Resume>) -> Option<Reattach> {

@@ -26,6 +26,9 @@ use crate::consumers::subscribers::{Hub, SubMessage};
 use crate::consumers::webhook::Breakers;
 use crate::metrics::{self as m, SESSIONS_REJECTED, SUBSCRIBERS_ACTIVE};
 
+/// Bytes read from a socket at a time (tungstenite's default is 128 KiB per connection).
+const WS_READ_BUFFER: usize = 4096;
+
 /// State shared by every connection.
 pub struct AppState {
     pub cfg: Config,
@@ -185,6 +188,9 @@ async fn listen(
     let max = state.cfg.server.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
+        // tungstenite's default 128 KiB read buffer per socket dominated idle memory.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let tracker = state.tracker.clone();
             tracker.track_future(async move {
@@ -214,6 +220,9 @@ async fn twilio(
     let max = state.cfg.server.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
+        // tungstenite's default 128 KiB read buffer per socket dominated idle memory.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let tracker = state.tracker.clone();
             tracker.track_future(crate::twilio::run(state, socket, params))
@@ -237,6 +246,9 @@ async fn omi(
     let max = state.cfg.server.max_message_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
+        // tungstenite's default 128 KiB read buffer per socket dominated idle memory.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| {
             let tracker = state.tracker.clone();
             tracker.track_future(crate::omi::run(state, socket, params))
@@ -287,10 +299,12 @@ async fn subscribe(
     };
     drop(hub);
     let queue = state.cfg.subscribers.queue_messages;
-    ws.on_upgrade(move |socket| {
-        let tracker = state.tracker.clone();
-        tracker.track_future(run_subscriber(socket, sub, queue))
-    })
+    ws.read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| {
+            let tracker = state.tracker.clone();
+            tracker.track_future(run_subscriber(socket, sub, queue))
+        })
 }
 
 async fn run_subscriber(

@@ -217,3 +217,69 @@ async fn connection_floods_and_user_caps_are_held() {
     assert_eq!(run.of_type("Error")[0]["code"], "user_over_capacity");
     drop(first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_floods_are_cut_off_and_others_keep_their_latency() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut cfg = test_config();
+    cfg.server.max_messages_per_second = 200.0;
+    let gw = Gateway::start(cfg).await;
+
+    // The flooder: 5,000 one-byte PCM messages as fast as the socket takes them.
+    let flood_url = gw.ws("/v1/listen?encoding=linear8&sample_rate=8000");
+    let flooder = tokio::spawn(async move {
+        let (ws, _) = tokio_tungstenite::connect_async(flood_url).await.unwrap();
+        let (mut tx, mut rx) = ws.split();
+        let reader = tokio::spawn(async move {
+            let mut code = None;
+            let mut error = None;
+            while let Some(Ok(m)) = rx.next().await {
+                match m {
+                    Message::Text(t) if t.contains("\"Error\"") => error = Some(t.to_string()),
+                    Message::Close(f) => {
+                        code = f.map(|f| u16::from(f.code));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            (code, error)
+        });
+        for _ in 0..5000 {
+            if tx.send(Message::Binary(vec![0x80].into())).await.is_err() {
+                break;
+            }
+        }
+        reader.await.unwrap()
+    });
+
+    // A well-behaved resumable session measures send-to-Ack latency meanwhile.
+    let (ws, _) = tokio_tungstenite::connect_async(
+        gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&resumable=true"),
+    )
+    .await
+    .unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let mut worst = Duration::ZERO;
+    for chunk in pcm_messages("short", Some(3.0)) {
+        let t = std::time::Instant::now();
+        tx.send(Message::Binary(chunk.into())).await.unwrap();
+        loop {
+            let m = rx.next().await.unwrap().unwrap();
+            if m.to_text().unwrap_or("").contains("\"Ack\"") {
+                break;
+            }
+        }
+        worst = worst.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, error) = flooder.await.unwrap();
+    assert_eq!(code, Some(1008));
+    assert!(error.unwrap().contains("message_flood"));
+    assert!(
+        worst < Duration::from_secs(1),
+        "worst Ack latency {worst:?}"
+    );
+    println!("worst send-to-Ack latency beside a flood: {worst:?}");
+}
