@@ -203,3 +203,29 @@ async fn bad_or_late_resumes_are_refused() {
     .await;
     assert_eq!(run.close_code, Some(1008), "the grace period is over");
 }
+
+/// `voxgate stream --resumable` end to end (the happy path; the drop path is the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_cli_opens_a_resumable_session() {
+    let gw = Gateway::start(test_config()).await;
+    let url = gw.ws("/v1/listen");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_voxgate"))
+        .args(["stream", &url])
+        .arg(corpus("captures/chromium_short_250ms.webm"))
+        .arg("--index")
+        .arg(corpus("captures/chromium_short_250ms.index.json"))
+        .args(["--speed", "0", "--resumable"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("\"Resumable\""), "{stdout}");
+    assert!(!stdout.contains("\"Ack\""), "acks are not printed");
+    let closed: serde_json::Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["type"] == "Closed")
+        .unwrap();
+    assert_eq!(closed["summary"]["bytes_in"], 76_507);
+}

@@ -43,6 +43,10 @@ pub struct StreamArgs {
     /// Twilio customParameters, `key=value` (repeatable), e.g. `consumers=app1`.
     #[arg(long = "param")]
     pub params: Vec<String>,
+    /// Open a resumable session: if the connection drops, reconnect with the resume token and
+    /// resend from the last acknowledged byte (up to 10 attempts).
+    #[arg(long, conflicts_with = "twilio")]
+    pub resumable: bool,
 }
 
 /// The messages to send with their send times in ms, and the final URL.
@@ -135,6 +139,9 @@ fn raw_chunk(url: &str) -> Option<usize> {
 
 /// Runs the client; returns the process exit code (non-zero after an `Error` event).
 pub async fn run(args: &StreamArgs) -> anyhow::Result<i32> {
+    if args.resumable {
+        return run_resumable(args).await;
+    }
     let (url, timed) = plan(args)?;
     let twilio = args.twilio;
     let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
@@ -191,5 +198,160 @@ pub async fn run(args: &StreamArgs) -> anyhow::Result<i32> {
             }
         }
         code = &mut receiver => code,
+    }
+}
+
+/// What the event reader of one connection learned.
+#[derive(Default)]
+struct Shared {
+    acked: std::sync::atomic::AtomicU64,
+    saw_error: std::sync::atomic::AtomicBool,
+    resume: std::sync::Mutex<Option<(String, String)>>,
+}
+
+/// Prints events; returns the close code, or `None` when the connection broke without one.
+async fn read_events(
+    mut rx: futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+    shared: std::sync::Arc<Shared>,
+) -> Option<u16> {
+    use std::sync::atomic::Ordering;
+    while let Some(Ok(msg)) = rx.next().await {
+        match msg {
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                match v["type"].as_str() {
+                    Some("Ack") => {
+                        let b = v["bytes"].as_u64().unwrap_or(0);
+                        shared.acked.fetch_max(b, Ordering::SeqCst);
+                        continue; // one per message: not printed
+                    }
+                    Some("Resumable") => {
+                        let sid = v["session_id"].as_str().unwrap_or_default().to_owned();
+                        let tok = v["resume_token"].as_str().unwrap_or_default().to_owned();
+                        *shared.resume.lock().expect("not poisoned") = Some((sid, tok));
+                    }
+                    Some("Error") => shared.saw_error.store(true, Ordering::SeqCst),
+                    _ => {}
+                }
+                println!("{t}");
+            }
+            Message::Close(frame) => return Some(frame.map_or(1005, |f| u16::from(f.code))),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `--resumable`: the byte stream survives dropped connections.
+async fn run_resumable(args: &StreamArgs) -> anyhow::Result<i32> {
+    use std::sync::atomic::Ordering;
+    let (url, timed) = plan(args)?;
+    let mut data = Vec::new();
+    let mut msgs = Vec::new(); // (send time ms, start, end)
+    for (t, m) in timed {
+        if let Message::Binary(b) = m {
+            let start = data.len();
+            data.extend_from_slice(&b);
+            msgs.push((t, start, data.len()));
+        }
+    }
+    let mut base = url::Url::parse(&url)?;
+    let first = {
+        let mut u = base.clone();
+        u.query_pairs_mut().append_pair("resumable", "true");
+        u
+    };
+    base.set_query(None);
+    let shared = std::sync::Arc::new(Shared::default());
+    let clock = Instant::now();
+    let (mut pos, mut idx, mut attempts) = (0usize, 0usize, 0u32);
+    loop {
+        let resume = shared.resume.lock().expect("not poisoned").clone();
+        let target = match (&resume, attempts) {
+            (_, 0) => first.to_string(),
+            (Some((sid, tok)), _) => {
+                let mut u = base.clone();
+                u.query_pairs_mut()
+                    .append_pair("resume", sid)
+                    .append_pair("resume_token", tok)
+                    .append_pair("resume_from", &pos.to_string());
+                u.to_string()
+            }
+            (None, _) => anyhow::bail!("connection lost before the session said it was resumable"),
+        };
+        let ws = match tokio_tungstenite::connect_async(target.as_str()).await {
+            Ok((ws, _)) => ws,
+            Err(e) if attempts > 0 && attempts < 10 => {
+                eprintln!("reconnect failed ({e}); retrying");
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempts))).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (mut tx, rx) = ws.split();
+        let mut reader = tokio::spawn(read_events(rx, shared.clone()));
+        let mut broken = false;
+        while idx < msgs.len() {
+            let (t, start, end) = msgs[idx];
+            if args.speed > 0.0 {
+                let at = Duration::from_secs_f64((t / args.speed / 1000.0).max(0.0));
+                tokio::time::sleep_until(clock + at).await;
+            }
+            let from = pos.max(start);
+            if reader.is_finished()
+                || tx
+                    .send(Message::Binary(data[from..end].to_vec().into()))
+                    .await
+                    .is_err()
+            {
+                broken = true;
+                break;
+            }
+            pos = end;
+            idx += 1;
+        }
+        if !broken
+            && tx
+                .send(Message::Text(r#"{"type":"CloseStream"}"#.into()))
+                .await
+                .is_ok()
+        {
+            match tokio::time::timeout(Duration::from_secs(60), &mut reader).await {
+                Ok(Ok(Some(code))) => {
+                    if code != 1000 {
+                        eprintln!("closed: {code}");
+                        return Ok(1);
+                    }
+                    return Ok(i32::from(shared.saw_error.load(Ordering::SeqCst)));
+                }
+                Ok(_) => {}
+                Err(_) => anyhow::bail!("server did not close within 60 s of CloseStream"),
+            }
+        }
+        if broken {
+            if reader.is_finished() {
+                if let Ok(Some(code)) = reader.await {
+                    // The server ended the session on purpose: not a dropped connection.
+                    eprintln!("closed: {code}");
+                    return Ok(1);
+                }
+            } else {
+                reader.abort();
+            }
+        }
+        attempts += 1;
+        anyhow::ensure!(attempts <= 10, "gave up after 10 reconnects");
+        // Resend from the last acknowledged byte; the server drops what it already has.
+        pos = shared.acked.load(Ordering::SeqCst) as usize;
+        idx = msgs
+            .iter()
+            .position(|&(_, _, end)| end > pos)
+            .unwrap_or(msgs.len());
+        eprintln!("connection lost; resuming from byte {pos}");
     }
 }
