@@ -171,16 +171,51 @@ async fn metrics_page(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// The extractors every ingest endpoint takes.
+type IngestRequest = (
+    State<Arc<AppState>>,
+    ConnectInfo<SocketAddr>,
+    Query<HashMap<String, String>>,
+    HeaderMap,
+    WebSocketUpgrade,
+);
+
 async fn listen(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(query): Query<HashMap<String, String>>,
+    state: State<Arc<AppState>>,
+    peer: ConnectInfo<SocketAddr>,
+    query: Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    ingest("listen", (state, peer, query, headers, ws))
+}
+
+async fn twilio(
+    state: State<Arc<AppState>>,
+    peer: ConnectInfo<SocketAddr>,
+    query: Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ingest("twilio", (state, peer, query, headers, ws))
+}
+
+async fn omi(
+    state: State<Arc<AppState>>,
+    peer: ConnectInfo<SocketAddr>,
+    query: Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ingest("omi", (state, peer, query, headers, ws))
+}
+
+/// Upgrades an ingest connection with the size and buffer limits, tracked for shutdown.
+fn ingest(endpoint: &'static str, request: IngestRequest) -> Response {
+    let (State(state), ConnectInfo(peer), Query(query), headers, ws) = request;
     let token = bearer(&headers).or_else(|| query.get("token").cloned());
     let params = ListenParams {
-        endpoint: "listen",
+        endpoint,
         query,
         token,
         peer,
@@ -194,64 +229,15 @@ async fn listen(
         .on_upgrade(move |socket| {
             let tracker = state.tracker.clone();
             tracker.track_future(async move {
-                if params.query.contains_key("resume") {
-                    connection::resume(state, socket, params).await
-                } else {
-                    connection::run(state, socket, params).await
+                match endpoint {
+                    "twilio" => crate::twilio::run(state, socket, params).await,
+                    "omi" => crate::omi::run(state, socket, params).await,
+                    _ if params.query.contains_key("resume") => {
+                        connection::resume(state, socket, params).await
+                    }
+                    _ => connection::run(state, socket, params).await,
                 }
             })
-        })
-}
-
-async fn twilio(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let token = bearer(&headers).or_else(|| query.get("token").cloned());
-    let params = ListenParams {
-        endpoint: "twilio",
-        query,
-        token,
-        peer,
-    };
-    let max = state.cfg.server.max_message_bytes;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        // tungstenite's default 128 KiB read buffer per socket dominated idle memory.
-        .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| {
-            let tracker = state.tracker.clone();
-            tracker.track_future(crate::twilio::run(state, socket, params))
-        })
-}
-
-async fn omi(
-    State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let token = bearer(&headers).or_else(|| query.get("token").cloned());
-    let params = ListenParams {
-        endpoint: "omi",
-        query,
-        token,
-        peer,
-    };
-    let max = state.cfg.server.max_message_bytes;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        // tungstenite's default 128 KiB read buffer per socket dominated idle memory.
-        .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| {
-            let tracker = state.tracker.clone();
-            tracker.track_future(crate::omi::run(state, socket, params))
         })
 }
 

@@ -78,3 +78,24 @@ fn decode_prints_one_json_line_and_fails_cleanly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "one-line error: {err}");
 }
+
+/// Streaming STT backends may be `wss://`: the WebSocket client is built with TLS.
+#[tokio::test]
+async fn websocket_client_speaks_tls() {
+    // A plain TCP listener: the TLS handshake must be attempted (and fail), not refused as
+    // "TLS support not compiled in".
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        let _ = s.write_all(b"HTTP/1.1 400 no\r\n\r\n").await;
+    });
+    let err =
+        tokio_tungstenite::connect_async(format!("wss://localhost:{}/v1/listen", addr.port()))
+            .await
+            .expect_err("not a TLS server")
+            .to_string();
+    assert!(!err.to_lowercase().contains("not compiled"), "{err}");
+    assert!(!err.contains("TlsFeatureNotEnabled"), "{err}");
+}
