@@ -219,7 +219,11 @@ async fn stream_cli_opens_a_resumable_session() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("\"Resumable\""), "{stdout}");
     assert!(!stdout.contains("\"Ack\""), "acks are not printed");
     let closed: serde_json::Value = stdout
