@@ -11,8 +11,8 @@ mod session;
 pub use protocol::{ClientControl, CloseSummary, ConsumerSummary, ServerEvent, UtteranceReason};
 pub use segmenter::{Segment, Segmenter, SegmenterConfig};
 pub use session::{
-    AudioChunk, CloseCode, Input, Output, Session, SessionConfig, SessionError, SessionStats,
-    MAX_GAP_SAMPLES,
+    AudioChunk, CloseCode, ContinuePoint, Input, Output, Session, SessionConfig, SessionError,
+    SessionStats, MAX_GAP_SAMPLES,
 };
 
 /// Output sample rate of every session (16 kHz mono PCM16).

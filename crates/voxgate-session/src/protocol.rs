@@ -43,6 +43,10 @@ pub struct ConsumerSummary {
     pub delivered_bytes: u64,
     pub dropped_bytes: u64,
     pub requests: u64,
+    /// Sequence number the next request would carry (webhooks), so that a session continued on
+    /// another instance keeps numbering.
+    #[serde(default)]
+    pub next_seq: u64,
 }
 
 /// The summary sent in `Closed`.
@@ -144,6 +148,10 @@ pub enum ServerEvent {
         code: u16,
         reason: String,
         summary: CloseSummary,
+        /// On a drain, a signed state to continue the session on another instance
+        /// (`/v1/listen?resume_state=...`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_state: Option<String>,
     },
 }
 

@@ -93,6 +93,16 @@ impl Segmenter {
         }
     }
 
+    /// A segmenter that continues a stream at sample `position` with utterance number
+    /// `next_utterance` (a session resumed on another instance).
+    pub fn starting_at(cfg: SegmenterConfig, position: u64, next_utterance: u64) -> Self {
+        let mut s = Self::new(cfg);
+        s.framed = position;
+        s.last_end = position;
+        s.next_utterance = next_utterance;
+        s
+    }
+
     /// Samples pushed so far (media time in samples).
     pub fn position(&self) -> u64 {
         self.framed + self.fill as u64

@@ -57,6 +57,16 @@ pub struct SessionConfig {
     pub progress_every_samples: u64,
     /// Acknowledge every audio message with an `Ack` event (for resumable clients).
     pub ack: bool,
+    /// Continue a session that another instance drained: the client resends its stream from
+    /// the start and the first `samples` decoded samples (already delivered) are discarded.
+    pub continue_at: Option<ContinuePoint>,
+}
+
+/// Where a continued session picks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContinuePoint {
+    pub samples: u64,
+    pub utterances: u64,
 }
 
 impl SessionConfig {
@@ -71,6 +81,7 @@ impl SessionConfig {
             wants_audio: false,
             progress_every_samples: u64::from(SAMPLE_RATE),
             ack: false,
+            continue_at: None,
         }
     }
 }
@@ -167,6 +178,8 @@ pub struct Session {
     /// Counters of decoders replaced by `restart_stream`.
     carried_decode_errors: u64,
     carried_resyncs: u64,
+    /// Decoded samples still to discard (a continued session re-decoding delivered audio).
+    skip_samples: u64,
 }
 
 impl Session {
@@ -174,15 +187,23 @@ impl Session {
     pub fn new(cfg: SessionConfig) -> Result<Self, SessionError> {
         let decoder = Decoder::new(cfg.source, cfg.limits.clone())
             .map_err(|e| SessionError::Params(e.to_string()))?;
+        let (start, utterances) = cfg
+            .continue_at
+            .map_or((0, 0), |c| (c.samples, c.utterances));
         let mut session = Self {
-            segmenter: Segmenter::new(cfg.segmenter.clone()),
-            next_progress: cfg.progress_every_samples,
+            segmenter: Segmenter::starting_at(cfg.segmenter.clone(), start, utterances),
+            skip_samples: start,
+            next_progress: start + cfg.progress_every_samples,
             cfg,
             decoder,
             pcm: Vec::new(),
             segments: Vec::new(),
             outputs: VecDeque::new(),
-            stats: SessionStats::default(),
+            stats: SessionStats {
+                samples: start,
+                utterances,
+                ..SessionStats::default()
+            },
             started_at: None,
             last_activity: None,
             format: None,
@@ -411,6 +432,11 @@ impl Session {
     }
 
     fn route_pcm(&mut self) {
+        if self.skip_samples > 0 {
+            let n = (self.skip_samples as usize).min(self.pcm.len());
+            self.pcm.drain(..n);
+            self.skip_samples -= n as u64;
+        }
         if self.pcm.is_empty() {
             return;
         }

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     /// Messages per second one connection may send (token bucket, burst twice that); a flood
     /// beyond it closes the session with 1008. Default 500.
     pub max_messages_per_second: f64,
+    /// Shared by the instances of a deployment: lets a resumable session drained from one
+    /// instance continue on another (`resume_state` in `Closed`). Unset: no handoff.
+    pub resume_secret: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +103,7 @@ impl Default for ServerConfig {
             client_queue_messages: 256,
             resume_grace_seconds: 30.0,
             max_messages_per_second: 500.0,
+            resume_secret: None,
         }
     }
 }
@@ -591,6 +595,9 @@ impl Config {
         }
         if !(s.max_messages_per_second.is_finite() && s.max_messages_per_second >= 1.0) {
             errors.push("server.max_messages_per_second: must be >= 1".into());
+        }
+        if s.resume_secret.as_ref().is_some_and(|k| k.len() < 16) {
+            errors.push("server.resume_secret: use at least 16 bytes".into());
         }
         if s.client_queue_messages == 0 {
             errors.push("server.client_queue_messages: must be > 0".into());

@@ -242,7 +242,23 @@ pub(crate) async fn prepare(
     })?;
     let source =
         source_format(&params.query).map_err(|e| Refusal::new(1003, "unsupported_encoding", e))?;
+    // A session drained from another instance, continued here.
+    let handoff = match (params.query.get("resume_state"), &cfg.server.resume_secret) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(Refusal::new(
+                1008,
+                "resume_failed",
+                "this instance has no server.resume_secret; cannot continue a drained session",
+            ))
+        }
+        (Some(token), Some(secret)) => Some(
+            crate::handoff::HandoffState::verify(token, secret)
+                .map_err(|why| Refusal::new(1008, "resume_failed", why))?,
+        ),
+    };
     let session_id = match params.query.get("session_id") {
+        _ if handoff.is_some() => handoff.as_ref().expect("checked").session_id.clone(),
         Some(id) if valid_session_id(id) => id.clone(),
         Some(_) => {
             return Err(Refusal::new(
@@ -279,9 +295,10 @@ pub(crate) async fn prepare(
     };
 
     // Consumers: the configured default set, a named selection, or the on_connect hook's answer.
-    let mut uid = match &principal {
-        Some(p) => p.user.clone(),
-        None => params.query.get("uid").cloned().unwrap_or_default(),
+    let mut uid = match (&principal, &handoff) {
+        (Some(p), _) => p.user.clone(),
+        (None, Some(h)) => h.uid.clone(),
+        (None, None) => params.query.get("uid").cloned().unwrap_or_default(),
     };
     let from_hook = cfg.on_connect.is_some();
     let omi = params.endpoint == "omi";
@@ -296,7 +313,24 @@ pub(crate) async fn prepare(
         transcript_webhook: cfg.omi.transcript_webhook.clone(),
         conversation_webhook: cfg.omi.conversation_webhook.clone(),
     };
-    let mut webhook_cfgs: Vec<Arc<WebhookConfig>> = if let Some(hook_cfg) = &cfg.on_connect {
+    let mut webhook_cfgs: Vec<Arc<WebhookConfig>> = if let Some(h) = &handoff {
+        let mut chosen = Vec::new();
+        for (name, _) in &h.webhooks {
+            let w = cfg
+                .webhooks
+                .iter()
+                .find(|w| &w.name == name)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        1008,
+                        "resume_failed",
+                        format!("webhook {name:?} of the drained session is not configured here"),
+                    )
+                })?;
+            chosen.push(Arc::new(w.clone()));
+        }
+        chosen
+    } else if let Some(hook_cfg) = &cfg.on_connect {
         let answer = hook::on_connect(&state.http, hook_cfg, params, params.endpoint)
             .await
             .map_err(|e| Refusal::new(1011, "on_connect_failed", e))?;
@@ -403,6 +437,10 @@ pub(crate) async fn prepare(
         Some("true" | "1")
     );
     session_cfg.ack = wants_resume && grace > 0.0 && params.endpoint == "listen";
+    session_cfg.continue_at = handoff.as_ref().map(|h| voxgate_session::ContinuePoint {
+        samples: h.samples,
+        utterances: h.utterances,
+    });
     let session = Session::new(session_cfg.clone())
         .map_err(|e| Refusal::new(1008, "invalid_parameters", e.to_string()))?;
 
@@ -458,11 +496,16 @@ pub(crate) async fn prepare(
         } else {
             state.http.clone()
         };
+        let first_seq = handoff
+            .as_ref()
+            .and_then(|h| h.webhooks.iter().find(|(n, _)| *n == w.name))
+            .map_or(0, |(_, seq)| *seq);
         consumers.push(Box::new(WebhookHandle::spawn(
             w,
             target.clone(),
             client,
             breaker,
+            first_seq,
         )));
     }
     if omi {
@@ -916,11 +959,33 @@ pub(crate) async fn drive(
         ctx.event(&event);
     }
     summary.consumers = summaries;
+    // A drained resumable session can continue on another instance of the deployment.
+    let resume_state = match (&state.cfg.server.resume_secret, &resume) {
+        (Some(secret), Some(r)) if code == CloseCode::GoingAway => Some(
+            crate::handoff::HandoffState {
+                session_id: id.clone(),
+                uid: hub.owner().to_owned(),
+                samples: summary.samples_decoded,
+                utterances: summary.utterances,
+                webhooks: summary
+                    .consumers
+                    .iter()
+                    .filter(|c| c.kind == "webhook")
+                    .map(|c| (c.name.clone(), c.next_seq))
+                    .collect(),
+                expires: 0,
+            }
+            .expiring_in(r.grace.as_secs_f64().max(60.0))
+            .sign(secret),
+        ),
+        _ => None,
+    };
     let closed = ServerEvent::Closed {
         session_id: id.clone(),
         code: code.as_u16(),
         reason: reason.clone(),
         summary: summary.clone(),
+        resume_state,
     };
     hub.publish_event(&closed.to_json());
     hub.close();

@@ -6,6 +6,7 @@ pub mod config;
 pub mod connection;
 pub mod consumers;
 pub mod frontend;
+pub mod handoff;
 pub mod hook;
 pub mod metrics;
 pub mod omi;

@@ -178,6 +178,7 @@ impl Consumer for AutoReply {
                 delivered_bytes: 0,
                 dropped_bytes: 0,
                 requests: 0,
+                next_seq: 0,
             }
         })
     }

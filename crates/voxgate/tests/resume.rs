@@ -233,3 +233,105 @@ async fn stream_cli_opens_a_resumable_session() {
         .unwrap();
     assert_eq!(closed["summary"]["bytes_in"], 76_507);
 }
+
+/// A drained instance hands a resumable session to another: the client resends its stream from
+/// the start to the second instance, which discards what was delivered and continues media time
+/// and webhook sequence numbers. The webhook sees one uninterrupted stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_session_continues_on_another_instance() {
+    let rx = Receiver::start(Mode::Ok).await;
+    let config = || {
+        let mut cfg = test_config();
+        cfg.server.resume_secret = Some("shared-deployment-secret".into());
+        cfg.webhooks
+            .push(WebhookConfig::new("all", &rx.url("all"), Some(1.0)));
+        cfg
+    };
+    let a = Gateway::start(config()).await;
+    let b = Gateway::start(config()).await;
+    let messages = capture_messages("chromium_long_250ms.webm");
+
+    // First half to instance A, then A drains.
+    let (ws, _) = tokio_tungstenite::connect_async(a.ws("/v1/listen?resumable=true"))
+        .await
+        .unwrap();
+    let (mut tx, mut events) = ws.split();
+    for m in &messages[..250] {
+        tx.send(Message::Binary(m.clone().into())).await.unwrap();
+    }
+    // Wait until A has taken all of it (the last Ack), then drain A.
+    let sent: u64 = messages[..250].iter().map(|m| m.len() as u64).sum();
+    loop {
+        let m = events.next().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        if v["type"] == "Ack" && v["bytes"] == sent {
+            break;
+        }
+    }
+    a.shutdown.cancel();
+    let mut state = None;
+    let mut saw_reconnect = false;
+    while let Some(Ok(m)) = events.next().await {
+        if let Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            saw_reconnect |= v["type"] == "Reconnect";
+            if v["type"] == "Closed" {
+                assert_eq!(v["code"], 1001);
+                state = Some(
+                    v["resume_state"]
+                        .as_str()
+                        .expect("a resume_state")
+                        .to_owned(),
+                );
+                break;
+            }
+        }
+    }
+    assert!(saw_reconnect);
+    let state = state.unwrap();
+    drop((tx, events));
+
+    // Everything, from the start, to instance B.
+    let run = stream(
+        &b.ws(&format!("/v1/listen?resumable=true&resume_state={state}")),
+        messages,
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(run.close_code, Some(1000), "{:?}", run.close_reason);
+    let closed = run.closed();
+    assert_eq!(closed["summary"]["decode_errors"], 0);
+    assert_eq!(
+        closed["summary"]["samples_decoded"], 2_428_800,
+        "media time continued"
+    );
+
+    let reqs = rx.requests("all");
+    let mut next = 0;
+    for (i, r) in reqs.iter().enumerate() {
+        assert_eq!(
+            r.seq, i as u64,
+            "sequence numbers continue across instances"
+        );
+        assert_eq!(r.start, next, "no gap and no repeat");
+        next += r.samples;
+    }
+    assert_eq!(next, 2_428_800, "exactly the uninterrupted stream");
+    assert_eq!(
+        reqs.iter()
+            .map(|r| &r.session_id)
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        1
+    );
+
+    // A forged or foreign state is refused.
+    let run = stream(
+        &b.ws("/v1/listen?resume_state=e30.deadbeef"),
+        vec![],
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(run.close_code, Some(1008));
+    assert_eq!(run.of_type("Error")[0]["code"], "resume_failed");
+}

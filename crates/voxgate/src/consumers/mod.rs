@@ -43,6 +43,8 @@ pub struct ConsumerStats {
     pub requests: AtomicU64,
     /// Bytes accepted and not yet delivered or dropped.
     pub held_bytes: AtomicU64,
+    /// Next request sequence number (webhooks).
+    pub next_seq: AtomicU64,
 }
 
 impl ConsumerStats {
@@ -53,6 +55,7 @@ impl ConsumerStats {
             delivered_bytes: self.delivered_bytes.load(Ordering::Relaxed),
             dropped_bytes: self.dropped_bytes.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
+            next_seq: self.next_seq.load(Ordering::Relaxed),
         }
     }
 }

@@ -98,16 +98,18 @@ impl WebhookHandle {
         target: Target,
         client: reqwest::Client,
         breaker: Arc<Breaker>,
+        first_seq: u64,
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_ITEMS);
         let stats = Arc::new(ConsumerStats::default());
+        stats.next_seq.store(first_seq, Ordering::Relaxed);
         let worker = Worker {
             cfg: cfg.clone(),
             target,
             client,
             breaker,
             stats: stats.clone(),
-            seq: 0,
+            seq: first_seq,
         };
         let task = tokio::spawn(worker.run(rx));
         Self {
@@ -235,6 +237,7 @@ impl Worker {
         let bytes = pcm.len() as u64 * 2;
         let seq = self.seq;
         self.seq += 1;
+        self.stats.next_seq.store(self.seq, Ordering::Relaxed);
         let outcome = self.attempts(seq, start, pcm).await;
         self.stats.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
         buffered(KIND, -(bytes as i64));
