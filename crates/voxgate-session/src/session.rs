@@ -67,6 +67,9 @@ pub struct SessionConfig {
 pub struct ContinuePoint {
     pub samples: u64,
     pub utterances: u64,
+    /// The client resends its stream from the start (discard `samples` decoded samples), as
+    /// opposed to starting a fresh recorder whose audio is all new.
+    pub resend_from_start: bool,
 }
 
 impl SessionConfig {
@@ -192,7 +195,10 @@ impl Session {
             .map_or((0, 0), |c| (c.samples, c.utterances));
         let mut session = Self {
             segmenter: Segmenter::starting_at(cfg.segmenter.clone(), start, utterances),
-            skip_samples: start,
+            skip_samples: cfg
+                .continue_at
+                .filter(|c| c.resend_from_start)
+                .map_or(0, |c| c.samples),
             next_progress: start + cfg.progress_every_samples,
             cfg,
             decoder,

@@ -437,9 +437,16 @@ pub(crate) async fn prepare(
         Some("true" | "1")
     );
     session_cfg.ack = wants_resume && grace > 0.0 && params.endpoint == "listen";
+    // `fresh_recorder=true`: the client started a new recorder (a live microphone cannot resend
+    // what it already sent), so nothing it sends is discarded; otherwise it resends from the start.
+    let fresh = matches!(
+        params.query.get("fresh_recorder").map(String::as_str),
+        Some("true" | "1")
+    );
     session_cfg.continue_at = handoff.as_ref().map(|h| voxgate_session::ContinuePoint {
         samples: h.samples,
         utterances: h.utterances,
+        resend_from_start: !fresh,
     });
     let session = Session::new(session_cfg.clone())
         .map_err(|e| Refusal::new(1008, "invalid_parameters", e.to_string()))?;

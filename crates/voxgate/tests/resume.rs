@@ -335,3 +335,59 @@ async fn a_drained_session_continues_on_another_instance() {
     assert_eq!(run.close_code, Some(1008));
     assert_eq!(run.of_type("Error")[0]["code"], "resume_failed");
 }
+
+/// The live-microphone variant: after a drain the client starts a fresh recorder on the other
+/// instance (`fresh_recorder=true`), so nothing is discarded and numbering carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_recorder_continues_a_drained_session() {
+    let rx = Receiver::start(Mode::Ok).await;
+    let config = || {
+        let mut cfg = test_config();
+        cfg.server.resume_secret = Some("shared-deployment-secret".into());
+        cfg.webhooks
+            .push(WebhookConfig::new("all", &rx.url("all"), Some(0.0)));
+        cfg
+    };
+    let a = Gateway::start(config()).await;
+    let b = Gateway::start(config()).await;
+    let pcm = pcm_messages("medium", Some(15.0));
+    let q = "encoding=linear16&sample_rate=16000&resumable=true";
+    let (ws, _) = tokio_tungstenite::connect_async(a.ws(&format!("/v1/listen?{q}")))
+        .await
+        .unwrap();
+    let (mut tx, mut events) = ws.split();
+    for m in &pcm[..100] {
+        tx.send(Message::Binary(m.clone().into())).await.unwrap();
+    }
+    loop {
+        let m = events.next().await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        if v["type"] == "Ack" && v["samples"] == 160_000 {
+            break;
+        }
+    }
+    a.shutdown.cancel();
+    let mut state = None;
+    while let Some(Ok(m)) = events.next().await {
+        if let Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == "Closed" {
+                state = v["resume_state"].as_str().map(str::to_owned);
+                break;
+            }
+        }
+    }
+    let url = b.ws(&format!(
+        "/v1/listen?{q}&fresh_recorder=true&resume_state={}",
+        state.expect("resume_state")
+    ));
+    let run = stream(&url, pcm[100..].to_vec(), Duration::ZERO).await;
+    assert_eq!(run.closed()["summary"]["samples_decoded"], 240_000);
+    let reqs = rx.requests("all");
+    let mut next = 0;
+    for (i, r) in reqs.iter().enumerate() {
+        assert_eq!((r.seq, r.start), (i as u64, next), "continuous numbering");
+        next += r.samples;
+    }
+    assert_eq!(next, 240_000);
+}
