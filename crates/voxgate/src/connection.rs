@@ -160,6 +160,7 @@ pub(crate) async fn refuse(
     counter!(m::CLOSES, "code" => refusal.code.to_string()).increment(1);
     info!(peer = %params.peer, error = refusal.error, message = %refusal.message, "connection refused");
     let event = ServerEvent::error(refusal.error, refusal.message.clone());
+    // Send failures mean the client is already gone; the refusal is counted and logged above.
     let _ = sink.send(Message::Text(event.to_json().into())).await;
     let _ = sink
         .send(Message::Close(Some(CloseFrame {
@@ -705,7 +706,9 @@ pub(crate) async fn drive(
             grace_seconds: r.grace.as_secs_f64(),
         };
         if let Some(msg) = frontend.render(&event) {
-            let _ = out_tx.try_send(msg);
+            out_tx
+                .try_send(msg)
+                .expect("the client queue (capacity >= 1) is empty before the first event");
         }
     }
     let (code, reason, mut summary) = 'session: loop {
@@ -892,7 +895,9 @@ pub(crate) async fn drive(
                     _ => {}
                 }
                 stream = new_stream;
-                let _ = sink_tx.send(new_sink).await;
+                if sink_tx.send(new_sink).await.is_err() {
+                    warn!(session = %id, "client writer ended; the resumed socket gets no events");
+                }
                 check_restart = true;
                 counter!(m::SESSIONS_TOTAL, "endpoint" => "resume").increment(1);
                 info!(session = %id, bytes = session.bytes_in(), "session resumed");
@@ -1003,7 +1008,10 @@ pub(crate) async fn drive(
         .remove(&id);
     if !client_gone {
         if let Some(msg) = frontend.render(&closed) {
-            let _ = out_tx.try_send(msg);
+            if out_tx.try_send(msg).is_err() {
+                counter!(m::CLIENT_ERRORS, "code" => "closed_undelivered").increment(1);
+                warn!(session = %id, "client event queue full; Closed not delivered to the client");
+            }
         }
         let _ = out_tx.try_send(Message::Close(Some(CloseFrame {
             code: code.as_u16(),

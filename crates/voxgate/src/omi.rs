@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use voxgate_session::ServerEvent;
 
 use crate::connection::{drive, prepare, refuse, ListenParams, Refusal};
-use crate::consumers::json_webhook::{JsonWebhook, JsonWebhookConfig, Post};
+use crate::consumers::json_webhook::{JsonWebhook, JsonWebhookConfig, Post, Selector};
 use crate::consumers::webhook::Target;
 use crate::consumers::{Consumer, Notifier, Offer};
 use crate::frontend::Omi;
@@ -67,9 +67,20 @@ pub(crate) fn consumers(
     client: &reqwest::Client,
     out: &mut Vec<Box<dyn Consumer>>,
 ) {
-    if let Some(url) = transcript_webhook {
-        let mut cfg = JsonWebhookConfig::new("transcript_webhook", &url);
+    // Both webhooks post to `url?uid=` through the endpoint's breaker.
+    let spawn = |name: &str, url: &str, select: Selector| -> Box<dyn Consumer> {
+        let mut cfg = JsonWebhookConfig::new(name, url);
         cfg.query = vec![("uid".into(), target.uid.clone())];
+        Box::new(JsonWebhook::spawn(
+            cfg,
+            select,
+            client.clone(),
+            state.breakers.get(url),
+            notifier.clone(),
+            target.session_id.clone(),
+        ))
+    };
+    if let Some(url) = transcript_webhook {
         let session_id = target.session_id.clone();
         let select = Box::new(move |e: &ServerEvent| match e {
             ServerEvent::Conversation {
@@ -87,19 +98,10 @@ pub(crate) fn consumers(
             }),
             _ => None,
         });
-        out.push(Box::new(JsonWebhook::spawn(
-            cfg,
-            select,
-            client.clone(),
-            state.breakers.get(&url),
-            notifier.clone(),
-            target.session_id.clone(),
-        )));
+        out.push(spawn("transcript_webhook", &url, select));
     }
     match conversation_webhook {
         Some(url) => {
-            let mut cfg = JsonWebhookConfig::new("conversation_webhook", &url);
-            cfg.query = vec![("uid".into(), target.uid.clone())];
             let session_id = target.session_id.clone();
             let uid = target.uid.clone();
             let select = Box::new(move |e: &ServerEvent| match e {
@@ -116,14 +118,7 @@ pub(crate) fn consumers(
                 }),
                 _ => None,
             });
-            out.push(Box::new(JsonWebhook::spawn(
-                cfg,
-                select,
-                client.clone(),
-                state.breakers.get(&url),
-                notifier.clone(),
-                target.session_id.clone(),
-            )));
+            out.push(spawn("conversation_webhook", &url, select));
         }
         None => out.push(Box::new(AutoReply {
             notifier: notifier.clone(),

@@ -101,9 +101,18 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(index))
-        .route("/v1/listen", get(listen))
-        .route("/v1/twilio", get(twilio))
-        .route("/v1/trigger/listen", get(omi))
+        .route(
+            "/v1/listen",
+            get(|r: IngestRequest| async { ingest("listen", r) }),
+        )
+        .route(
+            "/v1/twilio",
+            get(|r: IngestRequest| async { ingest("twilio", r) }),
+        )
+        .route(
+            "/v1/trigger/listen",
+            get(|r: IngestRequest| async { ingest("omi", r) }),
+        )
         .route("/v1/sessions/{id}/subscribe", get(subscribe))
         .route("/metrics", get(metrics_page))
         .route("/livez", get(|| async { "ok" }))
@@ -171,7 +180,7 @@ async fn metrics_page(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// The extractors every ingest endpoint takes.
+/// The extractors every ingest endpoint takes (one tuple extractor).
 type IngestRequest = (
     State<Arc<AppState>>,
     ConnectInfo<SocketAddr>,
@@ -179,36 +188,6 @@ type IngestRequest = (
     HeaderMap,
     WebSocketUpgrade,
 );
-
-async fn listen(
-    state: State<Arc<AppState>>,
-    peer: ConnectInfo<SocketAddr>,
-    query: Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    ingest("listen", (state, peer, query, headers, ws))
-}
-
-async fn twilio(
-    state: State<Arc<AppState>>,
-    peer: ConnectInfo<SocketAddr>,
-    query: Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    ingest("twilio", (state, peer, query, headers, ws))
-}
-
-async fn omi(
-    state: State<Arc<AppState>>,
-    peer: ConnectInfo<SocketAddr>,
-    query: Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    ingest("omi", (state, peer, query, headers, ws))
-}
 
 /// Upgrades an ingest connection with the size and buffer limits, tracked for shutdown.
 fn ingest(endpoint: &'static str, request: IngestRequest) -> Response {

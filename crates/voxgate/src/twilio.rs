@@ -9,9 +9,7 @@ use metrics::counter;
 use tracing::warn;
 use voxgate_session::ServerEvent;
 
-use crate::connection::{
-    await_peer_close, drive, prepare, refuse, truncate_reason, valid_session_id, ListenParams,
-};
+use crate::connection::{drive, prepare, refuse, valid_session_id, ListenParams, Refusal};
 use crate::frontend::Twilio;
 use crate::metrics as m;
 use crate::server::AppState;
@@ -66,16 +64,8 @@ pub async fn run(state: Arc<AppState>, socket: WebSocket, mut params: ListenPara
             "start" => match Twilio::parse_start(&v) {
                 Ok(start) => break start,
                 Err(message) => {
-                    let event = ServerEvent::error("unsupported_format", message.clone());
-                    let _ = sink.send(Message::Text(event.to_json().into())).await;
-                    let _ = sink
-                        .send(Message::Close(Some(CloseFrame {
-                            code: 1003,
-                            reason: truncate_reason(&message).into(),
-                        })))
-                        .await;
-                    await_peer_close(&mut stream).await;
-                    return;
+                    let refusal = Refusal::new(1003, "unsupported_format", message);
+                    return refuse(sink, stream, &params, refusal).await;
                 }
             },
             "media" => {
