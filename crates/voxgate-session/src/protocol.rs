@@ -100,6 +100,11 @@ pub enum ServerEvent {
         #[serde(default)]
         end: f64,
     },
+    /// Audio stored durably on the delivery bus (every audio webhook's messages acknowledged by
+    /// JetStream) up to `samples`; sent at most once a second and at close.
+    Persisted {
+        samples: u64,
+    },
     /// Audio accepted so far (sent after every audio message when the session is resumable).
     Ack {
         bytes: u64,

@@ -25,6 +25,8 @@ pub enum CloseCode {
     TooBig,
     /// 1011: an internal error.
     Internal,
+    /// 1013: try again later (a dependency such as the delivery bus is unavailable).
+    TryAgainLater,
 }
 
 impl CloseCode {
@@ -36,6 +38,7 @@ impl CloseCode {
             Self::Policy => 1008,
             Self::TooBig => 1009,
             Self::Internal => 1011,
+            Self::TryAgainLater => 1013,
         }
     }
 }

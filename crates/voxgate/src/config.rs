@@ -32,6 +32,8 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Where webhooks supplied by the `on_connect` hook may point.
     pub webhook_policy: crate::policy::WebhookPolicy,
+    /// Delivery through NATS JetStream and `voxgate deliver` workers. Off by default.
+    pub bus: crate::bus::BusConfig,
 }
 
 /// Consumers of Omi's pusher protocol that are not audio webhooks. Per-user values from the
@@ -650,6 +652,7 @@ impl Config {
             }
         }
         self.auth.validate(&s.listen, &mut errors);
+        self.bus.validate(&self.webhooks, &mut errors);
         let o = &self.omi;
         for (name, url) in [
             ("omi.transcript_webhook", o.transcript_webhook.as_ref()),

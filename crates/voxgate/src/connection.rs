@@ -427,6 +427,25 @@ pub(crate) async fn prepare(
         .select(params.query.get("stt"))
         .map_err(|e| Refusal::new(1008, "unknown_stt", e))?;
 
+    // With a bus, the session's sinks are frozen in its record; a record that exists (another
+    // gateway ran the session and went away) is continued from what the stream holds.
+    let bus_session = match &state.bus {
+        None => None,
+        Some(bus) => Some(
+            bus_session(
+                bus,
+                &session_id,
+                &uid,
+                from_hook,
+                &webhook_cfgs,
+                &stt_backends,
+            )
+            .await?,
+        ),
+    };
+    if let Some(b) = &bus_session {
+        uid = b.record.uid.clone();
+    }
     let mut session_cfg = SessionConfig::new(session_id.clone(), source);
     session_cfg.limits = cfg.limits();
     session_cfg.segmenter = cfg.segmenter();
@@ -449,6 +468,13 @@ pub(crate) async fn prepare(
         utterances: h.utterances,
         resend_from_start: !fresh,
     });
+    if let Some(cont) = bus_session.as_ref().and_then(|b| b.continuation.as_ref()) {
+        session_cfg.continue_at = Some(voxgate_session::ContinuePoint {
+            samples: cont.samples(),
+            utterances: cont.utterances,
+            resend_from_start: !fresh,
+        });
+    }
     let session = Session::new(session_cfg.clone())
         .map_err(|e| Refusal::new(1008, "invalid_parameters", e.to_string()))?;
 
@@ -494,9 +520,20 @@ pub(crate) async fn prepare(
         session_id: session_id.clone(),
         uid: uid.clone(),
     };
+    let via_bus = bus_session.is_some();
+    if let (Some(b), Some(bus)) = (bus_session, &state.bus) {
+        consumers.push(Box::new(crate::bus::publish::BusPublisher::spawn(
+            bus.clone(),
+            b.subjects,
+            Arc::new(b.record),
+            b.continuation.unwrap_or_default(),
+            notifier.clone(),
+            b.created,
+        )));
+    }
     for w in webhook_cfgs
         .into_iter()
-        .filter(|w| w.delay_seconds.is_some())
+        .filter(|w| w.delay_seconds.is_some() && !via_bus)
     {
         let breaker = state.breakers.get(&w.url);
         let client = if from_hook {
@@ -539,6 +576,7 @@ pub(crate) async fn prepare(
         lookback,
         &target,
         &notifier,
+        via_bus,
         &mut consumers,
     );
     drop(notifier); // consumers that talk back get a clone
@@ -550,6 +588,106 @@ pub(crate) async fn prepare(
         resume,
         _permit: permit,
         _user_slot: user_slot,
+    })
+}
+
+struct BusSession {
+    subjects: crate::bus::Subjects,
+    record: crate::bus::SessionRecord,
+    /// Whether this gateway created the record (else it continues the session).
+    created: bool,
+    continuation: Option<crate::bus::publish::Continuation>,
+}
+
+/// Freezes a new session's sinks in the bus, or loads and continues an existing record.
+async fn bus_session(
+    bus: &crate::bus::Bus,
+    session_id: &str,
+    uid: &str,
+    from_hook: bool,
+    webhooks: &[Arc<WebhookConfig>],
+    stt: &[Arc<crate::consumers::stt::Backend>],
+) -> Result<BusSession, Refusal> {
+    let unavailable = |e: crate::bus::BusError| {
+        warn!(session = %session_id, error = %e, "bus unavailable at session start");
+        Refusal::new(
+            1013,
+            "bus_unavailable",
+            "the delivery bus is unavailable; retry later",
+        )
+    };
+    let subjects = crate::bus::Subjects::new(&bus.cfg, session_id);
+    let key = subjects.record_key();
+    let audio: Vec<WebhookConfig> = webhooks
+        .iter()
+        .filter(|w| w.delay_seconds.is_some())
+        .map(|w| (**w).clone())
+        .collect();
+    if let Some(w) = audio.iter().find(|w| {
+        w.delay_seconds
+            .is_some_and(|d| d > crate::bus::MAX_BATCH_SECONDS)
+    }) {
+        return Err(Refusal::new(
+            1008,
+            "invalid_consumer",
+            format!(
+                "webhook {:?}: delay_seconds must be <= {} with the delivery bus",
+                w.name,
+                crate::bus::MAX_BATCH_SECONDS
+            ),
+        ));
+    }
+    let record = crate::bus::SessionRecord {
+        session_id: session_id.to_owned(),
+        uid: uid.to_owned(),
+        tenant: bus.cfg.tenant.clone(),
+        audio,
+        transcripts: stt
+            .iter()
+            .filter_map(|b| {
+                Some(crate::bus::TranscriptTarget {
+                    backend: b.cfg.name.clone(),
+                    url: b.cfg.transcript_webhook.clone()?,
+                    timeout_ms: b.cfg.timeout_ms,
+                })
+            })
+            .collect(),
+        from_hook,
+        ended: false,
+    };
+    if bus
+        .create_record(&key, &record)
+        .await
+        .map_err(unavailable)?
+    {
+        return Ok(BusSession {
+            subjects,
+            record,
+            created: true,
+            continuation: None,
+        });
+    }
+    let existing = bus
+        .record(&key)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| unavailable(crate::bus::BusError::Nats("session record vanished".into())))?;
+    if existing.ended {
+        return Err(Refusal::new(
+            1008,
+            "session_ended",
+            format!("session {session_id:?} already ended; use a new session_id"),
+        ));
+    }
+    let cont = crate::bus::publish::Continuation::read(bus, &subjects, &existing)
+        .await
+        .map_err(unavailable)?;
+    info!(session = %session_id, samples = cont.samples(), utterances = cont.utterances, "continuing a bus session started elsewhere");
+    Ok(BusSession {
+        subjects,
+        record: existing,
+        created: false,
+        continuation: Some(cont),
     })
 }
 
@@ -877,6 +1015,14 @@ pub(crate) async fn drive(
             }
             Wake::Timeout => session.handle_input(Input::Timeout { now: now() }),
             Wake::Shutdown => session.handle_input(Input::Shutdown),
+            // The bus consumer's buffer overflowed: close with 1013 so the client retries.
+            Wake::Notice(ServerEvent::Error { code, message }) if code == "bus_unavailable" => {
+                session.handle_input(Input::Violation {
+                    code: CloseCode::TryAgainLater,
+                    error: "bus_unavailable",
+                    message: &message,
+                })
+            }
             Wake::Notice(event) => {
                 actions.push(Action::Notice(event));
                 Ok(())
@@ -956,7 +1102,8 @@ pub(crate) async fn drive(
     });
     let deadline = Instant::now() + flush;
     let mut summaries: Vec<ConsumerSummary> = Vec::new();
-    for c in consumers {
+    for mut c in consumers {
+        c.on_close(code.as_u16());
         summaries.push(c.finish(deadline).await);
     }
     // Last words of consumers (e.g. final transcripts) reach subscribers and the client.

@@ -1,6 +1,7 @@
 //! voxgate: the server and CLI around the sans-IO cores.
 
 pub mod auth;
+pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod connection;

@@ -27,9 +27,12 @@ pub const SUBSCRIBERS_ACTIVE: &str = "voxgate_subscribers_active";
 pub const STT_REQUESTS: &str = "voxgate_stt_requests_total";
 pub const STT_LATENCY: &str = "voxgate_stt_latency_seconds";
 pub const TRANSCRIPT_DELIVERIES: &str = "voxgate_transcript_webhook_total";
+pub const BUS_PUBLISHES: &str = "voxgate_bus_publishes_total";
+pub const BUS_DELIVERIES: &str = "voxgate_bus_deliveries_total";
+pub const BUS_CONNECTED: &str = "voxgate_bus_connected";
 
 /// Consumer kinds (the `consumer` label).
-pub const CONSUMER_KINDS: [&str; 3] = ["webhook", "subscriber", "stt"];
+pub const CONSUMER_KINDS: [&str; 4] = ["webhook", "subscriber", "stt", "bus"];
 /// Formats (the `format` label of audio seconds).
 const FORMATS: [&str; 8] = [
     "webm", "ogg", "opus", "linear16", "float32", "linear8", "mulaw", "alaw",
@@ -108,6 +111,15 @@ fn describe() {
         GAP_SAMPLES,
         "16 kHz samples of silence inserted for gaps in device sequence numbers or telephony timestamps"
     );
+    describe_counter!(
+        BUS_PUBLISHES,
+        "Bus publishes by the gateway, by outcome (ok, duplicate, error, too_large)"
+    );
+    describe_counter!(
+        BUS_DELIVERIES,
+        "Bus messages handled by deliver workers, by kind and outcome"
+    );
+    describe_gauge!(BUS_CONNECTED, "1 while the delivery bus connection is up");
     gauge!(SESSIONS_ACTIVE).set(0.0);
     gauge!(SUBSCRIBERS_ACTIVE).set(0.0);
     for kind in CONSUMER_KINDS {

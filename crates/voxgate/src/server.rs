@@ -50,10 +50,16 @@ pub struct AppState {
     /// Live resumable sessions: resume token and the channel that hands them a new socket.
     pub resumable:
         Mutex<HashMap<String, (String, tokio::sync::mpsc::Sender<connection::Reattach>)>>,
+    /// The delivery bus, when `[bus] url` is set.
+    pub bus: Option<crate::bus::Bus>,
 }
 
 impl AppState {
-    pub fn new(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        cfg: Config,
+        shutdown: CancellationToken,
+        bus: Option<crate::bus::Bus>,
+    ) -> anyhow::Result<Arc<Self>> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(30))
@@ -86,6 +92,7 @@ impl AppState {
             rate,
             users: crate::auth::UserSessions::default(),
             resumable: Mutex::new(HashMap::new()),
+            bus,
         }))
     }
 
@@ -127,7 +134,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let grace = Duration::from_secs_f64(cfg.server.shutdown_grace_seconds);
-    let state = AppState::new(cfg, shutdown.clone())?;
+    let bus = match &cfg.bus.url {
+        None => None,
+        Some(url) => {
+            info!(%url, "connecting to the delivery bus");
+            Some(crate::bus::Bus::connect(&cfg.bus, "voxgate-gateway").await?)
+        }
+    };
+    let state = AppState::new(cfg, shutdown.clone(), bus)?;
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     info!(addr = %listener.local_addr()?, "voxgate listening");
     let stop = shutdown.clone();
@@ -158,6 +172,15 @@ async fn index() -> Html<&'static str> {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    // With a bus, a gateway that cannot reach it takes no new sessions (their audio could only
+    // fill bounded buffers): the load balancer sends them to one that can.
+    let bus_up = state.bus.as_ref().is_none_or(|b| b.is_connected());
+    if let Some(bus) = &state.bus {
+        gauge!(m::BUS_CONNECTED).set(if bus.is_connected() { 1.0 } else { 0.0 });
+    }
+    if !bus_up {
+        return (StatusCode::SERVICE_UNAVAILABLE, "bus disconnected").into_response();
+    }
     if state.ready.load(Ordering::SeqCst) && !state.shutdown.is_cancelled() {
         // Detail lines (speech-to-text backend health) follow; a failing backend degrades
         // transcripts, not ingest, so it does not make the instance unready.

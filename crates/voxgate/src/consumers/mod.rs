@@ -25,6 +25,8 @@ pub trait Consumer: Send + Sync {
     fn on_audio(&mut self, chunk: &AudioChunk) -> Offer;
     /// Sees every session event (utterance boundaries drive per-utterance consumers).
     fn on_event(&mut self, _event: &ServerEvent) {}
+    /// The session closed with this WebSocket close code (called before `finish`).
+    fn on_close(&mut self, _code: u16) {}
     /// Closes the queue and flushes until `deadline`; what is left is counted as dropped.
     fn finish(
         self: Box<Self>,

@@ -198,10 +198,12 @@ pub fn build(
     lookback_samples: u64,
     target: &Target,
     notifier: &Notifier,
+    transcripts_via_bus: bool,
     consumers: &mut Vec<Box<dyn Consumer>>,
 ) {
     for backend in backends {
         let ctx = Ctx {
+            transcripts_via_bus,
             backend: backend.clone(),
             http: http.clone(),
             target: target.clone(),
@@ -221,6 +223,8 @@ pub fn build(
 /// What every STT consumer of a session shares with its task.
 #[derive(Clone)]
 pub(crate) struct Ctx {
+    /// The bus publishes final transcripts for `voxgate deliver`; no in-process poster.
+    pub transcripts_via_bus: bool,
     pub backend: Arc<Backend>,
     pub http: reqwest::Client,
     pub target: Target,
@@ -361,6 +365,9 @@ pub(crate) struct Poster {
 
 impl Poster {
     pub fn spawn(ctx: &Ctx) -> Option<Self> {
+        if ctx.transcripts_via_bus {
+            return None;
+        }
         let url = ctx.backend.cfg.transcript_webhook.clone()?;
         let (tx, mut rx) = mpsc::channel::<serde_json::Value>(POST_QUEUE);
         let cfg = ctx.backend.cfg.clone();
