@@ -34,6 +34,8 @@ enum Command {
     Load(cli::load::LoadArgs),
     /// An audio-bytes webhook receiver that checks signatures, sequences and continuity.
     Sink(cli::sink::SinkArgs),
+    /// A bus delivery worker: consumes JetStream partitions and makes the webhook requests.
+    Deliver(cli::deliver::DeliverArgs),
 }
 
 fn init_tracing() {
@@ -104,6 +106,26 @@ fn main() -> std::process::ExitCode {
                 Ok(_) => std::process::ExitCode::FAILURE,
                 Err(e) => {
                     eprintln!("voxgate load: {e:#}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
+        Command::Deliver(args) => {
+            init_tracing();
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+            let shutdown = CancellationToken::new();
+            let signal = shutdown.clone();
+            match rt.block_on(async move {
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    info!("signal received; stopping the deliver worker");
+                    signal.cancel();
+                });
+                cli::deliver::run(&args, shutdown).await
+            }) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("voxgate deliver: {e:#}");
                     std::process::ExitCode::from(2)
                 }
             }

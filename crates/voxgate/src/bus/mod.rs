@@ -15,6 +15,7 @@
 //! `<tenant>.<session>`; workers read it from there, and a gateway that picks the session up
 //! after another one died continues from it and from the last message of each channel.
 
+pub mod deliver;
 pub mod publish;
 
 use std::sync::Arc;
@@ -213,7 +214,7 @@ pub struct SessionRecord {
 }
 
 /// Message kinds (the third subject token).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Start,
     Audio,
@@ -249,13 +250,16 @@ pub const H_SEQUENCE: &str = "Vox-Sequence";
 pub const H_START_SAMPLE: &str = "Vox-Start-Sample";
 pub const H_SESSION: &str = "Vox-Session-Id";
 
-/// A session id as one subject token: as is when it has no `.`, else `~` + hex (`~` cannot
-/// appear in a session id, so the two forms never collide).
+/// A session id as one subject token and KV key part: as is when it is only `A-Z a-z 0-9 - _`,
+/// else `=` + hex (`=` cannot appear in a session id, so the two forms never collide).
 pub fn session_token(session_id: &str) -> String {
-    if session_id.contains('.') {
-        format!("~{}", hex::encode(session_id))
-    } else {
+    if session_id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         session_id.to_owned()
+    } else {
+        format!("={}", hex::encode(session_id))
     }
 }
 
@@ -502,7 +506,7 @@ mod tests {
         let p = parse_subject(&subject).expect("parses");
         assert_eq!(p.kind, Kind::Audio);
         assert_eq!(p.channel, 2);
-        assert_eq!(p.token, format!("~{}", hex::encode("a.b:c")));
+        assert_eq!(p.token, format!("={}", hex::encode("a.b:c")));
         assert_eq!(subject.split('.').count(), 6);
         assert!(parse_subject("vox.1.bogus.t.s.0").is_none());
         assert!(parse_subject("vox.1.audio.t.s").is_none());

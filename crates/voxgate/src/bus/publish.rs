@@ -180,8 +180,7 @@ impl BusPublisher {
             .tx
             .as_ref()
             .is_some_and(|tx| tx.try_send(Item::Message(Box::new(out))).is_ok());
-        if !sent
-        {
+        if !sent {
             self.stats.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
             dropped(KIND, "queue_full", bytes);
             warn!(session = %self.session_id, "bus queue full; message dropped");

@@ -1,6 +1,7 @@
 //! Subcommands besides `serve`.
 
 pub mod decode;
+pub mod deliver;
 pub mod device;
 pub mod index;
 pub mod load;

@@ -319,31 +319,58 @@ impl Worker {
         body: bytes::Bytes,
     ) -> reqwest::RequestBuilder {
         let t = &self.target;
-        let idempotency = format!("{}:{}:{}", t.session_id, self.cfg.name, seq);
-        let content_type = match self.cfg.body {
-            BodyFormat::Pcm => "application/octet-stream",
-            BodyFormat::Wav => "audio/wav",
-        };
-        let mut req = self
-            .client
-            .post(&self.cfg.url)
-            .query(&[
-                ("sample_rate", "16000"),
-                ("session_id", t.session_id.as_str()),
-                ("uid", t.uid.as_str()),
-            ])
-            .timeout(Duration::from_millis(self.cfg.timeout_ms))
-            .header("content-type", content_type)
-            .header("x-voxgate-sequence", seq.to_string())
-            .header("x-voxgate-start-sample", start.to_string())
-            .header("x-voxgate-samples", samples.to_string())
-            .header("x-voxgate-sample-rate", "16000")
-            .header("x-voxgate-session-id", t.session_id.as_str())
-            .header("idempotency-key", idempotency.as_str());
-        if let Some(secret) = &self.cfg.secret {
-            req = req.header("x-voxgate-signature", sign(secret, &idempotency, &body));
+        let key = format!("{}:{}:{}", t.session_id, self.cfg.name, seq);
+        audio_request(&self.client, &self.cfg, t, &key, seq, start, samples, body)
+    }
+}
+
+/// One audio-bytes webhook request: the contract shared by the in-process webhook and
+/// `voxgate deliver` (same query, headers, `Idempotency-Key` and signature).
+#[allow(clippy::too_many_arguments)]
+pub fn audio_request(
+    client: &reqwest::Client,
+    cfg: &WebhookConfig,
+    t: &Target,
+    idempotency: &str,
+    seq: u64,
+    start: u64,
+    samples: usize,
+    body: bytes::Bytes,
+) -> reqwest::RequestBuilder {
+    let content_type = match cfg.body {
+        BodyFormat::Pcm => "application/octet-stream",
+        BodyFormat::Wav => "audio/wav",
+    };
+    let mut req = client
+        .post(&cfg.url)
+        .query(&[
+            ("sample_rate", "16000"),
+            ("session_id", t.session_id.as_str()),
+            ("uid", t.uid.as_str()),
+        ])
+        .timeout(Duration::from_millis(cfg.timeout_ms))
+        .header("content-type", content_type)
+        .header("x-voxgate-sequence", seq.to_string())
+        .header("x-voxgate-start-sample", start.to_string())
+        .header("x-voxgate-samples", samples.to_string())
+        .header("x-voxgate-sample-rate", "16000")
+        .header("x-voxgate-session-id", t.session_id.as_str())
+        .header("idempotency-key", idempotency);
+    if let Some(secret) = &cfg.secret {
+        req = req.header("x-voxgate-signature", sign(secret, idempotency, &body));
+    }
+    req.body(body)
+}
+
+/// The body of an audio webhook request for `pcm` (little-endian PCM16 bytes).
+pub fn audio_body(format: &BodyFormat, pcm_le: &[u8]) -> Vec<u8> {
+    match format {
+        BodyFormat::Pcm => pcm_le.to_vec(),
+        BodyFormat::Wav => {
+            let mut out = wav_header(pcm_le.len() as u32);
+            out.extend_from_slice(pcm_le);
+            out
         }
-        req.body(body)
     }
 }
 
@@ -359,8 +386,13 @@ pub fn sign(secret: &str, idempotency_key: &str, body: &[u8]) -> String {
 
 /// A 16 kHz mono PCM16 WAV of `pcm`.
 pub fn wav_bytes(pcm: &[i16]) -> Vec<u8> {
-    let data_len = (pcm.len() * 2) as u32;
-    let mut out = Vec::with_capacity(44 + pcm.len() * 2);
+    let mut out = wav_header((pcm.len() * 2) as u32);
+    out.extend_from_slice(&pcm_bytes(pcm));
+    out
+}
+
+fn wav_header(data_len: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(44 + data_len as usize);
     out.extend_from_slice(b"RIFF");
     out.extend_from_slice(&(36 + data_len).to_le_bytes());
     out.extend_from_slice(b"WAVEfmt ");
@@ -373,6 +405,5 @@ pub fn wav_bytes(pcm: &[i16]) -> Vec<u8> {
     out.extend_from_slice(&16u16.to_le_bytes());
     out.extend_from_slice(b"data");
     out.extend_from_slice(&data_len.to_le_bytes());
-    out.extend_from_slice(&pcm_bytes(pcm));
     out
 }

@@ -1,0 +1,478 @@
+//! `voxgate deliver`: workers that turn bus messages into webhook requests.
+//!
+//! One durable pull consumer per partition (`deliver-<n>`, filter `<prefix>.<n>.>`, explicit
+//! acks). A worker owns its partitions: run workers with disjoint `--partitions` sets (a second
+//! worker on the same partition is safe for the sinks, which see keys they already have, but it
+//! delays delivery). Per session and channel, messages are delivered strictly in sequence order:
+//! a cursor (the next sequence to deliver) is kept in the session KV bucket; an earlier sequence
+//! is a duplicate (acked, not sent), a later one waits in a bounded reorder window.
+//!
+//! Outcomes: 2xx → cursor advanced, acked. 429, 408, 5xx, transport errors → NAK with a delay
+//! that doubles per delivery (with jitter), and whatever waits behind it is NAKed too; after
+//! `max_deliver` deliveries, or on another 4xx, the message is terminated and a dead-letter
+//! event is published to `<prefix>.dead.<tenant>.<session>`, and delivery goes on after it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use metrics::counter;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{header_u64, parse_subject, Bus, Kind, SessionRecord, H_SEQUENCE, H_START_SAMPLE};
+use crate::config::Config;
+use crate::consumers::webhook::{audio_body, audio_request, Breakers, Target};
+use crate::metrics::BUS_DELIVERIES;
+
+/// Messages queued per session task; the partition loop waits when it is full (bounded by
+/// `max_ack_pending` overall).
+const SESSION_QUEUE: usize = 256;
+/// A session task with nothing to do for this long ends (its state reloads from KV).
+const SESSION_IDLE: Duration = Duration::from_secs(60);
+
+/// Runs workers for `partitions` until `shutdown`.
+pub async fn run(
+    cfg: Config,
+    partitions: Vec<u32>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let bus = Bus::connect(&cfg.bus, "voxgate-deliver").await?;
+    let shared = Arc::new(Shared::new(&cfg, bus)?);
+    let mut tasks = Vec::new();
+    for p in partitions {
+        anyhow::ensure!(
+            p < cfg.bus.partitions,
+            "partition {p} is out of range (bus.partitions = {})",
+            cfg.bus.partitions
+        );
+        tasks.push(tokio::spawn(partition_loop(
+            shared.clone(),
+            p,
+            shutdown.clone(),
+        )));
+    }
+    info!(partitions = tasks.len(), "deliver worker running");
+    for t in tasks {
+        t.await?;
+    }
+    Ok(())
+}
+
+struct Shared {
+    bus: Bus,
+    http: reqwest::Client,
+    http_guarded: reqwest::Client,
+    breakers: Breakers,
+}
+
+impl Shared {
+    fn new(cfg: &Config, bus: Bus) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let http_guarded = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::new(crate::policy::GuardedResolver {
+                policy: Arc::new(cfg.webhook_policy.clone()),
+            }))
+            .build()?;
+        Ok(Self {
+            bus,
+            http,
+            http_guarded,
+            breakers: Breakers::default(),
+        })
+    }
+}
+
+async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: CancellationToken) {
+    let cfg = shared.bus.cfg.clone();
+    let name = format!("deliver-{partition}");
+    let mut sessions: HashMap<String, mpsc::Sender<jetstream::Message>> = HashMap::new();
+    'outer: while !shutdown.is_cancelled() {
+        let consumer = async {
+            let stream = shared.bus.js.get_stream_no_info(&cfg.stream).await?;
+            let consumer: jetstream::consumer::PullConsumer = stream
+                .get_or_create_consumer(
+                    &name,
+                    pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: format!("{}.{partition}.>", cfg.subject_prefix),
+                        ack_policy: AckPolicy::Explicit,
+                        ack_wait: Duration::from_secs_f64(cfg.ack_wait_seconds),
+                        max_deliver: cfg.max_deliver,
+                        max_ack_pending: cfg.max_ack_pending,
+                        num_replicas: cfg.replicas,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            consumer
+                .messages()
+                .await
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
+        }
+        .await;
+        let mut messages = match consumer {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(partition, error = %e, "deliver: consumer not ready; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        };
+        info!(partition, "deliver: consuming");
+        loop {
+            let next = tokio::select! {
+                m = messages.next() => m,
+                () = shutdown.cancelled() => break 'outer,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    warn!(partition, error = %e, "deliver: message stream error");
+                    continue;
+                }
+                None => {
+                    warn!(partition, "deliver: message stream ended; re-subscribing");
+                    continue 'outer;
+                }
+            };
+            let Some(parsed) = parse_subject(&msg.subject) else {
+                warn!(subject = %msg.subject, "deliver: not a session subject; terminated");
+                let _ = msg.ack_with(AckKind::Term).await;
+                continue;
+            };
+            let key = format!("{}.{}", parsed.tenant, parsed.token);
+            let mut msg = msg;
+            loop {
+                let tx = sessions.entry(key.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+                    tokio::spawn(session_task(shared.clone(), key.clone(), rx));
+                    tx
+                });
+                match tx.send(msg).await {
+                    Ok(()) => break,
+                    Err(mpsc::error::SendError(back)) => {
+                        // The task ended while idle: start a new one.
+                        sessions.remove(&key);
+                        msg = back;
+                    }
+                }
+            }
+            sessions.retain(|_, tx| !tx.is_closed());
+        }
+    }
+    info!(partition, "deliver: stopped");
+}
+
+/// Ordering state of one session channel.
+struct Channel {
+    next: u64,
+    held: BTreeMap<u64, jetstream::Message>,
+}
+
+async fn session_task(
+    shared: Arc<Shared>,
+    key: String,
+    mut rx: mpsc::Receiver<jetstream::Message>,
+) {
+    let mut record: Option<Arc<SessionRecord>> = None;
+    let mut channels: HashMap<(Kind, usize), Channel> = HashMap::new();
+    loop {
+        let msg = match tokio::time::timeout(SESSION_IDLE, rx.recv()).await {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => break,
+        };
+        let Some(parsed) = parse_subject(&msg.subject) else {
+            continue;
+        };
+        let (kind, channel) = (parsed.kind, parsed.channel);
+        if !matches!(kind, Kind::Audio | Kind::Transcript) {
+            // Start, utterance and end events are for other bus readers; nothing to send.
+            counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => "no_sink").increment(1);
+            let _ = msg.ack().await;
+            continue;
+        }
+        if record.is_none() {
+            match shared.bus.record(&key).await {
+                Ok(Some(r)) => record = Some(Arc::new(r)),
+                Ok(None) => {
+                    dead(&shared, &msg, "no_session_record", None).await;
+                    continue;
+                }
+                Err(e) => {
+                    warn!(session = %key, error = %e, "deliver: session record unavailable");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    continue;
+                }
+            }
+        }
+        let rec = record.clone().expect("loaded above");
+        let Some(seq) = header_u64(&msg.headers.clone().unwrap_or_default(), H_SEQUENCE) else {
+            dead(&shared, &msg, "malformed", None).await;
+            continue;
+        };
+        let ch = match channels.entry((kind, channel)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                match load_cursor(&shared.bus, &cursor_key(&key, kind, channel)).await {
+                    Ok(next) => v.insert(Channel {
+                        next,
+                        held: BTreeMap::new(),
+                    }),
+                    Err(e) => {
+                        warn!(session = %key, error = %e, "deliver: cursor unavailable");
+                        let _ = msg
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        continue;
+                    }
+                }
+            }
+        };
+        if seq < ch.next {
+            counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => "duplicate")
+                .increment(1);
+            let _ = msg.ack().await;
+            continue;
+        }
+        if seq > ch.next {
+            counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => "held").increment(1);
+            if let Some(old) = ch.held.insert(seq, msg) {
+                let _ = old.ack_with(AckKind::Progress).await; // a redelivered copy replaces it
+            }
+            if ch.held.len() > shared.bus.cfg.reorder_window {
+                if let Some((_, newest)) = ch.held.pop_last() {
+                    let _ = newest
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+            }
+            continue;
+        }
+        // seq == next: deliver it and whatever waited behind it.
+        let ckey = cursor_key(&key, kind, channel);
+        let mut current = Some(msg);
+        while let Some(m) = current.take() {
+            match deliver(&shared, &rec, kind, channel, &m).await {
+                Step::Done(outcome) => {
+                    ch.next += 1;
+                    if let Err(e) = store_cursor(&shared.bus, &ckey, ch.next).await {
+                        // Not acked: a redelivery re-sends it with the same key.
+                        warn!(session = %key, error = %e, "deliver: cursor not stored");
+                        break;
+                    }
+                    let _ = m.double_ack().await;
+                    counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => outcome)
+                        .increment(1);
+                    let next = ch.next;
+                    current = ch.held.remove(&next);
+                }
+                Step::Retry(delay) => {
+                    counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => "retry")
+                        .increment(1);
+                    let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+                    // What waits behind it comes back after it.
+                    for (_, h) in std::mem::take(&mut ch.held) {
+                        let _ = h
+                            .ack_with(AckKind::Nak(Some(delay + Duration::from_millis(100))))
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+    // Held messages are not acked: JetStream redelivers them after ack_wait.
+    debug!(session = %key, "deliver: session task idle; ending");
+}
+
+enum Step {
+    /// Handled (delivered, or given up and dead-lettered): the cursor moves on.
+    Done(&'static str),
+    /// Try again after this delay.
+    Retry(Duration),
+}
+
+async fn deliver(
+    shared: &Shared,
+    rec: &SessionRecord,
+    kind: Kind,
+    channel: usize,
+    msg: &jetstream::Message,
+) -> Step {
+    let cfg = &shared.bus.cfg;
+    let headers = msg.headers.clone().unwrap_or_default();
+    let id = headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    let client = if rec.from_hook {
+        &shared.http_guarded
+    } else {
+        &shared.http
+    };
+    let (url, request) = match kind {
+        Kind::Audio => {
+            let Some(w) = rec.audio.get(channel) else {
+                dead(shared, msg, "unknown_channel", None).await;
+                return Step::Done("dead");
+            };
+            let seq = header_u64(&headers, H_SEQUENCE).unwrap_or(0);
+            let start = header_u64(&headers, H_START_SAMPLE).unwrap_or(0);
+            let target = Target {
+                session_id: rec.session_id.clone(),
+                uid: rec.uid.clone(),
+            };
+            let body = Bytes::from(audio_body(&w.body, &msg.payload));
+            let req = audio_request(
+                client,
+                w,
+                &target,
+                &id,
+                seq,
+                start,
+                msg.payload.len() / 2,
+                body,
+            );
+            (w.url.clone(), req)
+        }
+        Kind::Transcript => {
+            let Some(t) = rec.transcripts.get(channel) else {
+                dead(shared, msg, "unknown_channel", None).await;
+                return Step::Done("dead");
+            };
+            let req = client
+                .post(&t.url)
+                .timeout(Duration::from_millis(t.timeout_ms))
+                .header("content-type", "application/json")
+                .header("idempotency-key", id.as_str())
+                .body(msg.payload.clone());
+            (t.url.clone(), req)
+        }
+        _ => return Step::Done("no_sink"),
+    };
+    let breaker = shared.breakers.get(&url);
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1);
+    let last_try = delivered >= cfg.max_deliver;
+    let failure = if !breaker.allow() {
+        "circuit_open".to_owned()
+    } else {
+        match request.send().await {
+            Ok(r) if r.status().is_success() => {
+                breaker.success();
+                return Step::Done("delivered");
+            }
+            Ok(r) => {
+                let status = r.status();
+                let retryable = status.is_server_error()
+                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                    || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+                if !retryable {
+                    breaker.success();
+                    warn!(session = %rec.session_id, %id, %status, "deliver: rejected by the sink; dead-lettered");
+                    dead(shared, msg, "rejected", Some(status.as_u16())).await;
+                    return Step::Done("rejected");
+                }
+                breaker.failure(5, Duration::from_secs(10));
+                format!("http {status}")
+            }
+            Err(e) => {
+                breaker.failure(5, Duration::from_secs(10));
+                if e.is_timeout() {
+                    "timeout".to_owned()
+                } else {
+                    "transport_error".to_owned()
+                }
+            }
+        }
+    };
+    if last_try {
+        warn!(session = %rec.session_id, %id, delivered, %failure, "deliver: out of deliveries; dead-lettered");
+        dead(shared, msg, "max_deliver", None).await;
+        return Step::Done("gave_up");
+    }
+    debug!(session = %rec.session_id, %id, delivered, %failure, "deliver: will retry");
+    let base = cfg
+        .backoff_initial_ms
+        .saturating_mul(1u64 << (delivered - 1).clamp(0, 20))
+        .min(cfg.backoff_max_ms);
+    let jittered = rand::rng().random_range(base / 2..=base.max(1));
+    Step::Retry(Duration::from_millis(jittered))
+}
+
+/// Terminates a message and records why on the dead-letter subject.
+async fn dead(shared: &Shared, msg: &jetstream::Message, reason: &str, status: Option<u16>) {
+    let headers = msg.headers.clone().unwrap_or_default();
+    let id = headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned());
+    let (tenant, token) = parse_subject(&msg.subject)
+        .map(|p| (p.tenant.to_owned(), p.token.to_owned()))
+        .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+    let info = msg.info().ok();
+    let event = serde_json::json!({
+        "reason": reason,
+        "status": status,
+        "message_id": id,
+        "subject": msg.subject.as_str(),
+        "stream_sequence": info.as_ref().map(|i| i.stream_sequence),
+        "delivered": info.as_ref().map(|i| i.delivered),
+    });
+    let subject = format!("{}.dead.{tenant}.{token}", shared.bus.cfg.subject_prefix);
+    counter!(BUS_DELIVERIES, "kind" => "dead_letter", "outcome" => "published").increment(1);
+    match shared
+        .bus
+        .js
+        .publish(subject, Bytes::from(event.to_string()))
+        .await
+    {
+        Ok(ack) => {
+            if let Err(e) = ack.await {
+                warn!(error = %e, "deliver: dead letter not acknowledged");
+            }
+        }
+        Err(e) => warn!(error = %e, "deliver: dead letter not published"),
+    }
+    let _ = msg.ack_with(AckKind::Term).await;
+}
+
+fn cursor_key(session_key: &str, kind: Kind, channel: usize) -> String {
+    format!("cursor.{session_key}.{}.{channel}", kind.as_str())
+}
+
+async fn load_cursor(bus: &Bus, key: &str) -> Result<u64, super::BusError> {
+    match bus
+        .records
+        .get(key)
+        .await
+        .map_err(|e| super::BusError::Nats(e.to_string()))?
+    {
+        None => Ok(0),
+        Some(v) => std::str::from_utf8(&v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| super::BusError::Nats(format!("cursor {key} is not a number"))),
+    }
+}
+
+async fn store_cursor(bus: &Bus, key: &str, next: u64) -> Result<(), super::BusError> {
+    bus.records
+        .put(key, Bytes::from(next.to_string()))
+        .await
+        .map_err(|e| super::BusError::Nats(e.to_string()))?;
+    Ok(())
+}
