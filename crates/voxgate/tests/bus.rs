@@ -1,0 +1,460 @@
+//! The delivery bus end to end: a real nats-server (JetStream), gateways and `voxgate deliver`
+//! workers, a real HTTP webhook sink. Chaos: the gateway killed mid-session, the worker killed
+//! mid-delivery, NATS restarted; the sink still gets every acknowledged sample, in order.
+
+mod common;
+mod nats_support;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{pcm_messages, test_config, Gateway, Mode, Received, Receiver};
+use futures_util::{SinkExt, StreamExt};
+use nats_support::NatsServer;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+use voxgate::config::{Config, WebhookConfig};
+
+fn bus_config(nats: &str, sink: &Receiver) -> Config {
+    let mut cfg = test_config();
+    cfg.bus.url = Some(nats.to_owned());
+    cfg.bus.partitions = 2;
+    cfg.bus.ack_wait_seconds = 2.0;
+    cfg.bus.backoff_initial_ms = 100;
+    cfg.bus.backoff_max_ms = 500;
+    cfg.bus.max_deliver = 50;
+    let mut w = WebhookConfig::new("audio", &sink.url("audio"), Some(1.0));
+    w.secret = Some("sink-secret-0123456789".into());
+    w.timeout_ms = 1000;
+    cfg.webhooks.push(w);
+    cfg
+}
+
+/// Waits until the sink holds samples `0..total` for `path`; returns its requests by sequence
+/// (first arrival of each), after checking each duplicate repeats key and body exactly.
+async fn wait_contiguous(
+    sink: &Receiver,
+    path: &str,
+    total: u64,
+    within: Duration,
+) -> Vec<Received> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let got: Vec<Received> = sink
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect();
+        let mut first: BTreeMap<u64, Received> = BTreeMap::new();
+        for r in &got {
+            match first.get(&r.seq) {
+                Some(prev) => {
+                    assert_eq!(
+                        prev.idempotency_key, r.idempotency_key,
+                        "a duplicate has the same key"
+                    );
+                    assert_eq!(prev.body, r.body, "a duplicate has the same body");
+                }
+                None => {
+                    first.insert(r.seq, r.clone());
+                }
+            }
+        }
+        let mut next = 0u64;
+        for (i, (seq, r)) in first.iter().enumerate() {
+            assert_eq!(*seq, i as u64, "sequence numbers are contiguous from 0");
+            assert_eq!(r.start, next, "batch {seq} starts where the previous ended");
+            next += r.samples;
+        }
+        if next >= total {
+            assert_eq!(next, total, "no sample beyond what was sent");
+            // Order: the first arrival of each sequence came after the first of the previous one.
+            let mut seen = std::collections::HashSet::new();
+            let order: Vec<u64> = got
+                .iter()
+                .map(|r| r.seq)
+                .filter(|s| seen.insert(*s))
+                .collect();
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "first deliveries arrive in sequence order: {order:?}"
+            );
+            return first.into_values().collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sink has samples 0..{next} of {total} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_session_reaches_the_sink_through_deliver_in_order_despite_sink_errors() {
+    let nats = NatsServer::start();
+    let sink = Receiver::start(Mode::Fail(503)).await;
+    let cfg = bus_config(&nats.url(), &sink);
+    let gw = Gateway::start(cfg.clone()).await;
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(voxgate::bus::deliver::run(
+        cfg.clone(),
+        vec![0, 1],
+        stop.clone(),
+    ));
+
+    let msgs = pcm_messages("medium", Some(12.0));
+    let total: u64 = msgs.iter().map(|m| m.len() as u64 / 2).sum();
+    // The sink fails (503) for the first two seconds: deliveries are NAKed and come back in order.
+    let flip = sink.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        flip.set_mode(Mode::Ok);
+    });
+    let run = common::stream(
+        &gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-e2e-1"),
+        msgs,
+        Duration::from_millis(5),
+    )
+    .await;
+    let closed = run.closed();
+    assert_eq!(closed["code"], 1000, "{closed}");
+    let bus = closed["summary"]["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "bus")
+        .expect("the session has a bus consumer")
+        .clone();
+    assert_eq!(
+        bus["delivered_bytes"],
+        total * 2,
+        "everything was published: {bus}"
+    );
+    assert_eq!(bus["dropped_bytes"], 0);
+    let persisted = run.of_type("Persisted");
+    assert_eq!(
+        persisted.last().unwrap()["samples"],
+        total,
+        "the last Persisted covers the session"
+    );
+    assert!(
+        closed["summary"]["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["kind"] != "webhook"),
+        "no in-process webhook with a bus"
+    );
+
+    let got = wait_contiguous(&sink, "audio", total, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 12, "1 s batches");
+    for r in &got {
+        assert_eq!(r.idempotency_key, format!("bus-e2e-1:audio:{}", r.seq));
+        assert_eq!(
+            r.signature.as_deref(),
+            Some(
+                voxgate::consumers::webhook::sign(
+                    "sink-secret-0123456789",
+                    &r.idempotency_key,
+                    &r.body
+                )
+                .as_str()
+            ),
+            "signed like the in-process webhook"
+        );
+    }
+    let m = gw.metrics().await;
+    assert!(common::metric_value(&m, "voxgate_bus_deliveries_total", "outcome=\"retry\"") > 0.0);
+    assert!(
+        common::metric_value(&m, "voxgate_bus_deliveries_total", "outcome=\"delivered\"") >= 12.0
+    );
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejecting_sink_dead_letters_and_delivery_goes_on() {
+    let nats = NatsServer::start();
+    let sink = Receiver::start(Mode::Fail(400)).await;
+    let cfg = bus_config(&nats.url(), &sink);
+    let gw = Gateway::start(cfg.clone()).await;
+    let msgs = pcm_messages("medium", Some(3.0));
+    let run = common::stream(
+        &gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-dead-1"),
+        msgs,
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(run.closed()["code"], 1000);
+    // Dead letters are readable on their subject; the worker terminated the three batches.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(voxgate::bus::deliver::run(
+        cfg.clone(),
+        vec![0, 1],
+        stop.clone(),
+    ));
+    let stream = js.get_stream("VOX").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        if let Ok(m) = stream
+            .get_last_raw_message_by_subject("vox.dead.default.bus-dead-1")
+            .await
+        {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["message_id"] == "bus-dead-1:audio:2" {
+                break v;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letter for the last batch"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead["reason"], "rejected");
+    assert_eq!(dead["status"], 400);
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+/// A gateway or worker as its own process, so the test can SIGKILL it.
+struct Proc {
+    child: Child,
+    port: u16,
+}
+
+impl Proc {
+    fn free_port() -> u16 {
+        StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn gateway(config: &std::path::Path) -> Proc {
+        let port = Self::free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_voxgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("VOXGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = Proc { child, port };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .map(|r| r.status().is_success())
+            .ok()
+            != Some(true)
+        {
+            assert!(tokio::time::Instant::now() < deadline, "gateway not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        p
+    }
+
+    fn worker(config: &std::path::Path) -> Proc {
+        let child = Command::new(env!("CARGO_BIN_EXE_voxgate"))
+            .args(["deliver", "--config"])
+            .arg(config)
+            .env("VOXGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Proc { child, port: 0 }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Streams `msgs` from `from` on, paced; returns the index reached when `stop_at` is hit (or all
+/// sent), the events seen and whether the server closed the socket.
+async fn send_some(
+    url: &str,
+    msgs: &[Vec<u8>],
+    stop_at: usize,
+    events: Arc<Mutex<Vec<serde_json::Value>>>,
+    close: bool,
+    pace: Duration,
+) {
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = rx.next().await {
+            if let Message::Text(t) = m {
+                events
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&t).unwrap());
+            }
+        }
+    });
+    for m in &msgs[..stop_at] {
+        if tx.send(Message::Binary(m.clone().into())).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(pace).await;
+    }
+    if close {
+        let _ = tx
+            .send(Message::Text(r#"{"type":"CloseStream"}"#.into()))
+            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), reader).await;
+    } else {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        reader.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_chunk() {
+    let mut nats = NatsServer::start();
+    let sink = Receiver::start(Mode::Ok).await;
+    let cfg = bus_config(&nats.url(), &sink);
+    let dir = std::env::temp_dir().join(format!("voxgate-bus-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("voxgate.toml");
+    let mut toml = format!(
+        "[bus]\nurl = {:?}\npartitions = 2\nack_wait_seconds = 2.0\nbackoff_initial_ms = 100\nbackoff_max_ms = 500\nmax_deliver = 50\n\n[auth]\nconnections_per_ip_per_second = 10000.0\n\n",
+        nats.url()
+    );
+    let w = &cfg.webhooks[0];
+    toml.push_str(&format!(
+        "[[webhooks]]\nname = \"audio\"\nurl = {:?}\ndelay_seconds = 1.0\nsecret = {:?}\ntimeout_ms = 1000\n",
+        w.url,
+        w.secret.as_deref().unwrap()
+    ));
+    std::fs::write(&config, toml).unwrap();
+
+    let msgs = pcm_messages("medium", Some(20.0));
+    let total: u64 = msgs.iter().map(|m| m.len() as u64 / 2).sum();
+    let url = |p: &Proc| {
+        format!(
+            "ws://127.0.0.1:{}/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-chaos-1",
+            p.port
+        )
+    };
+
+    let mut worker = Proc::worker(&config);
+    // 1. Gateway A takes the first 8 s, then dies without a word (SIGKILL).
+    let mut a = Proc::gateway(&config).await;
+    let events_a = Arc::new(Mutex::new(Vec::new()));
+    send_some(
+        &url(&a),
+        &msgs,
+        80,
+        events_a.clone(),
+        false,
+        Duration::from_millis(10),
+    )
+    .await;
+    a.kill();
+    let persisted_a = events_a
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "Persisted")
+        .map(|e| e["samples"].as_u64().unwrap())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        persisted_a >= 16_000,
+        "gateway A acknowledged some audio: {persisted_a}"
+    );
+    // Every chunk A acknowledged reaches the sink although A is gone.
+    wait_contiguous(
+        &sink,
+        "audio",
+        persisted_a - persisted_a % 16_000,
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // 2. The worker dies mid-delivery; a new one takes over its durable consumers.
+    worker.kill();
+    let _worker2 = Proc::worker(&config);
+
+    // 3. The client resends from the start to gateway B, which continues the session from the
+    //    bus; NATS is killed and restarted while it streams.
+    let b = Proc::gateway(&config).await;
+    let events_b = Arc::new(Mutex::new(Vec::new()));
+    let sender = {
+        let url = url(&b);
+        let msgs = msgs.clone();
+        let events = events_b.clone();
+        // 25 ms per 100 ms message: the rest of the session takes about 5 s of wall time.
+        tokio::spawn(async move {
+            send_some(
+                &url,
+                &msgs,
+                msgs.len(),
+                events,
+                true,
+                Duration::from_millis(25),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    nats.kill();
+    // Longer than bus.publish_timeout_ms (2 s): publishes fail and are retried, same ids.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    nats.restart();
+    sender.await.unwrap();
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", b.port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        common::metric_value(&metrics, "voxgate_bus_publishes_total", "outcome=\"error\"") > 0.0,
+        "gateway B published while NATS was down (and retried)"
+    );
+    let events = events_b.lock().unwrap().clone();
+    let closed = events
+        .iter()
+        .find(|e| e["type"] == "Closed")
+        .unwrap_or_else(|| panic!("no Closed from gateway B: {events:?}"))
+        .clone();
+    assert_eq!(closed["code"], 1000, "{closed}");
+    let bus = closed["summary"]["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "bus")
+        .unwrap()
+        .clone();
+    let published_by_b = bus["delivered_bytes"].as_u64().unwrap() / 2;
+    assert!(
+        published_by_b <= total - persisted_a,
+        "gateway B continued where A's acknowledged audio ended ({published_by_b} of {total} samples published by B, A acknowledged {persisted_a})"
+    );
+
+    let got = wait_contiguous(&sink, "audio", total, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 20);
+    for r in &got {
+        assert_eq!(r.idempotency_key, format!("bus-chaos-1:audio:{}", r.seq));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
