@@ -287,6 +287,12 @@ impl Drop for Proc {
     }
 }
 
+/// A fixed instant the test client stamps events against (`_at_ms`).
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
 /// Streams `msgs` from `from` on, paced; returns the index reached when `stop_at` is hit (or all
 /// sent), the events seen and whether the server closed the socket.
 async fn send_some(
@@ -302,10 +308,9 @@ async fn send_some(
     let reader = tokio::spawn(async move {
         while let Some(Ok(m)) = rx.next().await {
             if let Message::Text(t) = m {
-                events
-                    .lock()
-                    .unwrap()
-                    .push(serde_json::from_str(&t).unwrap());
+                let mut v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                v["_at_ms"] = (epoch().elapsed().as_millis() as u64).into();
+                events.lock().unwrap().push(v);
             }
         }
     });
@@ -457,4 +462,97 @@ async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_ch
         assert_eq!(r.idempotency_key, format!("bus-chaos-1:audio:{}", r.seq));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_cluster_survives_killing_the_stream_leader_mid_session() {
+    let mut cluster = nats_support::NatsCluster::start();
+    cluster.wait_ready().await;
+    nats_support::js_ready(&cluster.url(0)).await;
+    let sink = Receiver::start(Mode::Ok).await;
+    let mut cfg = bus_config(&cluster.urls().join(","), &sink);
+    cfg.bus.replicas = 3;
+    let gw = Gateway::start(cfg.clone()).await;
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(voxgate::bus::deliver::run(
+        cfg.clone(),
+        vec![0, 1],
+        stop.clone(),
+    ));
+
+    // 20 s of audio at twice real time; the stream leader dies 3 s in.
+    let msgs = pcm_messages("medium", Some(20.0));
+    let total: u64 = msgs.iter().map(|m| m.len() as u64 / 2).sum();
+    let client = async_nats::connect(cluster.urls()[0].clone())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    // The gateway creates the stream as it starts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match js.get_stream("VOX").await {
+            Ok(s) => break s,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "no stream: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let leader = loop {
+        let info = stream.info().await.unwrap().clone();
+        if let Some(l) = info.cluster.and_then(|c| c.leader) {
+            break l;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stream VOX has no leader"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let victim = cluster.index_of(&leader).expect("the leader is a node");
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sender = {
+        let url = gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-r3-1");
+        let msgs = msgs.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            send_some(
+                &url,
+                &msgs,
+                msgs.len(),
+                events,
+                true,
+                Duration::from_millis(50),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed = std::time::Instant::now();
+    cluster.kill(victim);
+    sender.await.unwrap();
+    let events = events.lock().unwrap().clone();
+    let closed = events
+        .iter()
+        .find(|e| e["type"] == "Closed")
+        .unwrap_or_else(|| panic!("no Closed: {events:?}"))
+        .clone();
+    assert_eq!(closed["code"], 1000, "{closed}");
+    let got = wait_contiguous(&sink, "audio", total, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 20);
+    // The outage as the client saw it: the longest pause between `Persisted` events (they come
+    // every 0.5 s of wall time at this pace while publishing works).
+    let at: Vec<u64> = events
+        .iter()
+        .filter(|e| e["type"] == "Persisted")
+        .map(|e| e["_at_ms"].as_u64().unwrap())
+        .collect();
+    let outage = at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let m = gw.metrics().await;
+    println!(
+        "stream leader {leader} killed: longest pause between Persisted events {outage} ms; all 20 batches at the sink {:?} after the kill; publish errors {}",
+        killed.elapsed(),
+        common::metric_value(&m, "voxgate_bus_publishes_total", "outcome=\"error\"")
+    );
+    cluster.restart(victim);
+    stop.cancel();
+    worker.await.unwrap().unwrap();
 }
