@@ -349,7 +349,15 @@ async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_ch
         w.url,
         w.secret.as_deref().unwrap()
     ));
-    std::fs::write(&config, toml).unwrap();
+    std::fs::write(&config, &toml).unwrap();
+    // Gateway B is configured differently: the session's frozen record, not B's config, decides
+    // where its audio goes.
+    let config_b = dir.join("voxgate-b.toml");
+    std::fs::write(
+        &config_b,
+        toml.replace(&sink.url("audio"), &sink.url("other")),
+    )
+    .unwrap();
 
     let msgs = pcm_messages("medium", Some(20.0));
     let total: u64 = msgs.iter().map(|m| m.len() as u64 / 2).sum();
@@ -401,7 +409,7 @@ async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_ch
 
     // 3. The client resends from the start to gateway B, which continues the session from the
     //    bus; NATS is killed and restarted while it streams.
-    let b = Proc::gateway(&config).await;
+    let b = Proc::gateway(&config_b).await;
     let events_b = Arc::new(Mutex::new(Vec::new()));
     let sender = {
         let url = url(&b);
@@ -461,6 +469,10 @@ async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_ch
     for r in &got {
         assert_eq!(r.idempotency_key, format!("bus-chaos-1:audio:{}", r.seq));
     }
+    assert!(
+        sink.requests("other").is_empty(),
+        "the frozen sinks were used"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -555,4 +567,104 @@ async fn three_node_cluster_survives_killing_the_stream_leader_mid_session() {
     cluster.restart(victim);
     stop.cancel();
     worker.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_bus_warns_then_closes_with_1013_and_counts_the_loss() {
+    let mut nats = NatsServer::start();
+    let sink = Receiver::start(Mode::Ok).await;
+    let mut cfg = bus_config(&nats.url(), &sink);
+    cfg.bus.max_buffer_seconds = 2.0;
+    cfg.server.close_flush_seconds = 1.0;
+    let gw = Gateway::start(cfg.clone()).await;
+    let ready = |gw: &Gateway| {
+        let url = format!("http://{}/readyz", gw.addr);
+        async move { reqwest::get(url).await.unwrap().status().as_u16() }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ready(&gw).await != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-down-1");
+    let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let msgs = pcm_messages("medium", Some(10.0));
+    // The session is set up (its record frozen) once it reports Started.
+    tx.send(Message::Binary(msgs[0].clone().into()))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
+        if let Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            let started = v["type"] == "Started";
+            events.push(v);
+            if started {
+                break;
+            }
+        }
+    }
+    assert!(events.iter().any(|e| e["type"] == "Started"), "{events:?}");
+    nats.kill();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready(&gw).await != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stays 200 with the bus down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 10 s of audio at once: 2 s fit in the bus buffer, the rest cannot.
+    for m in &msgs[1..] {
+        if tx.send(Message::Binary(m.clone().into())).await.is_err() {
+            break;
+        }
+    }
+    let mut close = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(20), rx.next()).await {
+        match m {
+            Message::Text(t) => events.push(serde_json::from_str::<serde_json::Value>(&t).unwrap()),
+            Message::Close(f) => {
+                close = f.map(|f| u16::from(f.code));
+                break;
+            }
+            _ => {}
+        }
+    }
+    let pos = |kind: &str, code: &str| {
+        events
+            .iter()
+            .position(|e| e["type"] == kind && e["code"] == code)
+            .unwrap_or_else(|| panic!("no {kind} {code} in {events:?}"))
+    };
+    assert!(
+        pos("Warning", "bus_slow") < pos("Error", "bus_unavailable"),
+        "warned before the error"
+    );
+    assert_eq!(close, Some(1013), "retryable close");
+    let closed = events
+        .iter()
+        .find(|e| e["type"] == "Closed")
+        .expect("Closed");
+    assert_eq!(closed["code"], 1013);
+    let bus = closed["summary"]["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "bus")
+        .unwrap();
+    assert!(
+        bus["dropped_bytes"].as_u64().unwrap() > 0,
+        "the loss is counted: {bus}"
+    );
+    assert!(
+        gw.metric("voxgate_dropped_bytes_total", "consumer=\"bus\"")
+            .await
+            > 0.0,
+        "and in the metric"
+    );
 }
