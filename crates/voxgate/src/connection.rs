@@ -521,16 +521,6 @@ pub(crate) async fn prepare(
         uid: uid.clone(),
     };
     let via_bus = bus_session.is_some();
-    if let (Some(b), Some(bus)) = (bus_session, &state.bus) {
-        consumers.push(Box::new(crate::bus::publish::BusPublisher::spawn(
-            bus.clone(),
-            b.subjects,
-            Arc::new(b.record),
-            b.continuation.unwrap_or_default(),
-            notifier.clone(),
-            b.created,
-        )));
-    }
     for w in webhook_cfgs
         .into_iter()
         .filter(|w| w.delay_seconds.is_some() && !via_bus)
@@ -579,6 +569,17 @@ pub(crate) async fn prepare(
         via_bus,
         &mut consumers,
     );
+    // The bus publisher comes last: at close it still sees the others' last transcripts.
+    if let (Some(b), Some(bus)) = (bus_session, &state.bus) {
+        consumers.push(Box::new(crate::bus::publish::BusPublisher::spawn(
+            bus.clone(),
+            b.subjects,
+            Arc::new(b.record),
+            b.continuation.unwrap_or_default(),
+            notifier.clone(),
+            b.created,
+        )));
+    }
     drop(notifier); // consumers that talk back get a clone
     Ok(Prepared {
         session,
@@ -1102,11 +1103,20 @@ pub(crate) async fn drive(
     });
     let deadline = Instant::now() + flush;
     let mut summaries: Vec<ConsumerSummary> = Vec::new();
-    for mut c in consumers {
+    // In order: the last words of one consumer (e.g. final transcripts of speech-to-text) reach
+    // the consumers after it (the bus publisher comes last), then subscribers and the client.
+    let mut pending: std::collections::VecDeque<Box<dyn Consumer>> = consumers.into();
+    let mut last_words = Vec::new();
+    while let Some(mut c) = pending.pop_front() {
         c.on_close(code.as_u16());
         summaries.push(c.finish(deadline).await);
+        while let Ok(event) = notices.try_recv() {
+            for rest in pending.iter_mut() {
+                rest.on_event(&event);
+            }
+            last_words.push(event);
+        }
     }
-    // Last words of consumers (e.g. final transcripts) reach subscribers and the client.
     let mut ctx = Dispatch {
         out_tx: &out_tx,
         frontend: frontend.as_ref(),
@@ -1114,8 +1124,8 @@ pub(crate) async fn drive(
         client_gone,
         client_slow: false,
     };
-    while let Ok(event) = notices.try_recv() {
-        ctx.event(&event);
+    for event in &last_words {
+        ctx.event(event);
     }
     summary.consumers = summaries;
     // A drained resumable session can continue on another instance of the deployment.

@@ -668,3 +668,88 @@ async fn a_down_bus_warns_then_closes_with_1013_and_counts_the_loss() {
         "and in the metric"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_transcripts_reach_the_transcript_webhook_through_the_bus() {
+    use axum::routing::post;
+    use voxgate::config::{SttBackend, SttConfig};
+    // A speech-to-text backend that answers every utterance.
+    let app = axum::Router::new().route(
+        "/v1/audio/transcriptions",
+        post(|| async { axum::Json(serde_json::json!({"text": "hello"})) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stt_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let nats = NatsServer::start();
+    let sink = Receiver::start(Mode::Ok).await;
+    let mut cfg = bus_config(&nats.url(), &sink);
+    cfg.webhooks.clear();
+    cfg.segmenter.silence_ms = 250;
+    let mut s = SttConfig::new("whisper", SttBackend::Openai, &format!("http://{stt_addr}"));
+    s.transcript_webhook = Some(sink.url("transcripts"));
+    cfg.stt.push(s);
+    let gw = Gateway::start(cfg.clone()).await;
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(voxgate::bus::deliver::run(
+        cfg.clone(),
+        vec![0, 1],
+        stop.clone(),
+    ));
+
+    // The short sentence three times, 1.5 s of silence after each.
+    let one: Vec<u8> = pcm_messages("short", None).concat();
+    let mut all = Vec::new();
+    for _ in 0..3 {
+        all.extend_from_slice(&one);
+        all.extend(std::iter::repeat_n(0u8, 48_000));
+    }
+    let msgs: Vec<Vec<u8>> = all.chunks(3200).map(<[u8]>::to_vec).collect();
+    let run = common::stream(
+        &gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-tx-1"),
+        msgs,
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(run.close_code, Some(1000), "{}", run.close_reason);
+    let finals = run
+        .of_type("Transcript")
+        .into_iter()
+        .filter(|t| t["is_final"] == true)
+        .count();
+    assert!(finals >= 3, "one final transcript per sentence: {finals}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = sink.requests("transcripts");
+        if got.len() >= finals {
+            let mut seqs: Vec<u64> = got
+                .iter()
+                .map(|r| {
+                    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                    assert_eq!(v["backend"], "whisper");
+                    assert_eq!(v["session_id"], "bus-tx-1");
+                    assert_eq!(v["text"], "hello");
+                    let seq = v["sequence"].as_u64().unwrap();
+                    assert_eq!(r.idempotency_key, format!("bus-tx-1:whisper:{seq}"));
+                    seq
+                })
+                .collect();
+            seqs.dedup();
+            assert_eq!(
+                seqs,
+                (0..finals as u64).collect::<Vec<_>>(),
+                "in order, once each"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {finals} transcripts",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
