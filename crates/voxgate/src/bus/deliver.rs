@@ -98,6 +98,7 @@ async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: Cancellat
     let cfg = shared.bus.cfg.clone();
     let name = format!("deliver-{partition}");
     let mut sessions: HashMap<String, mpsc::Sender<jetstream::Message>> = HashMap::new();
+    let mut handled = 0u64;
     'outer: while !shutdown.is_cancelled() {
         let consumer = async {
             let stream = shared.bus.js.get_stream_no_info(&cfg.stream).await?;
@@ -162,16 +163,29 @@ async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: Cancellat
                     tokio::spawn(session_task(shared.clone(), key.clone(), rx));
                     tx
                 });
-                match tx.send(msg).await {
+                match tx.try_send(msg) {
                     Ok(()) => break,
-                    Err(mpsc::error::SendError(back)) => {
+                    Err(mpsc::error::TrySendError::Closed(back)) => {
                         // The task ended while idle: start a new one.
                         sessions.remove(&key);
                         msg = back;
                     }
+                    Err(mpsc::error::TrySendError::Full(back)) => {
+                        // One slow sink must not stall the partition: this session's message
+                        // comes back later (its order is kept by the session's cursor).
+                        counter!(BUS_DELIVERIES, "kind" => "any", "outcome" => "session_busy")
+                            .increment(1);
+                        let _ = back
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        break;
+                    }
                 }
             }
-            sessions.retain(|_, tx| !tx.is_closed());
+            handled += 1;
+            if handled.is_multiple_of(1024) {
+                sessions.retain(|_, tx| !tx.is_closed());
+            }
         }
     }
     info!(partition, "deliver: stopped");
