@@ -215,3 +215,95 @@ async fn sink_counts_gaps_duplicates_reordering_and_bad_signatures() {
     assert_eq!(stats["samples"], 400);
     stop.cancel();
 }
+
+/// `--sink-listen`: the load tool's own webhook receiver, fed by a plain in-process webhook (no
+/// bus) of two gateways the sessions are spread over. Besides the real batches, the test posts a
+/// redelivery (same key, same range), a conflicting duplicate (same key, other range), a batch of
+/// an unknown session and one far past the end of a session: each is counted where it belongs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_sink_measures_webhook_latency_and_contiguity() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sink_addr = format!("127.0.0.1:{port}");
+    let mut cfg = test_config();
+    cfg.webhooks.push(WebhookConfig::new(
+        "audio",
+        &format!("http://{sink_addr}/audio"),
+        Some(1.0),
+    ));
+    let gw1 = Gateway::start(cfg.clone()).await;
+    let gw2 = Gateway::start(cfg).await;
+    let query = "/v1/listen?encoding=linear16&sample_rate=16000";
+    let mut args = LoadArgs::new(gw1.ws(query), corpus("reference/short.s16le-16k-mono.pcm"));
+    args.url.push(gw2.ws(query));
+    args.sessions = 10;
+    args.speed = 10.0;
+    args.duration = 3.0;
+    args.sink_listen = Some(sink_addr.clone());
+    args.sink_wait = 10.0;
+    args.session_prefix = Some("t".into());
+    args.server_pid = vec![std::process::id()];
+    let load = tokio::spawn(async move { load::run(&args).await });
+
+    // Real batches of t-0-0 and t-1-0 (16,000 samples each at 10x) are in by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let http = reqwest::Client::new();
+    let post = |session: &str, key: &str, start: u64, samples: u64| {
+        http.post(format!(
+            "http://{sink_addr}/audio?sample_rate=16000&session_id={session}"
+        ))
+        .header("x-voxgate-sequence", 0)
+        .header("x-voxgate-start-sample", start)
+        .header("x-voxgate-samples", samples)
+        .header("idempotency-key", key)
+        .body(vec![0u8; samples as usize * 2])
+        .send()
+    };
+    for (session, key, start, samples) in [
+        ("t-0-0", "t-0-0:audio:0", 0, 16_000),
+        ("t-1-0", "t-1-0:audio:0", 0, 100),
+        ("nobody", "nobody:audio:0", 0, 100),
+        ("t-2-0", "t-2-0:audio:999999", 1 << 40, 10),
+    ] {
+        let resp = post(session, key, start, samples).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
+    let r = load.await.unwrap().unwrap();
+    assert_eq!(r.sessions_failed, 0, "errors: {:?}", r.errors);
+    assert_eq!(r.urls.len(), 2);
+    assert_eq!(r.closed_samples_decoded, r.samples_sent);
+    let k = r.sink.as_ref().expect("a sink report");
+    assert_eq!(k.sessions as u64, r.connections);
+    assert_eq!(k.per_session.len(), k.sessions);
+    assert!(k.per_session.iter().all(|s| s.session_id.starts_with("t-")));
+    assert_eq!(k.duplicates, 2, "{k:?}");
+    assert_eq!(k.duplicate_mismatches, 1);
+    assert_eq!(k.unknown_session_requests, 1);
+    assert_eq!(k.bad_requests, 0);
+    assert_eq!(k.requests, k.batches + k.duplicates + 1);
+    // Every sample sent arrived once; the stray batch is a hole plus extra samples.
+    assert_eq!(k.missing_samples, 0, "{:?}", k.missing_by_session);
+    assert!(k.missing_by_session.is_empty());
+    assert_eq!(k.samples, r.samples_sent + 10);
+    assert_eq!((k.gaps, k.extra_samples, k.overlaps), (1, 10, 0));
+    assert_eq!(k.sessions_complete, k.sessions - 1);
+    assert!(k.settle_seconds < 10.0, "settled: {}", k.settle_seconds);
+    // Latency of every real batch (the stray one matches no sent message).
+    let lat = k.latency.as_ref().expect("PCM latency is measured");
+    assert_eq!(lat.count as u64, k.batches - 1);
+    assert!(lat.p50_ms > 0.0 && lat.max_ms < 5000.0, "{lat:?}");
+    assert!(k.longest_silence_s < 3.0, "{}", k.longest_silence_s);
+    assert!(r.timeline.iter().any(|s| s.sink_requests.unwrap_or(0) > 0));
+    let me = r.processes.iter().find(|p| p.role == "server").unwrap();
+    assert!(
+        me.cpu_seconds.unwrap() > 0.0 && me.rss_peak_bytes.is_some(),
+        "{me:?}"
+    );
+    assert!(r.processes.iter().any(|p| p.role == "load"));
+    gw1.shutdown.cancel();
+    gw2.shutdown.cancel();
+}

@@ -4,15 +4,26 @@
 //! once per connection and every further loop is a new connection; raw audio (a URL with
 //! `encoding=...`) loops its bytes on one connection. Messages are paced by the capture index's
 //! `t_recv_ms` (or `--chunk-ms` of media per message for raw audio), `--speed` times faster than
-//! real time. At the deadline every session sends `CloseStream` and waits for `Closed`.
+//! real time. At the deadline every session sends `CloseStream` and waits for `Closed`. With
+//! several `--url`s (several gateways) session slots are spread over them round-robin.
 //!
 //! Event latency: the capture is decoded locally once, which gives the exact number of 16 kHz
 //! samples the server has decoded after each message. A `Progress { seconds_decoded }` event
 //! is matched to the first sent message whose cumulative sample count reaches it; the latency is
 //! the time from sending that message to receiving the event.
 //!
-//! While it runs, the server's RSS (`/proc/PID/status`, `--server-pid`) and the sum of
-//! `voxgate_buffered_bytes` (from `/metrics`) are sampled every second.
+//! Webhook latency (`--sink-listen ADDR`): the tool runs an audio webhook receiver at
+//! `POST http://ADDR/{name}` (always answering 200) and names every connection's session itself
+//! (`session_id=<prefix>-<slot>-<connection>` in the connect URL). For each batch received, the
+//! chunk-to-webhook latency is the receive instant minus the instant the tool sent the message
+//! holding the batch's last sample (exact for raw PCM, where sample offsets are byte offsets).
+//! Per session the distinct idempotency keys' `[start, start + samples)` ranges must cover
+//! `0..samples sent` without holes: gaps, missing samples, overlaps and duplicate keys are counted.
+//!
+//! While it runs, the RSS (`/proc/PID/status`) of each `--server-pid` and the sum of
+//! `voxgate_buffered_bytes` (from `/metrics` of the first URL) are sampled every second; the CPU
+//! time (`/proc/PID/stat` utime + stime) of every `--server-pid`, every `--cpu-pid` and the tool
+//! itself is read at the start and the end of the full-load window.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -20,6 +31,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::time::Instant;
@@ -30,9 +43,10 @@ use super::index;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
-    /// Ingest WebSocket URL (add ?encoding=linear16&sample_rate=16000 for raw PCM).
+    /// Ingest WebSocket URL (add ?encoding=linear16&sample_rate=16000 for raw PCM). Repeat it to
+    /// spread the sessions round-robin over several gateways (same query on every URL).
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/listen")]
-    pub url: String,
+    pub url: Vec<String>,
     /// Concurrent sessions.
     #[arg(long, default_value_t = 10)]
     pub sessions: usize,
@@ -54,10 +68,26 @@ pub struct LoadArgs {
     /// Write the JSON report here.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Sample this process's RSS (VmRSS) every second.
+    /// A gateway process: its RSS (VmRSS) is sampled every second and its CPU time measured.
+    /// Repeatable (one per gateway); the report's RSS figures are their sum.
     #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// Prometheus page to scrape (default: /metrics on the URL's host; "none" to disable).
+    pub server_pid: Vec<u32>,
+    /// Another process whose CPU time (and RSS) to measure over the full-load window: `PID` or
+    /// `NAME=PID` (e.g. `nats1=1234`). Repeatable.
+    #[arg(long)]
+    pub cpu_pid: Vec<String>,
+    /// Run an audio webhook receiver here (e.g. 127.0.0.1:18300; point the gateway's webhook at
+    /// `http://ADDR/NAME`) and measure chunk-to-webhook latency, gaps and duplicates.
+    #[arg(long)]
+    pub sink_listen: Option<String>,
+    /// With --sink-listen: seconds to wait after the last session closed for the sink to hold
+    /// every sample sent.
+    #[arg(long, default_value_t = 30.0)]
+    pub sink_wait: f64,
+    /// With --sink-listen: session ids are `PREFIX-<slot>-<connection>` (default `load-<random>`).
+    #[arg(long)]
+    pub session_prefix: Option<String>,
+    /// Prometheus page to scrape (default: /metrics on the first URL's host; "none" to disable).
     #[arg(long)]
     pub metrics_url: Option<String>,
     /// Plot RSS and buffered bytes over time to this SVG.
@@ -81,7 +111,7 @@ impl LoadArgs {
     /// Arguments with the CLI defaults, for library use.
     pub fn new(url: impl Into<String>, file: impl Into<PathBuf>) -> Self {
         Self {
-            url: url.into(),
+            url: vec![url.into()],
             sessions: 10,
             duration: 10.0,
             file: file.into(),
@@ -89,7 +119,11 @@ impl LoadArgs {
             speed: 1.0,
             ramp: 0.0,
             json: None,
-            server_pid: None,
+            server_pid: Vec::new(),
+            cpu_pid: Vec::new(),
+            sink_listen: None,
+            sink_wait: 30.0,
+            session_prefix: None,
             metrics_url: None,
             svg: None,
             chunk_ms: 100.0,
@@ -138,12 +172,111 @@ pub struct Sample {
     pub buffered_bytes: Option<f64>,
     pub server_sessions: Option<f64>,
     pub client_sessions: i64,
+    /// Webhook requests the embedded sink has received so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink_requests: Option<u64>,
+    /// Largest chunk-to-webhook latency among the batches received since the previous sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink_latency_max_ms: Option<f32>,
+}
+
+/// One measured process (`--server-pid`, `--cpu-pid`, and the load tool itself).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProcessReport {
+    pub label: String,
+    pub pid: u32,
+    pub role: String,
+    /// utime + stime consumed during the full-load window (after the ramp, until the deadline).
+    pub cpu_seconds: Option<f64>,
+    /// `cpu_seconds` divided by the window's length (1.0 = one core busy); for a process that
+    /// exited, by the part of the window it was alive.
+    pub cpu_per_second: Option<f64>,
+    /// CPU seconds from the tool's start to its end (ramp and closing included).
+    pub cpu_seconds_run: Option<f64>,
+    pub rss_baseline_bytes: Option<u64>,
+    pub rss_peak_bytes: Option<u64>,
+    pub rss_end_bytes: Option<u64>,
+    /// The process was gone before the end of the window (its CPU time is up to the last reading).
+    pub exited: bool,
+}
+
+/// What the embedded webhook receiver saw of one connection (session).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SinkSession {
+    pub session_id: String,
+    /// 16 kHz samples the tool sent on this connection.
+    pub sent_samples: u64,
+    /// `Closed.summary.samples_decoded`, when the connection got `Closed`.
+    pub closed_samples: Option<u64>,
+    /// Distinct idempotency keys received.
+    pub batches: u64,
+    /// Requests repeating a key already received.
+    pub duplicates: u64,
+    /// Coverage of `0..sent_samples` by the distinct keys' ranges.
+    #[serde(flatten)]
+    pub coverage: Coverage,
+}
+
+/// How a session's distinct batches cover `0..sent`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Coverage {
+    /// Samples of the distinct keys (overlaps counted twice).
+    pub received_samples: u64,
+    /// Samples of `0..sent` no batch covers.
+    pub missing_samples: u64,
+    /// Holes in the union of the ranges (a missing end counts as one).
+    pub gaps: u64,
+    /// Batches with a different key starting inside samples already covered.
+    pub overlaps: u64,
+    /// Samples received beyond what was sent.
+    pub extra_samples: u64,
+}
+
+/// What the embedded webhook receiver (`--sink-listen`) measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SinkReport {
+    pub listen: String,
+    /// Every request received.
+    pub requests: u64,
+    /// Distinct idempotency keys (batches) of known sessions.
+    pub batches: u64,
+    /// Samples of those batches.
+    pub samples: u64,
+    /// Requests repeating a key already received (same range: a redelivery).
+    pub duplicates: u64,
+    /// Requests repeating a key with a different start or length.
+    pub duplicate_mismatches: u64,
+    pub overlaps: u64,
+    pub gaps: u64,
+    pub missing_samples: u64,
+    pub extra_samples: u64,
+    /// Requests without the sequence/sample headers, or whose body length disagrees.
+    pub bad_requests: u64,
+    /// Requests for a session id this run did not open.
+    pub unknown_session_requests: u64,
+    /// Connections tracked, and those whose samples all arrived (no gap, nothing missing).
+    pub sessions: usize,
+    pub sessions_complete: usize,
+    /// Chunk-to-webhook latency of the first receipt of every batch; null when it cannot be
+    /// measured (no local decode of the format).
+    pub latency: Option<Latency>,
+    /// The longest interval without any webhook request, between the first request and the end
+    /// of the full-load window, and when it began (seconds from the tool's start).
+    pub longest_silence_s: f64,
+    pub longest_silence_at_s: f64,
+    /// Seconds from the last session's end until the sink held everything (or `--sink-wait`).
+    pub settle_seconds: f64,
+    /// Missing samples per session id (only sessions missing some).
+    pub missing_by_session: BTreeMap<String, u64>,
+    pub per_session: Vec<SinkSession>,
 }
 
 /// What the run measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LoadReport {
+    /// The first URL (`urls` has them all).
     pub url: String,
+    pub urls: Vec<String>,
     pub file: String,
     pub sessions: usize,
     pub duration_s: f64,
@@ -185,6 +318,10 @@ pub struct LoadReport {
     pub rss_per_session_bytes: Option<f64>,
     pub buffered_peak_bytes: Option<f64>,
     pub buffered_end_bytes: Option<f64>,
+    /// CPU and RSS per measured process.
+    pub processes: Vec<ProcessReport>,
+    /// The embedded webhook receiver's findings (with `--sink-listen`).
+    pub sink: Option<SinkReport>,
     pub timeline: Vec<Sample>,
 }
 
@@ -207,9 +344,22 @@ impl Capture {
         let data = std::fs::read(&args.file)
             .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
         anyhow::ensure!(!data.is_empty(), "{}: empty file", args.file.display());
-        let parsed = url::Url::parse(&args.url)?;
-        let query: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
-        let format = crate::connection::source_format(&query).map_err(|e| anyhow::anyhow!(e))?;
+        let format_of = |u: &str| -> anyhow::Result<SourceFormat> {
+            let query: HashMap<String, String> =
+                url::Url::parse(u)?.query_pairs().into_owned().collect();
+            crate::connection::source_format(&query).map_err(|e| anyhow::anyhow!(e))
+        };
+        let first = args
+            .url
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("--url is required"))?;
+        let format = format_of(first)?;
+        for u in &args.url[1..] {
+            anyhow::ensure!(
+                format_of(u)? == format,
+                "every --url must ask for the same audio format ({u})"
+            );
+        }
         let raw = !matches!(format, SourceFormat::Auto);
         let mut messages = match &args.index {
             Some(p) => index::load(p, data.len())?,
@@ -394,6 +544,54 @@ struct Ctx {
     args: LoadArgs,
     capture: Capture,
     live: Live,
+    /// The embedded webhook receiver, with `--sink-listen`.
+    sink: Option<Arc<SinkShared>>,
+    session_prefix: String,
+}
+
+/// A process to measure.
+#[derive(Debug, Clone)]
+struct Proc {
+    label: String,
+    pid: u32,
+    role: &'static str,
+}
+
+fn processes(args: &LoadArgs) -> anyhow::Result<Vec<Proc>> {
+    let mut out = Vec::new();
+    for (i, &pid) in args.server_pid.iter().enumerate() {
+        let label = if args.server_pid.len() == 1 {
+            "server".to_owned()
+        } else {
+            format!("server{i}")
+        };
+        out.push(Proc {
+            label,
+            pid,
+            role: "server",
+        });
+    }
+    for spec in &args.cpu_pid {
+        let (label, pid) = match spec.split_once('=') {
+            Some((name, pid)) => (name.to_owned(), pid),
+            None => (format!("pid{spec}"), spec.as_str()),
+        };
+        let pid: u32 = pid
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--cpu-pid {spec:?}: expected PID or NAME=PID"))?;
+        out.push(Proc {
+            label,
+            pid,
+            role: "cpu",
+        });
+    }
+    out.push(Proc {
+        label: "load".to_owned(),
+        pid: std::process::id(),
+        role: "load",
+    });
+    Ok(out)
 }
 
 /// Runs the load and returns its report (also written / printed as the arguments say).
@@ -407,18 +605,53 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         args.speed >= 0.0 && args.ramp >= 0.0,
         "--speed and --ramp must not be negative"
     );
+    anyhow::ensure!(
+        args.sink_wait >= 0.0 && args.sink_wait.is_finite(),
+        "--sink-wait must not be negative"
+    );
     let capture = Capture::load(args)?;
+    let procs = processes(args)?;
     let metrics_url = match args.metrics_url.as_deref() {
         Some("none") => None,
         Some(u) => Some(u.to_owned()),
-        None => default_metrics_url(&args.url),
+        None => default_metrics_url(&args.url[0]),
+    };
+    let session_prefix = args
+        .session_prefix
+        .clone()
+        .unwrap_or_else(|| format!("load-{:06x}", rand::random::<u32>() & 0xff_ffff));
+    anyhow::ensure!(
+        crate::connection::valid_session_id(&format!("{session_prefix}-{}-999999", args.sessions)),
+        "--session-prefix: session ids must be at most 128 characters of A-Z a-z 0-9 - _ . :"
+    );
+    let start = Instant::now();
+    let sink_stop = tokio_util::sync::CancellationToken::new();
+    let (sink, sink_task) = match &args.sink_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("--sink-listen {addr}: {e}"))?;
+            let shared = Arc::new(SinkShared::new(start));
+            let app = axum::Router::new()
+                .route("/{name}", axum::routing::post(sink_receive))
+                .with_state(shared.clone());
+            let stop = sink_stop.clone();
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            });
+            (Some(shared), Some(task))
+        }
+        None => (None, None),
     };
     let ctx = Arc::new(Ctx {
         args: args.clone(),
         capture,
         live: Live::default(),
+        sink,
+        session_prefix,
     });
-    let start = Instant::now();
     let ramp = Duration::from_secs_f64(args.ramp);
     let deadline = start + ramp + Duration::from_secs_f64(args.duration);
 
@@ -426,18 +659,33 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     let sampler = tokio::spawn(sample_loop(
         ctx.clone(),
         metrics_url,
-        args.server_pid,
+        procs.clone(),
         start,
         stop.clone(),
     ));
     // Let the sampler take its baseline before the first connection.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let start_sessions = Instant::now();
+    // CPU time of every process at the start and the end of the full-load window.
+    let load_from = start_sessions + ramp;
+    let pids: Vec<u32> = procs.iter().map(|p| p.pid).collect();
+    let cpu_window = tokio::spawn(async move {
+        tokio::time::sleep_until(load_from).await;
+        let a: Vec<Option<u64>> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+        let ta = Instant::now();
+        tokio::time::sleep_until(deadline).await;
+        let b: Vec<Option<u64>> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+        let window = Window {
+            from: (ta - start).as_secs_f64(),
+            to: start.elapsed().as_secs_f64(),
+        };
+        (a, b, window)
+    });
 
     let mut tasks = Vec::with_capacity(args.sessions);
     for i in 0..args.sessions {
         let at = start_sessions + ramp.mul_f64(i as f64 / args.sessions as f64);
-        tasks.push(tokio::spawn(slot(ctx.clone(), at, deadline)));
+        tasks.push(tokio::spawn(slot(ctx.clone(), i, at, deadline)));
     }
     let mut slots = Vec::with_capacity(tasks.len());
     for t in tasks {
@@ -446,14 +694,45 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
             ..SlotResult::default()
         }));
     }
+    // With a sink: wait (bounded) until it holds every sample sent.
+    let settle_from = Instant::now();
+    let mut settle_seconds = 0.0;
+    if let Some(sink) = &ctx.sink {
+        let until = settle_from + Duration::from_secs_f64(args.sink_wait);
+        while !sink.all_complete() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        settle_seconds = settle_from.elapsed().as_secs_f64();
+    }
     // One last sample after everything closed.
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
-    let timeline = sampler.await.unwrap_or_default();
+    let (timeline, series) = sampler.await.unwrap_or_default();
+    let (cpu_a, cpu_b, window) = cpu_window.await?;
     let wall = start.elapsed().as_secs_f64();
+    let sink_report = ctx.sink.as_ref().map(|s| {
+        let listen = args.sink_listen.clone().unwrap_or_default();
+        s.report(
+            listen,
+            (deadline - start).as_secs_f64(),
+            settle_seconds,
+            ctx.capture.cum.is_some(),
+        )
+    });
+    if let Some(task) = sink_task {
+        sink_stop.cancel();
+        let mut task = task;
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
 
     let mut r = LoadReport {
-        url: args.url.clone(),
+        url: args.url[0].clone(),
+        urls: args.url.clone(),
         file: args.file.display().to_string(),
         sessions: args.sessions,
         duration_s: args.duration,
@@ -463,6 +742,7 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         wall_seconds: wall,
         messages_sent: ctx.live.messages.load(Ordering::Relaxed),
         bytes_sent: ctx.live.bytes.load(Ordering::Relaxed),
+        sink: sink_report,
         ..LoadReport::default()
     };
     let mut lat = Vec::new();
@@ -498,6 +778,11 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         args.ramp + 0.3,
         args.ramp + 0.3 + args.duration,
     );
+    r.processes = procs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| process_report(p, &series[i], cpu_a[i], cpu_b[i], window))
+        .collect();
     r.timeline = timeline;
 
     if let Some(path) = &args.json {
@@ -512,6 +797,332 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     Ok(r)
 }
 
+/// Linux's USER_HZ: `/proc/PID/stat` times are in these ticks.
+const CLOCK_TICKS: f64 = 100.0;
+
+/// The full-load window, in seconds from the tool's start.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    from: f64,
+    to: f64,
+}
+
+fn process_report(
+    p: &Proc,
+    series: &ProcSeries,
+    from: Option<u64>,
+    to: Option<u64>,
+    window: Window,
+) -> ProcessReport {
+    // A process gone before the end of the window: up to its last reading (per second of that).
+    let (to, exited, until) = match to {
+        Some(t) => (Some(t), false, window.to),
+        None => (
+            series.cpu_last.map(|(_, t)| t),
+            true,
+            series.cpu_last.map_or(window.from, |(at, _)| at),
+        ),
+    };
+    let window = until - window.from;
+    let cpu = match (from, to) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / CLOCK_TICKS),
+        _ => None,
+    };
+    let run = match (series.cpu_first, series.cpu_last) {
+        (Some((_, a)), Some((_, b))) => Some(b.saturating_sub(a) as f64 / CLOCK_TICKS),
+        _ => None,
+    };
+    ProcessReport {
+        label: p.label.clone(),
+        pid: p.pid,
+        role: p.role.to_owned(),
+        cpu_seconds: cpu,
+        cpu_per_second: cpu.filter(|_| window > 0.1).map(|c| c / window),
+        cpu_seconds_run: run,
+        rss_baseline_bytes: series.rss.first().map(|x| x.1),
+        rss_peak_bytes: series.rss.iter().map(|x| x.1).max(),
+        rss_end_bytes: series.rss.last().map(|x| x.1),
+        exited,
+    }
+}
+
+/// utime + stime of a process in clock ticks (`/proc/PID/stat` fields 14 and 15).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// What one connection's session looks like to the embedded sink.
+#[derive(Default)]
+struct SessionTrack {
+    /// (cumulative samples after a message, when the tool began sending it), in send order.
+    sends: Vec<(u64, Instant)>,
+    /// Samples sent so far (acknowledged by the socket).
+    sent: u64,
+    /// The connection has ended.
+    done: bool,
+    closed_samples: Option<u64>,
+    /// Distinct idempotency keys: (start, samples).
+    keys: HashMap<String, (u64, u64)>,
+    duplicates: u64,
+}
+
+impl SessionTrack {
+    fn coverage(&self) -> Coverage {
+        let mut ranges: Vec<(u64, u64)> = self.keys.values().copied().collect();
+        coverage(&mut ranges, self.sent)
+    }
+}
+
+#[derive(Default)]
+struct SinkCounters {
+    requests: u64,
+    bad_requests: u64,
+    unknown: u64,
+    duplicate_mismatches: u64,
+    /// Seconds from the tool's start of every request.
+    receipts: Vec<f64>,
+    latencies: Vec<f32>,
+    /// Largest latency since the sampler last looked.
+    interval_max: Option<f32>,
+}
+
+/// The embedded webhook receiver's state.
+struct SinkShared {
+    start: Instant,
+    sessions: Mutex<HashMap<String, Arc<Mutex<SessionTrack>>>>,
+    counters: Mutex<SinkCounters>,
+}
+
+impl SinkShared {
+    fn new(start: Instant) -> Self {
+        Self {
+            start,
+            sessions: Mutex::new(HashMap::new()),
+            counters: Mutex::new(SinkCounters::default()),
+        }
+    }
+
+    fn register(&self, session_id: &str) -> Arc<Mutex<SessionTrack>> {
+        let track = Arc::new(Mutex::new(SessionTrack::default()));
+        self.sessions
+            .lock()
+            .expect("not poisoned")
+            .insert(session_id.to_owned(), track.clone());
+        track
+    }
+
+    /// Records one webhook request received at `now`.
+    fn receive(
+        &self,
+        now: Instant,
+        query: &HashMap<String, String>,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) {
+        let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
+        let num = |k: &str| h(k).and_then(|v| v.parse::<u64>().ok());
+        let session = query
+            .get("session_id")
+            .map(String::as_str)
+            .or_else(|| h("x-voxgate-session-id"));
+        let track =
+            session.and_then(|s| self.sessions.lock().expect("not poisoned").get(s).cloned());
+        // PCM body, or a WAV with a 44-byte header.
+        let pcm_len = if body.len() >= 44 && &body[..4] == b"RIFF" && &body[8..12] == b"WAVE" {
+            body.len() - 44
+        } else {
+            body.len()
+        } as u64;
+        let (mut unknown, mut mismatch, mut latency) = (false, false, None);
+        let bad = match (
+            h("idempotency-key"),
+            num("x-voxgate-start-sample"),
+            num("x-voxgate-samples"),
+        ) {
+            (Some(key), Some(start), Some(samples)) => {
+                match track {
+                    None => unknown = true,
+                    Some(t) => {
+                        let mut g = t.lock().expect("not poisoned");
+                        match g.keys.get(key) {
+                            Some(&prev) => {
+                                g.duplicates += 1;
+                                mismatch = prev != (start, samples);
+                            }
+                            None => {
+                                g.keys.insert(key.to_owned(), (start, samples));
+                                let end = start + samples;
+                                let i = g.sends.partition_point(|&(c, _)| c < end);
+                                latency = g.sends.get(i).map(|&(_, at)| {
+                                    now.saturating_duration_since(at).as_secs_f32() * 1000.0
+                                });
+                            }
+                        }
+                    }
+                }
+                pcm_len != samples * 2
+            }
+            _ => true,
+        };
+        let mut c = self.counters.lock().expect("not poisoned");
+        c.requests += 1;
+        c.receipts
+            .push(now.saturating_duration_since(self.start).as_secs_f64());
+        c.bad_requests += u64::from(bad);
+        c.unknown += u64::from(unknown);
+        c.duplicate_mismatches += u64::from(mismatch);
+        if let Some(l) = latency {
+            c.latencies.push(l);
+            c.interval_max = Some(c.interval_max.map_or(l, |m| m.max(l)));
+        }
+    }
+
+    /// Every connection has ended and the sink holds all it sent.
+    fn all_complete(&self) -> bool {
+        let sessions = self.sessions.lock().expect("not poisoned");
+        sessions.values().all(|t| {
+            let g = t.lock().expect("not poisoned");
+            g.done && g.coverage().missing_samples == 0
+        })
+    }
+
+    /// (requests so far, largest latency since the last call).
+    fn tick(&self) -> (u64, Option<f32>) {
+        let mut c = self.counters.lock().expect("not poisoned");
+        (c.requests, c.interval_max.take())
+    }
+
+    fn report(&self, listen: String, until_s: f64, settle: f64, timed: bool) -> SinkReport {
+        let mut r = SinkReport {
+            listen,
+            settle_seconds: settle,
+            ..SinkReport::default()
+        };
+        let sessions = self.sessions.lock().expect("not poisoned");
+        let mut ids: Vec<&String> = sessions.keys().collect();
+        ids.sort();
+        for id in ids {
+            let g = sessions[id].lock().expect("not poisoned");
+            let cov = g.coverage();
+            let s = SinkSession {
+                session_id: id.clone(),
+                sent_samples: g.sent,
+                closed_samples: g.closed_samples,
+                batches: g.keys.len() as u64,
+                duplicates: g.duplicates,
+                coverage: cov,
+            };
+            r.batches += s.batches;
+            r.samples += cov.received_samples;
+            r.duplicates += s.duplicates;
+            r.overlaps += cov.overlaps;
+            r.gaps += cov.gaps;
+            r.missing_samples += cov.missing_samples;
+            r.extra_samples += cov.extra_samples;
+            if cov.missing_samples > 0 {
+                r.missing_by_session.insert(id.clone(), cov.missing_samples);
+            }
+            if cov.missing_samples == 0 && cov.gaps == 0 {
+                r.sessions_complete += 1;
+            }
+            r.per_session.push(s);
+        }
+        r.sessions = sessions.len();
+        drop(sessions);
+        let mut c = self.counters.lock().expect("not poisoned");
+        r.requests = c.requests;
+        r.bad_requests = c.bad_requests;
+        r.unknown_session_requests = c.unknown;
+        r.duplicate_mismatches = c.duplicate_mismatches;
+        r.latency = (timed && !c.latencies.is_empty()).then(|| Latency::of(c.latencies.clone()));
+        (r.longest_silence_s, r.longest_silence_at_s) = longest_silence(&mut c.receipts, until_s);
+        r
+    }
+}
+
+/// How the distinct `(start, samples)` ranges of one session cover `0..sent`.
+pub fn coverage(ranges: &mut [(u64, u64)], sent: u64) -> Coverage {
+    ranges.sort_unstable();
+    let mut c = Coverage::default();
+    let mut covered = 0u64;
+    for &(start, n) in ranges.iter().filter(|r| r.1 > 0) {
+        let end = start + n;
+        c.received_samples += n;
+        if start > covered {
+            c.gaps += 1;
+            if covered < sent {
+                c.missing_samples += start.min(sent) - covered;
+            }
+        } else if start < covered {
+            c.overlaps += 1;
+        }
+        if end > sent {
+            c.extra_samples += end - start.max(sent);
+        }
+        covered = covered.max(end);
+    }
+    if covered < sent {
+        c.gaps += 1;
+        c.missing_samples += sent - covered;
+    }
+    c
+}
+
+/// The longest interval between consecutive requests (or from the last one to `until`) that
+/// begins before `until`, and when it began.
+fn longest_silence(receipts: &mut [f64], until: f64) -> (f64, f64) {
+    receipts.sort_by(f64::total_cmp);
+    let mut best = (0.0, 0.0);
+    for w in receipts.windows(2) {
+        if w[0] >= until {
+            break;
+        }
+        if w[1] - w[0] > best.0 {
+            best = (w[1] - w[0], w[0]);
+        }
+    }
+    if let Some(&last) = receipts.last() {
+        if last < until && until - last > best.0 {
+            best = (until - last, last);
+        }
+    }
+    best
+}
+
+async fn sink_receive(
+    State(sink): State<Arc<SinkShared>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    sink.receive(Instant::now(), &q, &headers, &body);
+    StatusCode::OK
+}
+
+/// `url` with `session_id=id` (replacing one it had).
+fn with_session_id(url: &str, id: &str) -> String {
+    let Ok(mut u) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    let pairs: Vec<(String, String)> = u
+        .query_pairs()
+        .into_owned()
+        .filter(|(k, _)| k != "session_id")
+        .collect();
+    u.query_pairs_mut()
+        .clear()
+        .extend_pairs(pairs)
+        .append_pair("session_id", id);
+    u.to_string()
+}
+
 fn default_metrics_url(ws: &str) -> Option<String> {
     let u = url::Url::parse(ws).ok()?;
     let scheme = if u.scheme() == "wss" { "https" } else { "http" };
@@ -522,12 +1133,24 @@ fn default_metrics_url(ws: &str) -> Option<String> {
     ))
 }
 
-async fn slot(ctx: Arc<Ctx>, at: Instant, deadline: Instant) -> SlotResult {
+async fn slot(ctx: Arc<Ctx>, index: usize, at: Instant, deadline: Instant) -> SlotResult {
     tokio::time::sleep_until(at).await;
     let mut out = SlotResult::default();
+    let url = &ctx.args.url[index % ctx.args.url.len()];
     // A new connection is only worth starting with at least a second of streaming left.
     while out.connections == 0 || Instant::now() + Duration::from_secs(1) < deadline {
-        let c = connection(&ctx, deadline).await;
+        let c = match &ctx.sink {
+            Some(sink) => {
+                let id = format!("{}-{index}-{}", ctx.session_prefix, out.connections);
+                let track = sink.register(&id);
+                let c = connection(&ctx, deadline, &with_session_id(url, &id), Some(&track)).await;
+                let mut g = track.lock().expect("not poisoned");
+                g.done = true;
+                g.closed_samples = c.closed.then_some(c.closed_samples);
+                c
+            }
+            None => connection(&ctx, deadline, url, None).await,
+        };
         let failed = c.failed;
         out.add(c);
         if failed {
@@ -547,11 +1170,16 @@ fn bump(errors: &mut BTreeMap<String, u64>, code: &str) {
 
 /// One WebSocket connection: stream (one pass of a container, raw audio until the deadline),
 /// `CloseStream`, wait for `Closed`.
-async fn connection(ctx: &Ctx, deadline: Instant) -> ConnResult {
+async fn connection(
+    ctx: &Ctx,
+    deadline: Instant,
+    url: &str,
+    track: Option<&Arc<Mutex<SessionTrack>>>,
+) -> ConnResult {
     let mut res = ConnResult::default();
     let connect = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(ctx.args.url.as_str()),
+        tokio_tungstenite::connect_async(url),
     )
     .await;
     let ws = match connect {
@@ -617,19 +1245,36 @@ async fn connection(ctx: &Ctx, deadline: Instant) -> ConnResult {
                 let m = cap.messages[(k % n) as usize];
                 let bytes = bytes::Bytes::copy_from_slice(&cap.data[m.offset..m.offset + m.length]);
                 let len = bytes.len() as u64;
+                let cum = cap.cum_after(k);
+                // The sink's clock starts before the send: a webhook cannot beat it.
+                if let (Some(t), Some(c)) = (track, cum) {
+                    t.lock()
+                        .expect("not poisoned")
+                        .sends
+                        .push((c, Instant::now()));
+                }
                 tx.send(Message::Binary(bytes)).await?;
                 let now = Instant::now();
                 ctx.live.messages.fetch_add(1, Ordering::Relaxed);
                 ctx.live.bytes.fetch_add(len, Ordering::Relaxed);
-                if let Some(c) = cap.cum_after(k) {
+                if let Some(c) = cum {
                     samples = c;
                     sent.lock().expect("not poisoned").push_back((c, now));
+                    if let Some(t) = track {
+                        t.lock().expect("not poisoned").sent = c;
+                    }
                 }
                 k += 1;
             }
         }
         if whole_pass {
             samples += cap.tail;
+            // The decoder's tail comes out at close: it is "sent" with `CloseStream`.
+            if let Some(t) = track {
+                let mut g = t.lock().expect("not poisoned");
+                g.sends.push((samples, Instant::now()));
+                g.sent = samples;
+            }
         }
         tx.send(Message::Text(r#"{"type":"CloseStream"}"#.into()))
             .await?;
@@ -809,13 +1454,22 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// RSS and CPU readings of one process.
+#[derive(Debug, Clone, Default)]
+struct ProcSeries {
+    rss: Vec<(f64, u64)>,
+    cpu_first: Option<(f64, u64)>,
+    cpu_last: Option<(f64, u64)>,
+}
+
 async fn sample_loop(
     ctx: Arc<Ctx>,
     metrics_url: Option<String>,
-    pid: Option<u32>,
+    procs: Vec<Proc>,
     start: Instant,
     stop: tokio_util::sync::CancellationToken,
-) -> Vec<Sample> {
+) -> (Vec<Sample>, Vec<ProcSeries>) {
+    let mut series = vec![ProcSeries::default(); procs.len()];
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
@@ -836,12 +1490,35 @@ async fn sample_loop(
             },
             _ => (None, None),
         };
+        let t = start.elapsed().as_secs_f64();
+        let mut server_rss = None;
+        for (p, s) in procs.iter().zip(series.iter_mut()) {
+            if let Some(rss) = rss_bytes(p.pid) {
+                s.rss.push((t, rss));
+                if p.role == "server" {
+                    *server_rss.get_or_insert(0) += rss;
+                }
+            }
+            if let Some(ticks) = cpu_ticks(p.pid) {
+                s.cpu_first.get_or_insert((t, ticks));
+                s.cpu_last = Some((t, ticks));
+            }
+        }
+        let (sink_requests, sink_latency_max_ms) = match &ctx.sink {
+            Some(sink) => {
+                let (n, max) = sink.tick();
+                (Some(n), max)
+            }
+            None => (None, None),
+        };
         out.push(Sample {
-            t: start.elapsed().as_secs_f64(),
-            rss_bytes: pid.and_then(rss_bytes),
+            t,
+            rss_bytes: server_rss,
             buffered_bytes: buffered,
             server_sessions,
             client_sessions: ctx.live.connected.load(Ordering::Relaxed),
+            sink_requests,
+            sink_latency_max_ms,
         });
         if stop.is_cancelled() {
             break;
@@ -852,7 +1529,7 @@ async fn sample_loop(
             _ = stop.cancelled() => {}
         }
     }
-    out
+    (out, series)
 }
 
 fn summarize_timeline(r: &mut LoadReport, t: &[Sample], loaded_from: f64, loaded_to: f64) {
@@ -945,6 +1622,58 @@ pub fn human(r: &LoadReport) -> String {
             "  buffered bytes peak {:.0}, end {:.0}",
             p,
             r.buffered_end_bytes.unwrap_or(0.0)
+        );
+    }
+    if let Some(k) = &r.sink {
+        let _ = writeln!(
+            s,
+            "  sink {}: {} requests, {} batches, {} samples; duplicates {} (mismatched {}), gaps {}, missing {} samples, overlaps {}, extra {}, bad {}, unknown session {}; sessions complete {}/{} (settled in {:.1} s)",
+            k.listen,
+            k.requests,
+            k.batches,
+            k.samples,
+            k.duplicates,
+            k.duplicate_mismatches,
+            k.gaps,
+            k.missing_samples,
+            k.overlaps,
+            k.extra_samples,
+            k.bad_requests,
+            k.unknown_session_requests,
+            k.sessions_complete,
+            k.sessions,
+            k.settle_seconds
+        );
+        match &k.latency {
+            Some(l) => {
+                let _ = writeln!(
+                    s,
+                    "  chunk-to-webhook latency p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms max {:.1} ms (n={}); longest silence {:.2} s at t={:.1} s",
+                    l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.count, k.longest_silence_s, k.longest_silence_at_s
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "  chunk-to-webhook latency: not measured; longest silence {:.2} s at t={:.1} s",
+                    k.longest_silence_s, k.longest_silence_at_s
+                );
+            }
+        }
+    }
+    for p in &r.processes {
+        let _ = writeln!(
+            s,
+            "  {} {} (pid {}): CPU {} s under full load ({} s/s), {} s over the run; RSS peak {}{}",
+            p.role,
+            p.label,
+            p.pid,
+            p.cpu_seconds.map_or("-".into(), |c| format!("{c:.2}")),
+            p.cpu_per_second.map_or("-".into(), |c| format!("{c:.3}")),
+            p.cpu_seconds_run.map_or("-".into(), |c| format!("{c:.2}")),
+            p.rss_peak_bytes
+                .map_or("-".into(), |b| format!("{:.1} MiB", mib(b))),
+            if p.exited { " (exited)" } else { "" }
         );
     }
     if r.errors.is_empty() {
@@ -1061,6 +1790,56 @@ mod tests {
         let text = "# HELP x\nvoxgate_buffered_bytes{consumer=\"webhook\"} 10\nvoxgate_buffered_bytes{consumer=\"subscriber\"} 5\nvoxgate_buffered_bytes_other 7\n";
         assert_eq!(metric_sum(text, "voxgate_buffered_bytes"), Some(15.0));
         assert_eq!(metric_sum(text, "voxgate_sessions_active"), None);
+    }
+
+    #[test]
+    fn coverage_counts_holes_overlaps_and_extra() {
+        let cov = |mut v: Vec<(u64, u64)>, sent| coverage(&mut v, sent);
+        assert_eq!(
+            cov(vec![(100, 100), (0, 100)], 200),
+            Coverage {
+                received_samples: 200,
+                ..Coverage::default()
+            }
+        );
+        // A hole in the middle and a missing end.
+        let c = cov(vec![(0, 100), (150, 50)], 300);
+        assert_eq!((c.gaps, c.missing_samples), (2, 150));
+        // Two keys over the same samples; a batch past what was sent.
+        let c = cov(vec![(0, 100), (50, 100), (150, 10)], 150);
+        assert_eq!((c.overlaps, c.extra_samples, c.gaps), (1, 10, 0));
+        let c = cov(vec![], 10);
+        assert_eq!((c.gaps, c.missing_samples), (1, 10));
+        assert_eq!(cov(vec![], 0), Coverage::default());
+    }
+
+    #[test]
+    fn silence_is_the_longest_pause_before_the_end() {
+        let mut t = vec![1.0, 1.5, 4.0, 4.1, 20.0];
+        assert_eq!(longest_silence(&mut t, 10.0), (15.9, 4.1));
+        let mut t = vec![1.0, 1.5, 4.0, 4.1];
+        assert_eq!(longest_silence(&mut t, 5.0), (2.5, 1.5));
+        assert_eq!(longest_silence(&mut [], 5.0), (0.0, 0.0));
+    }
+
+    #[test]
+    fn session_id_replaces_the_urls() {
+        assert_eq!(
+            with_session_id(
+                "ws://h:1/v1/listen?encoding=linear16&session_id=x",
+                "load-1-0"
+            ),
+            "ws://h:1/v1/listen?encoding=linear16&session_id=load-1-0"
+        );
+        assert_eq!(
+            with_session_id("ws://h:1/v1/listen", "a"),
+            "ws://h:1/v1/listen?session_id=a"
+        );
+    }
+
+    #[test]
+    fn cpu_ticks_of_self() {
+        assert!(cpu_ticks(std::process::id()).is_some());
     }
 
     #[test]
