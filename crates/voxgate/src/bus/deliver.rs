@@ -142,8 +142,14 @@ async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: Cancellat
             let msg = match next {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
-                    warn!(partition, error = %e, "deliver: message stream error");
-                    continue;
+                    // Pulls would otherwise only resume after the missed-heartbeat timeout
+                    // (e.g. a first pull that raced the consumer's leader election): subscribe
+                    // anew. Unacked messages are redelivered, so nothing is skipped.
+                    warn!(partition, error = %e, "deliver: message stream error; re-subscribing");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(250)) => continue 'outer,
+                        () = shutdown.cancelled() => break 'outer,
+                    }
                 }
                 None => {
                     warn!(partition, "deliver: message stream ended; re-subscribing");
@@ -392,10 +398,7 @@ async fn deliver(
             }
             Ok(r) => {
                 let status = r.status();
-                let retryable = status.is_server_error()
-                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                    || status == reqwest::StatusCode::REQUEST_TIMEOUT;
-                if !retryable {
+                if !crate::consumers::retry::retryable(status) {
                     breaker.success();
                     warn!(session = %rec.session_id, %id, %status, "deliver: rejected by the sink; dead-lettered");
                     dead(shared, msg, "rejected", Some(status.as_u16())).await;

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::counter;
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::warn;
 use voxgate_session::{AudioChunk, ConsumerSummary, ServerEvent};
 
-use super::webhook::{sign, Breaker};
+use super::retry::{with_retries, Attempt, RetryPolicy};
+use super::webhook::{http_attempt, sign, Breaker};
 use super::{Consumer, ConsumerStats, Notifier, Offer};
 use crate::metrics::{dropped, WEBHOOK_REQUESTS};
 
@@ -174,47 +174,45 @@ async fn run(
         let bytes = body.len() as u64;
         let key = format!("{session_id}:{}:{seq}", cfg.name);
         seq += 1;
-        let mut outcome = Err("gave_up");
-        let mut backoff = Duration::from_millis(200);
-        for attempt in 0..=cfg.max_retries {
-            if attempt > 0 {
-                let ms = rand::rng().random_range(0..=backoff.as_millis() as u64);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            if !breaker.allow() {
-                outcome = Err("circuit_open");
-                break;
-            }
-            stats.requests.fetch_add(1, Ordering::Relaxed);
-            let mut req = client
-                .post(&cfg.url)
-                .query(&cfg.query)
-                .timeout(cfg.timeout)
-                .header("content-type", "application/json")
-                .header("idempotency-key", key.as_str());
-            if let Some(secret) = &cfg.secret {
-                req = req.header("x-voxgate-signature", sign(secret, &key, body.as_bytes()));
-            }
-            match req.body(body.clone()).send().await {
-                Ok(r) if r.status().is_success() => {
-                    breaker.success();
-                    outcome = Ok(());
-                    break;
-                }
-                Ok(r) if r.status().is_client_error() && r.status().as_u16() != 429 => {
-                    breaker.success();
-                    outcome = Err("rejected");
-                    break;
-                }
-                _ => breaker.failure(5, Duration::from_secs(10)),
-            }
-        }
-        let label = match outcome {
-            Ok(()) => "success",
-            Err(reason) => reason,
+        let policy = RetryPolicy {
+            max_retries: cfg.max_retries,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
         };
-        counter!(WEBHOOK_REQUESTS, "outcome" => label).increment(1);
+        let result = with_retries(&policy, |_| {
+            let request = breaker.allow().then(|| {
+                stats.requests.fetch_add(1, Ordering::Relaxed);
+                let mut req = client
+                    .post(&cfg.url)
+                    .query(&cfg.query)
+                    .timeout(cfg.timeout)
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", key.as_str());
+                if let Some(secret) = &cfg.secret {
+                    req = req.header("x-voxgate-signature", sign(secret, &key, body.as_bytes()));
+                }
+                req.body(body.clone())
+            });
+            let breaker = &breaker;
+            async move {
+                match request {
+                    None => {
+                        counter!(WEBHOOK_REQUESTS, "outcome" => "circuit_open").increment(1);
+                        Attempt::Fatal("circuit_open".into())
+                    }
+                    Some(req) => http_attempt(req.send().await, breaker, |b| {
+                        b.failure(5, Duration::from_secs(10))
+                    }),
+                }
+            }
+        })
+        .await;
+        let outcome: Result<(), &'static str> = match result {
+            Ok(()) => Ok(()),
+            Err(e) if e == "circuit_open" => Err("circuit_open"),
+            Err(e) if e == "rejected" => Err("rejected"),
+            Err(_) => Err("gave_up"),
+        };
         match outcome {
             Ok(()) => {
                 stats.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use metrics::counter;
-use rand::Rng;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -21,6 +20,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 use voxgate_session::AudioChunk;
 
+use super::retry::{retryable, with_retries, Attempt, RetryPolicy};
 use super::{pcm_bytes, Consumer, ConsumerStats, Offer};
 use crate::config::{BodyFormat, WebhookConfig};
 use crate::metrics::{buffered, dropped, DELIVERED_BYTES, WEBHOOK_REQUESTS};
@@ -263,52 +263,38 @@ impl Worker {
         };
         let body = bytes::Bytes::from(body);
         let cooldown = Duration::from_secs_f64(self.cfg.breaker_cooldown_seconds);
-        let mut backoff = Duration::from_millis(self.cfg.backoff_initial_ms);
-        for attempt in 0..=self.cfg.max_retries {
-            if attempt > 0 {
-                let jittered = rand::rng().random_range(0..=backoff.as_millis() as u64);
-                tokio::time::sleep(Duration::from_millis(jittered)).await;
-                backoff = (backoff * 2).min(Duration::from_millis(self.cfg.backoff_max_ms));
-            }
-            if !self.breaker.allow() {
-                counter!(WEBHOOK_REQUESTS, "outcome" => "circuit_open").increment(1);
-                return Err("circuit_open");
-            }
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let request = self.request(seq, start, pcm.len(), body.clone());
-            match request.send().await {
-                Ok(resp) if resp.status().is_success() => {
-                    counter!(WEBHOOK_REQUESTS, "outcome" => "success").increment(1);
-                    self.breaker.success();
-                    return Ok(());
+        let policy = RetryPolicy::from_ms(
+            self.cfg.max_retries,
+            self.cfg.backoff_initial_ms,
+            self.cfg.backoff_max_ms,
+        );
+        let this = &*self;
+        let outcome = with_retries(&policy, |attempt| {
+            let request = this.breaker.allow().then(|| {
+                this.stats.requests.fetch_add(1, Ordering::Relaxed);
+                this.request(seq, start, pcm.len(), body.clone())
+            });
+            async move {
+                let Some(request) = request else {
+                    counter!(WEBHOOK_REQUESTS, "outcome" => CIRCUIT_OPEN).increment(1);
+                    return Attempt::Fatal(CIRCUIT_OPEN.into());
+                };
+                let outcome = http_attempt(request.send().await, &this.breaker, |b| {
+                    b.failure(this.cfg.breaker_failures, cooldown)
+                });
+                if let Attempt::Retry(why) = &outcome {
+                    debug!(webhook = %this.cfg.name, why, attempt, "webhook attempt failed");
                 }
-                Ok(resp) => {
-                    let status = resp.status();
-                    let retryable = status.is_server_error()
-                        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                        || status == reqwest::StatusCode::REQUEST_TIMEOUT;
-                    debug!(webhook = %self.cfg.name, %status, attempt, "webhook answered non-2xx");
-                    if !retryable {
-                        counter!(WEBHOOK_REQUESTS, "outcome" => "rejected").increment(1);
-                        self.breaker.success();
-                        return Err("rejected");
-                    }
-                    counter!(WEBHOOK_REQUESTS, "outcome" => "http_error").increment(1);
-                    self.breaker.failure(self.cfg.breaker_failures, cooldown);
-                }
-                Err(e) => {
-                    let outcome = if e.is_timeout() {
-                        "timeout"
-                    } else {
-                        "transport_error"
-                    };
-                    debug!(webhook = %self.cfg.name, error = %e, attempt, "webhook request failed");
-                    counter!(WEBHOOK_REQUESTS, "outcome" => outcome).increment(1);
-                    self.breaker.failure(self.cfg.breaker_failures, cooldown);
-                }
+                outcome
             }
+        })
+        .await;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(e) if e == CIRCUIT_OPEN => Err(CIRCUIT_OPEN),
+            Err(e) if e == REJECTED => Err(REJECTED),
+            Err(_) => Err("gave_up"),
         }
-        Err("gave_up")
     }
 
     fn request(
@@ -372,6 +358,44 @@ pub fn audio_body(format: &BodyFormat, pcm_le: &[u8]) -> Vec<u8> {
             out
         }
     }
+}
+
+const CIRCUIT_OPEN: &str = "circuit_open";
+const REJECTED: &str = "rejected";
+
+/// One HTTP attempt of a webhook: counts it in `voxgate_webhook_requests_total{outcome}`, tells
+/// the endpoint's breaker (`fail` on a retryable failure), and says whether to retry.
+pub(crate) fn http_attempt(
+    result: Result<reqwest::Response, reqwest::Error>,
+    breaker: &Breaker,
+    fail: impl Fn(&Breaker),
+) -> Attempt<()> {
+    let (label, attempt) = match result {
+        Ok(resp) if resp.status().is_success() => {
+            breaker.success();
+            ("success", Attempt::Done(()))
+        }
+        Ok(resp) if retryable(resp.status()) => {
+            fail(breaker);
+            ("http_error", Attempt::Retry(resp.status().to_string()))
+        }
+        Ok(_) => {
+            // The endpoint is up and refused this request: not a breaker failure.
+            breaker.success();
+            (REJECTED, Attempt::Fatal(REJECTED.into()))
+        }
+        Err(e) => {
+            fail(breaker);
+            let label = if e.is_timeout() {
+                "timeout"
+            } else {
+                "transport_error"
+            };
+            (label, Attempt::Retry(e.to_string()))
+        }
+    };
+    counter!(WEBHOOK_REQUESTS, "outcome" => label).increment(1);
+    attempt
 }
 
 /// `sha256=<hex>` of HMAC-SHA256(secret, idempotency_key + "." + body).

@@ -291,7 +291,7 @@ impl Worker {
         let keepalive = Duration::from_secs_f64(self.cfg.keepalive_seconds);
         let mut tick = tokio::time::interval(keepalive / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut backoff = Backoff::new(&self.cfg);
+        let mut backoff = Backoff::new(&self.cfg.retry_policy());
         let mut next_attempt = Instant::now();
         let mut conn: Option<Conn> = None;
         let mut input_open = true;
@@ -306,7 +306,7 @@ impl Worker {
             if conn.is_none() && Instant::now() >= next_attempt {
                 match self.connect().await {
                     Ok(c) => {
-                        backoff = Backoff::new(&self.cfg);
+                        backoff = Backoff::new(&self.cfg.retry_policy());
                         let mut c = c;
                         if self.resend(&mut c).await.is_ok() {
                             conn = Some(c);

@@ -17,13 +17,11 @@ pub mod openai;
 #[cfg(feature = "pocketsphinx")]
 pub mod pocketsphinx;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{counter, histogram};
-use rand::Rng;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -298,62 +296,17 @@ impl Ctx {
     }
 }
 
-/// Retry policy: exponential backoff with full jitter.
-pub(crate) struct Backoff {
-    next: Duration,
-    max: Duration,
-}
+pub(crate) use super::retry::{retryable, with_retries, Attempt, Backoff};
 
-impl Backoff {
-    pub fn new(cfg: &SttConfig) -> Self {
-        Self {
-            next: Duration::from_millis(cfg.backoff_initial_ms),
-            max: Duration::from_millis(cfg.backoff_max_ms),
-        }
+impl SttConfig {
+    /// This backend's retry policy.
+    pub fn retry_policy(&self) -> super::retry::RetryPolicy {
+        super::retry::RetryPolicy::from_ms(
+            self.max_retries,
+            self.backoff_initial_ms,
+            self.backoff_max_ms,
+        )
     }
-    /// The delay before the next attempt (full jitter), doubling the ceiling.
-    pub fn delay(&mut self) -> Duration {
-        let ceiling = self.next;
-        self.next = (self.next * 2).min(self.max);
-        Duration::from_millis(rand::rng().random_range(0..=ceiling.as_millis() as u64))
-    }
-}
-
-/// What one attempt of a retried operation came to.
-pub(crate) enum Attempt<T> {
-    Done(T),
-    /// Worth retrying (5xx, 408, 429, timeouts, transport errors).
-    Retry(String),
-    /// Not worth retrying (other 4xx, bad answers).
-    Fatal(String),
-}
-
-/// Runs `attempt` up to `1 + max_retries` times with backoff; the error is the last one.
-pub(crate) async fn with_retries<T, F, Fut>(cfg: &SttConfig, mut attempt: F) -> Result<T, String>
-where
-    F: FnMut(u32) -> Fut,
-    Fut: Future<Output = Attempt<T>>,
-{
-    let mut backoff = Backoff::new(cfg);
-    let mut last = String::new();
-    for n in 0..=cfg.max_retries {
-        if n > 0 {
-            tokio::time::sleep(backoff.delay()).await;
-        }
-        match attempt(n).await {
-            Attempt::Done(v) => return Ok(v),
-            Attempt::Retry(e) => last = e,
-            Attempt::Fatal(e) => return Err(e),
-        }
-    }
-    Err(last)
-}
-
-/// Whether an HTTP status is worth retrying.
-pub(crate) fn retryable(status: reqwest::StatusCode) -> bool {
-    status.is_server_error()
-        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-        || status == reqwest::StatusCode::REQUEST_TIMEOUT
 }
 
 /// Posts final transcripts as JSON to `transcript_webhook`: a bounded queue, retries with
@@ -376,7 +329,7 @@ impl Poster {
         let task = tokio::spawn(async move {
             while let Some(doc) = rx.recv().await {
                 let key = format!("{}:{}:{}", session_id, cfg.name, doc["sequence"]);
-                let outcome = with_retries(&cfg, |_| {
+                let outcome = with_retries(&cfg.retry_policy(), |_| {
                     let req = client
                         .post(&url)
                         .timeout(Duration::from_millis(cfg.timeout_ms))

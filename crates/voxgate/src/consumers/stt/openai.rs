@@ -41,7 +41,7 @@ pub async fn transcribe(
     let wav = bytes::Bytes::from(wav_bytes(pcm));
     let url = endpoint(&cfg.url);
     let name = cfg.name.clone();
-    with_retries(cfg, |attempt| {
+    with_retries(&cfg.retry_policy(), |attempt| {
         let mut form = Form::new()
             .part(
                 "file",
