@@ -711,11 +711,17 @@ impl Config {
     pub fn session_memory_bound(&self) -> usize {
         const SEGMENTER: usize = 16 * 1024; // earshot state (~8 KiB) + one frame
         const EVENT: usize = 512; // a JSON event is a few hundred bytes at most
+                                  // With a bus, a session's audio webhooks are served by its bus publisher, which holds
+                                  // at most `bus.max_buffer_seconds` of audio per webhook instead of the webhook's own cap.
+        let bus_cap = (self.bus.max_buffer_seconds * 32_000.0) as usize;
         let webhooks: usize = self
             .webhooks
             .iter()
             .filter(|w| w.delay_seconds.is_some())
-            .map(|w| w.max_buffer_bytes())
+            .map(|w| match self.bus.url {
+                Some(_) => bus_cap,
+                None => w.max_buffer_bytes(),
+            })
             .sum();
         // Any backend may be selected by the connect query.
         let stt: usize = self.stt.iter().map(SttConfig::max_buffer_bytes).sum();

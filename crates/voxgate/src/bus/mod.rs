@@ -513,6 +513,38 @@ mod tests {
     }
 
     #[test]
+    fn bus_settings_are_validated_with_every_error_reported() {
+        let mut cfg = crate::config::Config::default();
+        assert!(cfg.validate().is_ok(), "no bus by default");
+        cfg.bus.url = Some("nats://127.0.0.1:4222,nats://[bad".into());
+        cfg.bus.partitions = 0;
+        cfg.bus.tenant = "a.b".into();
+        cfg.webhooks
+            .push(WebhookConfig::new("w", "http://127.0.0.1:9/", Some(60.0)));
+        let err = cfg.validate().unwrap_err().to_string();
+        for want in [
+            "bus.url",
+            "bus.partitions",
+            "bus.tenant",
+            "webhooks[0].delay_seconds",
+        ] {
+            assert!(err.contains(want), "{want} missing in {err}");
+        }
+    }
+
+    #[test]
+    fn the_memory_bound_counts_the_bus_buffer_instead_of_the_webhook_cap() {
+        let mut cfg = crate::config::Config::default();
+        let mut w = WebhookConfig::new("w", "http://127.0.0.1:9/", Some(1.0));
+        w.max_buffer_seconds = 60.0;
+        cfg.webhooks.push(w);
+        let in_process = cfg.session_memory_bound();
+        cfg.bus.url = Some("nats://127.0.0.1:4222".into());
+        cfg.bus.max_buffer_seconds = 30.0;
+        assert_eq!(in_process - cfg.session_memory_bound(), 30 * 32_000);
+    }
+
+    #[test]
     fn partition_is_stable_and_in_range() {
         let p = partition("default", "session-1", 8);
         assert_eq!(p, partition("default", "session-1", 8));
