@@ -436,6 +436,7 @@ pub(crate) async fn prepare(
                 bus,
                 &session_id,
                 &uid,
+                principal.is_some(),
                 from_hook,
                 &webhook_cfgs,
                 &stt_backends,
@@ -605,6 +606,7 @@ async fn bus_session(
     bus: &crate::bus::Bus,
     session_id: &str,
     uid: &str,
+    authenticated: bool,
     from_hook: bool,
     webhooks: &[Arc<WebhookConfig>],
     stt: &[Arc<crate::consumers::stt::Backend>],
@@ -673,6 +675,15 @@ async fn bus_session(
         .await
         .map_err(unavailable)?
         .ok_or_else(|| unavailable(crate::bus::BusError::Nats("session record vanished".into())))?;
+    // With tokens, only the session's own user may continue it (its audio goes to that user's
+    // sinks).
+    if authenticated && existing.uid != uid {
+        return Err(Refusal::new(
+            1008,
+            "forbidden",
+            format!("session {session_id:?} belongs to another user"),
+        ));
+    }
     if existing.ended {
         return Err(Refusal::new(
             1008,

@@ -753,3 +753,94 @@ async fn final_transcripts_reach_the_transcript_webhook_through_the_bus() {
     stop.cancel();
     worker.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_its_own_user_continues_an_open_bus_session() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use voxgate::auth::{AuthMode, Claims};
+    const SECRET: &str = "0123456789abcdef-test-secret";
+    let token = |sub: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims = Claims {
+            sub: sub.into(),
+            exp,
+            aud: Some(serde_json::json!("voxgate")),
+            sid: None,
+            sessions: vec![],
+            consumers: None,
+        };
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let nats = NatsServer::start();
+    let sink = Receiver::start(Mode::Ok).await;
+    let mut cfg = bus_config(&nats.url(), &sink);
+    cfg.auth.mode = AuthMode::Jwt;
+    cfg.auth.hs256_secret = Some(SECRET.into());
+    let gw = Gateway::start(cfg).await;
+    // Alice's session is left open on the bus (its gateway went away mid-session).
+    let base = "/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-owned-1";
+    let (ws, _) =
+        tokio_tungstenite::connect_async(gw.ws(&format!("{base}&token={}", token("alice"))))
+            .await
+            .unwrap();
+    let (mut tx, mut rx) = ws.split();
+    tx.send(Message::Binary(
+        pcm_messages("medium", Some(0.1))[0].clone().into(),
+    ))
+    .await
+    .unwrap();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
+        if matches!(&m, Message::Text(t) if t.contains("\"Started\"")) {
+            break;
+        }
+    }
+    drop((tx, rx)); // the socket drops: the session ends as the peer's close, not for good
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Mark the record open again, as a gateway that died mid-session would have left it.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let kv = js.get_key_value("vox-sessions").await.unwrap();
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&kv.get("default.bus-owned-1").await.unwrap().unwrap()).unwrap();
+    assert_eq!(rec["uid"], "alice");
+    rec["ended"] = false.into();
+    kv.put("default.bus-owned-1", rec.to_string().into())
+        .await
+        .unwrap();
+
+    let bob = common::stream(
+        &gw.ws(&format!("{base}&token={}", token("bob"))),
+        vec![],
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(bob.close_code, Some(1008), "{}", bob.close_reason);
+    assert!(
+        bob.of_type("Error")
+            .iter()
+            .any(|e| e["code"] == "forbidden"),
+        "{:?}",
+        bob.events
+    );
+    let alice = common::stream(
+        &gw.ws(&format!("{base}&token={}", token("alice"))),
+        pcm_messages("medium", Some(1.0)),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(
+        alice.close_code,
+        Some(1000),
+        "alice continues: {}",
+        alice.close_reason
+    );
+}
