@@ -314,6 +314,7 @@ pub(crate) async fn prepare(
         transcript_webhook: cfg.omi.transcript_webhook.clone(),
         conversation_webhook: cfg.omi.conversation_webhook.clone(),
     };
+    let mut hook_stt: Option<Vec<String>> = None;
     let mut webhook_cfgs: Vec<Arc<WebhookConfig>> = if let Some(h) = &handoff {
         let mut chosen = Vec::new();
         for (name, _) in &h.webhooks {
@@ -347,6 +348,7 @@ pub(crate) async fn prepare(
         if let (Some(u), None) = (answer.uid, &principal) {
             uid = u;
         }
+        hook_stt = answer.stt;
         // Per-user URLs come from outside: check them against the webhook policy.
         let mut urls: Vec<&String> = answer.webhooks.iter().map(|w| &w.url).collect();
         urls.extend(answer.audio_apps.iter());
@@ -422,10 +424,12 @@ pub(crate) async fn prepare(
         );
     }
 
-    let stt_backends = state
-        .stt
-        .select(params.query.get("stt"))
-        .map_err(|e| Refusal::new(1008, "unknown_stt", e))?;
+    // The hook's choice wins over the connect query's.
+    let stt_backends = match &hook_stt {
+        Some(names) => state.stt.select(Some(&names.join(","))),
+        None => state.stt.select(params.query.get("stt")),
+    }
+    .map_err(|e| Refusal::new(1008, "unknown_stt", e))?;
 
     // With a bus, the session's sinks are frozen in its record; a record that exists (another
     // gateway ran the session and went away) is continued from what the stream holds.

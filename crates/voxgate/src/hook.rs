@@ -36,6 +36,10 @@ pub struct HookAnswer {
     /// Omi: the user's conversation webhook.
     #[serde(default)]
     pub conversation_webhook: Option<String>,
+    /// Speech-to-text backends for the session, by configured name (`[]` = none). Absent: the
+    /// connect query's `stt=` or the configured defaults. Backend URLs and keys stay in config.
+    #[serde(default)]
+    pub stt: Option<Vec<String>>,
 }
 
 /// Asks the hook; any failure (timeout, non-2xx, bad JSON) is an error string for the client.

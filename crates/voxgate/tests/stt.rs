@@ -953,3 +953,61 @@ async fn deepgram_unreachable_drops_past_the_cap_and_counts() {
     );
     gw.shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_on_connect_hook_chooses_the_speech_to_text_backends() {
+    let _serial = SERIAL.lock().await;
+    let oa_a = OpenAi::start(OaMode::Ok).await;
+    let oa_b = OpenAi::start(OaMode::Ok).await;
+    // The hook picks backends by the connect query's `pick` (a stand-in for a user's plan).
+    let hook = Router::new().route(
+        "/connect",
+        post(
+            |axum::Json(req): axum::Json<serde_json::Value>| async move {
+                let pick = req["query"]["pick"].as_str().unwrap_or("").to_owned();
+                let stt: Vec<&str> = pick.split(',').filter(|p| !p.is_empty()).collect();
+                axum::Json(serde_json::json!({"allow": true, "stt": stt}))
+            },
+        ),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+    let mut cfg = stt_config();
+    cfg.stt.push(openai_cfg("a", &oa_a.url()));
+    let mut b = openai_cfg("b", &oa_b.url());
+    b.default = false;
+    cfg.stt.push(b);
+    cfg.on_connect = Some(voxgate::config::OnConnectConfig {
+        url: format!("http://{hook_addr}/connect"),
+        timeout_ms: 2000,
+    });
+    let gw = Gateway::start(cfg).await;
+    let base = "/v1/listen?encoding=linear16&sample_rate=16000";
+    // The hook's `b` wins over the query's `stt=a` and the default `a`.
+    let run = stream(
+        &gw.ws(&format!("{base}&pick=b&stt=a")),
+        sentences(1),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(run.close_code, Some(1000), "{}", run.close_reason);
+    assert!(!transcripts(&run, "b").is_empty(), "b transcribed");
+    assert!(transcripts(&run, "a").is_empty(), "a was not chosen");
+    assert!(oa_a.requests().is_empty());
+    // `[]`: no speech-to-text at all.
+    let run = stream(
+        &gw.ws(&format!("{base}&pick=")),
+        sentences(1),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(run.close_code, Some(1000));
+    assert!(run.of_type("Transcript").is_empty());
+    // A name that is not configured is refused.
+    let run = stream(&gw.ws(&format!("{base}&pick=nope")), vec![], Duration::ZERO).await;
+    assert_eq!(run.close_code, Some(1008));
+    assert_eq!(run.of_type("Error")[0]["code"], "unknown_stt");
+    assert!(oa_a.requests().is_empty());
+    gw.shutdown.cancel();
+}
