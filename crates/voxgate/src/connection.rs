@@ -77,39 +77,65 @@ pub fn source_format(query: &HashMap<String, String>) -> Result<SourceFormat, St
         let c = num("channels", 1)?;
         u8::try_from(c).map_err(|_| format!("channels={c} is out of range"))
     };
-    Ok(match encoding.as_deref() {
-        None | Some("" | "auto" | "webm" | "ogg" | "opus_container") => SourceFormat::Auto,
-        Some("opus") => SourceFormat::Opus {
-            sample_rate: num("sample_rate", 48_000)?,
-            channels: channels()?,
+    match encoding.as_deref() {
+        None | Some("" | "auto" | "webm" | "ogg" | "opus_container") => Ok(SourceFormat::Auto),
+        Some(name) => match RAW_ENCODINGS.iter().find(|(names, ..)| names.contains(&name)) {
+            Some((_, default_rate, make)) => Ok(make(num("sample_rate", *default_rate)?, channels()?)),
+            None => Err(format!(
+                "unsupported encoding {name:?}; use opus, linear16, float32, linear8, mulaw, alaw, or omit it for WebM/Ogg"
+            )),
         },
-        Some("linear16" | "pcm_s16le" | "pcm16") => SourceFormat::Linear16 {
-            sample_rate: num("sample_rate", 16_000)?,
-            channels: channels()?,
-        },
-        Some("float32" | "linear32" | "pcm_f32le") => SourceFormat::Float32 {
-            sample_rate: num("sample_rate", 16_000)?,
-            channels: channels()?,
-        },
-        Some("linear8" | "pcm8" | "pcm_u8") => SourceFormat::Linear8 {
-            sample_rate: num("sample_rate", 8_000)?,
-            channels: channels()?,
-        },
-        Some("mulaw" | "ulaw" | "pcm_mulaw") => SourceFormat::Mulaw {
-            sample_rate: num("sample_rate", 8_000)?,
-            channels: channels()?,
-        },
-        Some("alaw" | "pcm_alaw") => SourceFormat::Alaw {
-            sample_rate: num("sample_rate", 8_000)?,
-            channels: channels()?,
-        },
-        Some(other) => {
-            return Err(format!(
-                "unsupported encoding {other:?}; use opus, linear16, float32, linear8, mulaw, alaw, or omit it for WebM/Ogg"
-            ))
-        }
-    })
+    }
 }
+
+/// Raw encodings: the names a client may use, the default sample rate, and the format.
+type MakeFormat = fn(u32, u8) -> SourceFormat;
+const RAW_ENCODINGS: &[(&[&str], u32, MakeFormat)] = &[
+    (&["opus"], 48_000, |sample_rate, channels| {
+        SourceFormat::Opus {
+            sample_rate,
+            channels,
+        }
+    }),
+    (
+        &["linear16", "pcm_s16le", "pcm16"],
+        16_000,
+        |sample_rate, channels| SourceFormat::Linear16 {
+            sample_rate,
+            channels,
+        },
+    ),
+    (
+        &["float32", "linear32", "pcm_f32le"],
+        16_000,
+        |sample_rate, channels| SourceFormat::Float32 {
+            sample_rate,
+            channels,
+        },
+    ),
+    (
+        &["linear8", "pcm8", "pcm_u8"],
+        8_000,
+        |sample_rate, channels| SourceFormat::Linear8 {
+            sample_rate,
+            channels,
+        },
+    ),
+    (
+        &["mulaw", "ulaw", "pcm_mulaw"],
+        8_000,
+        |sample_rate, channels| SourceFormat::Mulaw {
+            sample_rate,
+            channels,
+        },
+    ),
+    (&["alaw", "pcm_alaw"], 8_000, |sample_rate, channels| {
+        SourceFormat::Alaw {
+            sample_rate,
+            channels,
+        }
+    }),
+];
 
 /// Device Opus with `seq=1`: each message starts with a 4-byte sequence number; `frame_ms`
 /// (default 20) sizes the silence that conceals a lost packet.
@@ -1309,5 +1335,61 @@ async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(Instant::from_std(d)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn encodings_map_to_formats_with_their_default_rates() {
+        assert!(matches!(source_format(&q(&[])), Ok(SourceFormat::Auto)));
+        assert!(matches!(
+            source_format(&q(&[("encoding", "WEBM")])),
+            Ok(SourceFormat::Auto)
+        ));
+        assert!(matches!(
+            source_format(&q(&[("encoding", "opus")])),
+            Ok(SourceFormat::Opus {
+                sample_rate: 48_000,
+                channels: 1
+            })
+        ));
+        assert!(matches!(
+            source_format(&q(&[("encoding", "pcm16"), ("channels", "2")])),
+            Ok(SourceFormat::Linear16 {
+                sample_rate: 16_000,
+                channels: 2
+            })
+        ));
+        assert!(matches!(
+            source_format(&q(&[("encoding", "ulaw"), ("sample_rate", "16000")])),
+            Ok(SourceFormat::Mulaw {
+                sample_rate: 16_000,
+                channels: 1
+            })
+        ));
+        assert!(matches!(
+            source_format(&q(&[("encoding", "pcm_alaw")])),
+            Ok(SourceFormat::Alaw {
+                sample_rate: 8_000,
+                ..
+            })
+        ));
+        let err = source_format(&q(&[("encoding", "mp3")])).unwrap_err();
+        assert!(err.contains("unsupported encoding \"mp3\""), "{err}");
+        let err = source_format(&q(&[("encoding", "linear16"), ("channels", "300")])).unwrap_err();
+        assert!(err.contains("channels=300"), "{err}");
+        let err =
+            source_format(&q(&[("encoding", "linear16"), ("sample_rate", "fast")])).unwrap_err();
+        assert!(err.contains("sample_rate"), "{err}");
     }
 }
