@@ -1470,25 +1470,39 @@ async fn sample_loop(
     stop: tokio_util::sync::CancellationToken,
 ) -> (Vec<Sample>, Vec<ProcSeries>) {
     let mut series = vec![ProcSeries::default(); procs.len()];
-    let client = reqwest::Client::builder()
+    let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
-        .ok();
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("voxgate load: no HTTP client for the metrics scrape ({e}); buffered bytes and server sessions will be missing");
+            None
+        }
+    };
+    let mut scrape_failed = false;
     let mut out = Vec::new();
     let mut next = start;
     loop {
-        let (buffered, server_sessions) = match (&client, &metrics_url) {
-            (Some(c), Some(u)) => match c.get(u).send().await {
-                Ok(resp) => match resp.text().await {
-                    Ok(text) => (
-                        Some(metric_sum(&text, crate::metrics::BUFFERED_BYTES).unwrap_or(0.0)),
-                        metric_sum(&text, crate::metrics::SESSIONS_ACTIVE),
-                    ),
-                    Err(_) => (None, None),
-                },
-                Err(_) => (None, None),
-            },
-            _ => (None, None),
+        let scraped = match (&client, &metrics_url) {
+            (Some(c), Some(u)) => Some(match c.get(u).send().await {
+                Ok(resp) => resp.text().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }),
+            _ => None,
+        };
+        let (buffered, server_sessions) = match scraped {
+            Some(Ok(text)) => (
+                Some(metric_sum(&text, crate::metrics::BUFFERED_BYTES).unwrap_or(0.0)),
+                metric_sum(&text, crate::metrics::SESSIONS_ACTIVE),
+            ),
+            Some(Err(e)) => {
+                if !std::mem::replace(&mut scrape_failed, true) {
+                    eprintln!("voxgate load: metrics scrape failed ({e}); samples without it are marked missing");
+                }
+                (None, None)
+            }
+            None => (None, None),
         };
         let t = start.elapsed().as_secs_f64();
         let mut server_rss = None;
