@@ -403,14 +403,12 @@ async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_ch
     )
     .await;
 
-    // 2. The worker dies mid-delivery; a new one takes over its durable consumers.
-    worker.kill();
-    let _worker2 = Proc::worker(&config);
-
-    // 3. The client resends from the start to gateway B, which continues the session from the
-    //    bus; NATS is killed and restarted while it streams.
+    // 2. The client resends from the start to gateway B, which continues the session from the
+    //    bus (B skips what A published).
     let b = Proc::gateway(&config_b).await;
     let events_b = Arc::new(Mutex::new(Vec::new()));
+    let before = sink.got.lock().unwrap().len();
+    sink.set_mode(Mode::Slow(400));
     let sender = {
         let url = url(&b);
         let msgs = msgs.clone();
@@ -428,7 +426,23 @@ async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_ch
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // 3. The worker dies mid-delivery: the moment the slow sink has B's first new batch (it
+    //    answers after 400 ms), the worker is SIGKILLed with that request unanswered. A new
+    //    worker takes over the durable consumers and redelivers it with the same key.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while sink.got.lock().unwrap().len() == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no batch from gateway B"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    worker.kill();
+    let in_flight = sink.got.lock().unwrap()[before].idempotency_key.clone();
+    sink.set_mode(Mode::Ok);
+    let _worker2 = Proc::worker(&config);
+    // 4. NATS is killed and restarted while B streams.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     nats.kill();
     // Longer than bus.publish_timeout_ms (2 s): publishes fail and are retried, same ids.
     tokio::time::sleep(Duration::from_millis(3000)).await;
@@ -472,6 +486,17 @@ async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_ch
     assert!(
         sink.requests("other").is_empty(),
         "the frozen sinks were used"
+    );
+    let repeats = sink
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.idempotency_key == in_flight)
+        .count();
+    assert!(
+        repeats >= 2,
+        "the batch in flight when the worker died was delivered again, same key ({in_flight})"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -81,6 +81,9 @@ pub enum Mode {
     /// Never answers (until the client gives up).
     Hang,
     Fail(u16),
+    /// Records the request, then answers 200 after this many milliseconds (a request cut off
+    /// meanwhile was seen by the sink but never acknowledged to its sender).
+    Slow(u64),
 }
 
 /// One request the receiver saw.
@@ -156,7 +159,7 @@ async fn receive(
             return StatusCode::OK;
         }
         Mode::Fail(code) => return StatusCode::from_u16(code).unwrap(),
-        Mode::Ok => {}
+        Mode::Ok | Mode::Slow(_) => {}
     }
     let h = |k: &str| {
         headers
@@ -178,6 +181,9 @@ async fn receive(
         signature: h("x-voxgate-signature"),
         body,
     });
+    if let Mode::Slow(ms) = mode {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     StatusCode::OK
 }
 
