@@ -315,8 +315,12 @@ fn oversized_pending_input_is_a_limit_not_a_stall() {
 }
 
 #[test]
-fn laced_blocks_are_counted_frame_errors() {
+fn a_block_mislabelled_as_laced_is_one_counted_error() {
+    // Laced blocks decode (tests/lacing.rs); an unlaced Opus packet whose flags claim Xiph
+    // lacing is refused whole: its TOC byte (0xFB) reads as 252 frames, its next bytes as sizes
+    // larger than the block.
     let pk = packets(CHROME, 10);
+    assert_eq!(pk[0][0], 0xFB);
     let mut data = init();
     let mut c = cluster(1, &pk);
     // Turn the first block's flags into Xiph lacing (flags byte follows track and timestamp).
@@ -328,6 +332,14 @@ fn laced_blocks_are_counted_frame_errors() {
     assert_eq!(d.stats().decode_errors, 1);
     assert_eq!(d.stats().frames, 9);
     assert_eq!(pcm.len(), 9 * 960);
+    let errors: Vec<MediaEvent> = std::iter::from_fn(|| d.poll_event())
+        .filter(|e| matches!(e, MediaEvent::DecodeError { .. }))
+        .collect();
+    assert_eq!(errors.len(), 1);
+    assert!(
+        matches!(&errors[0], MediaEvent::DecodeError { what } if what == "laced frame larger than its block"),
+        "{errors:?}"
+    );
 }
 
 #[test]
