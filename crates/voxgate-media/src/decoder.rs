@@ -339,6 +339,16 @@ impl Decoder {
         })
     }
 
+    /// Conceals lost audio (e.g. device Opus packets missing by sequence number) with the codec's
+    /// packet-loss concealment: appends up to `samples` 16 kHz samples to `out` and returns how
+    /// many. Only raw Opus streams conceal; others return 0 (the caller inserts silence).
+    pub fn conceal(&mut self, samples: u64, out: &mut Vec<i16>) -> u64 {
+        match &mut self.pipeline {
+            Pipeline::Opus(stage) if self.report.stats.frames > 0 => stage.conceal(samples, out),
+            _ => 0,
+        }
+    }
+
     /// Feeds one chunk split anywhere (for `SourceFormat::Opus`, exactly one packet; empty chunks
     /// are legal). Appends the 16 kHz mono samples it could produce to `out`. Returns `Err` only
     /// for fatal errors; the decoder then stays failed.

@@ -125,6 +125,44 @@ impl OpusStage {
         Ok(n)
     }
 
+    /// Conceals `samples` (16 kHz) of lost packets with libopus's packet-loss concealment, which
+    /// continues the signal from the decoder's state instead of inserting a hard silence. Works
+    /// in multiples of 2.5 ms (at most 120 ms per libopus call); returns the 16 kHz samples
+    /// appended to `out` (the sub-2.5 ms rest is the caller's to fill).
+    pub fn conceal(&mut self, samples: u64, out: &mut Vec<i16>) -> u64 {
+        let before = out.len();
+        let quantum = u64::from(self.rate / 400);
+        let mut want = samples * u64::from(self.rate) / u64::from(OUTPUT_RATE);
+        want -= want % quantum;
+        // A gap is bounded by the caller; never conceal more than a few seconds in any case.
+        want = want.min(u64::from(self.rate) * 5);
+        let max = self.pcm.len() as u64;
+        while want > 0 {
+            let n = want.min(max) as usize;
+            let got = if self.resampler.is_none() {
+                self.dec.decode(&[], &mut self.pcm[..n], false)
+            } else {
+                self.dec.decode_float(&[], &mut self.pcm_f32[..n], false)
+            };
+            let Ok(got) = got else { break };
+            if got == 0 {
+                break;
+            }
+            self.pos48 += got as u64 * self.step;
+            match &mut self.resampler {
+                None => out.extend_from_slice(&self.pcm[..got]),
+                Some(r) => {
+                    for s in &mut self.pcm_f32[..got] {
+                        *s *= 32768.0;
+                    }
+                    r.process(&self.pcm_f32[..got], out);
+                }
+            }
+            want = want.saturating_sub(got as u64);
+        }
+        (out.len() - before) as u64
+    }
+
     /// Flushes the resampler tail (nothing to do at 16 kHz).
     pub fn finish(&mut self, out: &mut Vec<i16>) {
         if let Some(r) = &mut self.resampler {

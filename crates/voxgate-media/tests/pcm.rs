@@ -293,3 +293,77 @@ fn resampler_keeps_level_and_alignment() {
         assert!(rms_err < 10.0, "rate {rate}: rms error {rms_err}");
     }
 }
+
+#[test]
+fn lost_opus_packets_are_concealed_from_the_decoder_state_not_silenced() {
+    let data = bytes("captures/chromium_short_250ms.webm");
+    let mut demux = voxgate_media::webm::WebmDemuxer::new(&Limits::default());
+    let mut packets = Vec::new();
+    let mut rest = &data[..];
+    while !rest.is_empty() {
+        let n = demux.feed(rest);
+        rest = &rest[n..];
+        while let Some(ev) = demux.poll().unwrap() {
+            if let voxgate_media::demux::DemuxEvent::Packet { data, .. } = ev {
+                packets.push(data.to_vec());
+            }
+        }
+    }
+    let format = SourceFormat::Opus {
+        sample_rate: 48_000,
+        channels: 1,
+    };
+    let whole = run(format, &packets.iter().map(|p| &p[..]).collect::<Vec<_>>());
+    // Find the packet with the most energy (speech), and lose it.
+    let mut dec = Decoder::new(format, Limits::default()).unwrap();
+    let mut starts = Vec::new();
+    let mut out = Vec::new();
+    for p in &packets {
+        starts.push(out.len());
+        dec.push(p, &mut out).unwrap();
+    }
+    starts.push(out.len());
+    let rms = |s: &[i16]| {
+        (s.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / s.len().max(1) as f64).sqrt()
+    };
+    let lost = (1..packets.len() - 1)
+        .max_by(|&a, &b| {
+            rms(&whole[starts[a]..starts[a + 1]]).total_cmp(&rms(&whole[starts[b]..starts[b + 1]]))
+        })
+        .unwrap();
+    let lost_len = (starts[lost + 1] - starts[lost]) as u64;
+
+    let mut dec = Decoder::new(format, Limits::default()).unwrap();
+    assert_eq!(
+        dec.conceal(320, &mut Vec::new()),
+        0,
+        "nothing to continue from yet"
+    );
+    let mut out = Vec::new();
+    for (i, p) in packets.iter().enumerate() {
+        if i == lost {
+            let got = dec.conceal(lost_len, &mut out);
+            assert_eq!(got, lost_len, "a 2.5 ms multiple is concealed whole");
+        } else {
+            dec.push(p, &mut out).unwrap();
+        }
+    }
+    assert_eq!(out.len(), whole.len(), "concealment keeps the timeline");
+    let original = rms(&whole[starts[lost]..starts[lost + 1]]);
+    let concealed = rms(&out[starts[lost]..starts[lost + 1]]);
+    assert!(
+        concealed > original * 0.1,
+        "the gap carries the signal on (rms {concealed:.0} vs {original:.0}), not silence"
+    );
+    // Other formats leave concealment to the caller.
+    let mut pcm = Decoder::new(
+        SourceFormat::Linear16 {
+            sample_rate: 16_000,
+            channels: 1,
+        },
+        Limits::default(),
+    )
+    .unwrap();
+    pcm.push(&[0, 0, 0, 0], &mut Vec::new()).unwrap();
+    assert_eq!(pcm.conceal(320, &mut Vec::new()), 0);
+}

@@ -305,6 +305,8 @@ impl Session {
                 let samples = samples.min(MAX_GAP_SAMPLES);
                 self.stats.gap_samples += samples;
                 self.pcm.clear();
+                // Raw Opus conceals the loss from its decoder state; the rest is silence.
+                self.decoder.conceal(samples, &mut self.pcm);
                 self.pcm.resize(samples as usize, 0);
                 self.route_pcm();
             }

@@ -39,7 +39,8 @@ pub trait Frontend: Send + Sync {
 
 /// voxgate's own protocol on `/v1/listen`: binary audio, JSON control, JSON events.
 /// With `seq_header`, each binary message starts with a big-endian u32 sequence number
-/// (device Opus); a gap in the numbers is filled with `frame_samples` of silence per lost packet.
+/// (device Opus); a gap in the numbers is concealed with `frame_samples` per lost packet (Opus
+/// packet-loss concealment from the decoder's state).
 pub struct Listen {
     pub seq: Option<SeqHeader>,
 }
@@ -88,7 +89,7 @@ impl Frontend for Listen {
                 }
                 out.push(Action::Notice(ServerEvent::warning(
                     "packets_lost",
-                    format!("{lost} packets lost before {n}; concealed with silence"),
+                    format!("{lost} packets lost before {n}; concealed"),
                 )));
             }
             _ => {}
