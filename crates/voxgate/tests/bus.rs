@@ -869,3 +869,73 @@ async fn only_its_own_user_continues_an_open_bus_session() {
         alice.close_reason
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_attempts_dead_letters_the_head_and_leaves_no_hole_behind_it() {
+    let nats = NatsServer::start();
+    let sink = Receiver::start(Mode::Fail(503)).await;
+    let mut cfg = bus_config(&nats.url(), &sink);
+    cfg.bus.max_deliver = 3;
+    cfg.bus.backoff_initial_ms = 50;
+    cfg.bus.backoff_max_ms = 100;
+    let gw = Gateway::start(cfg.clone()).await;
+    // Ten 1 s batches wait on the bus while the sink is down.
+    let run = common::stream(
+        &gw.ws("/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-holes-1"),
+        pcm_messages("medium", Some(10.0)),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(run.close_code, Some(1000));
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(voxgate::bus::deliver::run(
+        cfg.clone(),
+        vec![0, 1],
+        stop.clone(),
+    ));
+    // The sink comes back as soon as the first batch has run out of attempts.
+    let mut down = true;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("VOX").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered: std::collections::BTreeSet<u64> =
+            sink.requests("audio").iter().map(|r| r.seq).collect();
+        // Dead letters: read them all from the stream.
+        let mut dead = std::collections::BTreeSet::new();
+        let info = stream.get_info().await.unwrap();
+        for seq in 1..=info.state.last_sequence {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                if m.subject.as_str() == "vox.dead.default.bus-holes-1" {
+                    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                    assert_eq!(v["reason"], "max_deliver");
+                    let id = v["message_id"].as_str().unwrap();
+                    dead.insert(id.rsplit(':').next().unwrap().parse::<u64>().unwrap());
+                }
+            }
+        }
+        if down && !dead.is_empty() {
+            sink.set_mode(Mode::Ok);
+            down = false;
+        }
+        let all: std::collections::BTreeSet<u64> = delivered.union(&dead).copied().collect();
+        if all.len() == 10 {
+            assert!(!dead.is_empty(), "the head ran out of attempts");
+            assert!(!delivered.is_empty(), "batches after it were delivered");
+            assert_eq!(
+                all,
+                (0..10).collect(),
+                "every batch delivered or dead-lettered, no hole"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "delivered {delivered:?}, dead {dead:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}

@@ -8,9 +8,12 @@
 //! is a duplicate (acked, not sent), a later one waits in a bounded reorder window.
 //!
 //! Outcomes: 2xx → cursor advanced, acked. 429, 408, 5xx, transport errors → NAK with a delay
-//! that doubles per delivery (with jitter), and whatever waits behind it is NAKed too; after
-//! `max_deliver` deliveries, or on another 4xx, the message is terminated and a dead-letter
-//! event is published to `<prefix>.dead.<tenant>.<session>`, and delivery goes on after it.
+//! that doubles per attempt (with jitter), and whatever waits behind it is NAKed too; after
+//! `max_deliver` attempts, or on another 4xx, the message is terminated and a dead-letter event
+//! is published to `<prefix>.dead.<tenant>.<session>`, and delivery goes on after it. Attempts
+//! are counted by the worker for the message at the head of its channel (the JetStream consumer
+//! itself redelivers without limit), so messages NAKed while they wait never run out of
+//! deliveries and leave a hole.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -110,7 +113,10 @@ async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: Cancellat
                         filter_subject: format!("{}.{partition}.>", cfg.subject_prefix),
                         ack_policy: AckPolicy::Explicit,
                         ack_wait: Duration::from_secs_f64(cfg.ack_wait_seconds),
-                        max_deliver: cfg.max_deliver,
+                        // Attempts are bounded by the worker (`bus.max_deliver` real POSTs of
+                        // the message at the head of its channel): messages NAKed while they
+                        // wait behind it must not run out of deliveries and leave a hole.
+                        max_deliver: -1,
                         max_ack_pending: cfg.max_ack_pending,
                         num_replicas: cfg.replicas,
                         ..Default::default()
@@ -201,6 +207,8 @@ async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: Cancellat
 struct Channel {
     next: u64,
     held: BTreeMap<u64, jetstream::Message>,
+    /// Failed attempts of the message at `next`.
+    attempts: u32,
 }
 
 async fn session_task(
@@ -252,6 +260,7 @@ async fn session_task(
                 match load_cursor(&shared.bus, &cursor_key(&key, kind, channel)).await {
                     Ok(next) => v.insert(Channel {
                         next,
+                        attempts: 0,
                         held: BTreeMap::new(),
                     }),
                     Err(e) => {
@@ -288,9 +297,10 @@ async fn session_task(
         let ckey = cursor_key(&key, kind, channel);
         let mut current = Some(msg);
         while let Some(m) = current.take() {
-            match deliver(&shared, &rec, kind, channel, &m).await {
+            match deliver(&shared, &rec, kind, channel, &m, ch.attempts + 1).await {
                 Step::Done(outcome) => {
                     ch.next += 1;
+                    ch.attempts = 0;
                     if let Err(e) = store_cursor(&shared.bus, &ckey, ch.next).await {
                         // Not acked: a redelivery re-sends it with the same key.
                         warn!(session = %key, error = %e, "deliver: cursor not stored");
@@ -303,6 +313,7 @@ async fn session_task(
                     current = ch.held.remove(&next);
                 }
                 Step::Retry(delay) => {
+                    ch.attempts += 1;
                     counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => "retry")
                         .increment(1);
                     let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
@@ -333,6 +344,7 @@ async fn deliver(
     kind: Kind,
     channel: usize,
     msg: &jetstream::Message,
+    attempt: u32,
 ) -> Step {
     let cfg = &shared.bus.cfg;
     let headers = msg.headers.clone().unwrap_or_default();
@@ -386,8 +398,7 @@ async fn deliver(
         _ => return Step::Done("no_sink"),
     };
     let breaker = shared.breakers.get(&url);
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1).max(1);
-    let last_try = delivered >= cfg.max_deliver;
+    let last_try = i64::from(attempt) >= cfg.max_deliver;
     let failure = if !breaker.allow() {
         "circuit_open".to_owned()
     } else {
@@ -418,14 +429,14 @@ async fn deliver(
         }
     };
     if last_try {
-        warn!(session = %rec.session_id, %id, delivered, %failure, "deliver: out of deliveries; dead-lettered");
+        warn!(session = %rec.session_id, %id, attempt, %failure, "deliver: out of attempts; dead-lettered");
         dead(shared, msg, "max_deliver", None).await;
         return Step::Done("gave_up");
     }
-    debug!(session = %rec.session_id, %id, delivered, %failure, "deliver: will retry");
+    debug!(session = %rec.session_id, %id, attempt, %failure, "deliver: will retry");
     let base = cfg
         .backoff_initial_ms
-        .saturating_mul(1u64 << (delivered - 1).clamp(0, 20))
+        .saturating_mul(1u64 << (attempt - 1).min(20))
         .min(cfg.backoff_max_ms);
     let jittered = rand::rng().random_range(base / 2..=base.max(1));
     Step::Retry(Duration::from_millis(jittered))

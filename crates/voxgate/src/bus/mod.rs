@@ -67,8 +67,8 @@ pub struct BusConfig {
     pub connect_timeout_ms: u64,
     /// Workers: how long a delivery may take before JetStream redelivers it. Default 30 s.
     pub ack_wait_seconds: f64,
-    /// Workers: deliveries of one message before it is given up (terminated and dead-lettered).
-    /// Default 10.
+    /// Workers: attempts (POSTs) of one message before it is given up (terminated and
+    /// dead-lettered). Default 10.
     pub max_deliver: i64,
     /// Workers: messages outstanding per partition. Default 1000.
     pub max_ack_pending: i64,
