@@ -374,7 +374,7 @@ impl Publisher {
                 Item::Audio(chunk) => self.audio(&chunk).await,
                 Item::Message(m) => {
                     self.publish(m.kind, m.channel, m.id, m.headers, m.payload)
-                        .await
+                        .await;
                 }
             }
         }
@@ -478,21 +478,24 @@ impl Publisher {
         headers.insert(H_SESSION, self.session_id.as_str());
         let bytes = pcm.len() as u64 * 2;
         let end = start + pcm.len() as u64;
-        self.publish(
-            Kind::Audio,
-            channel,
-            id,
-            headers,
-            Bytes::from(pcm_bytes(&pcm)),
-        )
-        .await;
+        let stored = self
+            .publish(
+                Kind::Audio,
+                channel,
+                id,
+                headers,
+                Bytes::from(pcm_bytes(&pcm)),
+            )
+            .await;
         self.batchers[i].published_to = end;
         self.release(bytes);
-        self.stats
-            .delivered_bytes
-            .fetch_add(bytes, Ordering::Relaxed);
         self.stats.next_seq.store(seq + 1, Ordering::Relaxed);
-        counter!(DELIVERED_BYTES, "consumer" => KIND).increment(bytes);
+        if stored {
+            self.stats
+                .delivered_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+            counter!(DELIVERED_BYTES, "consumer" => KIND).increment(bytes);
+        }
         self.report_persisted(false);
     }
 
@@ -511,7 +514,8 @@ impl Publisher {
         }
     }
 
-    /// Publishes until JetStream acknowledges it (same `Nats-Msg-Id` on every try). Only the
+    /// Publishes until JetStream acknowledges it (same `Nats-Msg-Id` on every try); `false`
+    /// when the server can never take it (over its max payload: dropped and counted). Only the
     /// consumer's finish deadline stops it (what is then unpublished is counted as dropped).
     async fn publish(
         &mut self,
@@ -520,7 +524,7 @@ impl Publisher {
         id: String,
         headers: HeaderMap,
         payload: Bytes,
-    ) {
+    ) -> bool {
         let subject = self.subjects.subject(kind, channel);
         let timeout = self.bus.cfg.publish_timeout();
         let mut backoff = Duration::from_millis(50);
@@ -544,7 +548,7 @@ impl Publisher {
                         self.failing = false;
                         info!(session = %self.session_id, tries, "bus publishing again");
                     }
-                    return;
+                    return true;
                 }
                 Ok(Err(e)) => {
                     if e.kind() == PublishErrorKind::MaxPayloadExceeded {
@@ -554,7 +558,7 @@ impl Publisher {
                             .dropped_bytes
                             .fetch_add(payload.len() as u64, Ordering::Relaxed);
                         dropped(KIND, "too_large", payload.len() as u64);
-                        return;
+                        return false;
                     }
                     e.to_string()
                 }
