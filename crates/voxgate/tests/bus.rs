@@ -939,3 +939,84 @@ async fn out_of_attempts_dead_letters_the_head_and_leaves_no_hole_behind_it() {
     stop.cancel();
     worker.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_gateway_flushes_to_the_bus_and_another_one_continues_the_session() {
+    let nats = NatsServer::start();
+    let sink = Receiver::start(Mode::Ok).await;
+    let cfg = bus_config(&nats.url(), &sink);
+    let a = Gateway::start(cfg.clone()).await;
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(voxgate::bus::deliver::run(
+        cfg.clone(),
+        vec![0, 1],
+        stop.clone(),
+    ));
+    let msgs = pcm_messages("medium", Some(10.0));
+    let total: u64 = msgs.iter().map(|m| m.len() as u64 / 2).sum();
+    let path = "/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-drain-1";
+    // 4.5 s of audio to A, then A drains (SIGTERM): it flushes its partial batch to the bus.
+    let (ws, _) = tokio_tungstenite::connect_async(a.ws(path)).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    for m in &msgs[..45] {
+        tx.send(Message::Binary(m.clone().into())).await.unwrap();
+    }
+    // Wait until A has decoded all of it, then drain.
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), rx.next()).await {
+        if let Message::Text(t) = m {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            let done = v["type"] == "Progress" && v["seconds_decoded"].as_f64() == Some(4.0);
+            events.push(v);
+            if done {
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.shutdown.cancel();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(20), rx.next()).await {
+        match m {
+            Message::Text(t) => events.push(serde_json::from_str(&t).unwrap()),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    drop(tx);
+    let closed_a = events
+        .iter()
+        .find(|e| e["type"] == "Closed")
+        .unwrap_or_else(|| panic!("A did not close: {events:?}"))
+        .clone();
+    assert!(
+        events.iter().any(|e| e["type"] == "Reconnect"),
+        "{events:?}"
+    );
+    assert_eq!(closed_a["code"], 1001);
+    let persisted_a = events
+        .iter()
+        .filter(|e| e["type"] == "Persisted")
+        .map(|e| e["samples"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(
+        persisted_a,
+        45 * 1600,
+        "the drain published everything A had, the partial batch too"
+    );
+
+    // The client resends everything to B, which continues after A's last sample.
+    let b = Gateway::start(cfg.clone()).await;
+    let run = common::stream(&b.ws(path), msgs, Duration::ZERO).await;
+    assert_eq!(run.close_code, Some(1000), "{}", run.close_reason);
+    let got = wait_contiguous(&sink, "audio", total, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.len(),
+        11,
+        "4 full batches and a partial one from A, 6 from B"
+    );
+    assert_eq!(got[4].samples, 8_000, "A's partial batch");
+    assert_eq!(got[5].start, persisted_a, "B starts where A ended");
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
