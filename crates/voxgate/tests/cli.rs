@@ -99,3 +99,25 @@ async fn websocket_client_speaks_tls() {
     assert!(!err.to_lowercase().contains("not compiled"), "{err}");
     assert!(!err.contains("TlsFeatureNotEnabled"), "{err}");
 }
+
+#[test]
+fn deliver_refuses_to_start_without_a_bus_or_with_a_bad_partition() {
+    let out = bin().args(["deliver"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bus.url is not set"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = bin()
+        .args(["deliver", "--partitions", "9"])
+        .env("VOXGATE_BUS__URL", "nats://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("out of range"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
