@@ -152,7 +152,7 @@ impl BusPublisher {
                 persisted: cont.samples(),
                 failing: false,
             }
-            .run(rx, started, cont.utterances),
+            .run(rx, started),
         );
         Self {
             tx: Some(tx),
@@ -355,7 +355,7 @@ struct Publisher {
 }
 
 impl Publisher {
-    async fn run(mut self, mut rx: mpsc::Receiver<Item>, started: bool, _utterances: u64) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Item>, started: bool) {
         if started {
             let payload = Bytes::from(
                 serde_json::json!({"session_id": self.session_id, "event": "start"}).to_string(),
