@@ -33,6 +33,40 @@ fn bus_config(nats: &str, sink: &Receiver) -> Config {
     cfg
 }
 
+/// A `voxgate deliver` worker for partitions 0 and 1, in this process.
+struct Worker {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Worker {
+    fn start(cfg: &Config) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(voxgate::bus::deliver::run(
+            cfg.clone(),
+            vec![0, 1],
+            stop.clone(),
+        ));
+        Self { stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// The bus consumer's entry in a `Closed` event's summary.
+fn bus_summary(closed: &serde_json::Value) -> serde_json::Value {
+    closed["summary"]["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "bus")
+        .expect("the session has a bus consumer")
+        .clone()
+}
+
 /// Waits until the sink holds samples `0..total` for `path`; returns its requests by sequence
 /// (first arrival of each), after checking each duplicate repeats key and body exactly.
 async fn wait_contiguous(
@@ -101,12 +135,7 @@ async fn bus_session_reaches_the_sink_through_deliver_in_order_despite_sink_erro
     let sink = Receiver::start(Mode::Fail(503)).await;
     let cfg = bus_config(&nats.url(), &sink);
     let gw = Gateway::start(cfg.clone()).await;
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(voxgate::bus::deliver::run(
-        cfg.clone(),
-        vec![0, 1],
-        stop.clone(),
-    ));
+    let worker = Worker::start(&cfg);
 
     let msgs = pcm_messages("medium", Some(12.0));
     let total: u64 = msgs.iter().map(|m| m.len() as u64 / 2).sum();
@@ -124,13 +153,7 @@ async fn bus_session_reaches_the_sink_through_deliver_in_order_despite_sink_erro
     .await;
     let closed = run.closed();
     assert_eq!(closed["code"], 1000, "{closed}");
-    let bus = closed["summary"]["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["kind"] == "bus")
-        .expect("the session has a bus consumer")
-        .clone();
+    let bus = bus_summary(closed);
     assert_eq!(
         bus["delivered_bytes"],
         total * 2,
@@ -174,8 +197,7 @@ async fn bus_session_reaches_the_sink_through_deliver_in_order_despite_sink_erro
     assert!(
         common::metric_value(&m, "voxgate_bus_deliveries_total", "outcome=\"delivered\"") >= 12.0
     );
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,12 +217,7 @@ async fn a_rejecting_sink_dead_letters_and_delivery_goes_on() {
     // Dead letters are readable on their subject; the worker terminated the three batches.
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(voxgate::bus::deliver::run(
-        cfg.clone(),
-        vec![0, 1],
-        stop.clone(),
-    ));
+    let worker = Worker::start(&cfg);
     let stream = js.get_stream("VOX").await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let dead = loop {
@@ -221,8 +238,7 @@ async fn a_rejecting_sink_dead_letters_and_delivery_goes_on() {
     };
     assert_eq!(dead["reason"], "rejected");
     assert_eq!(dead["status"], 400);
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 /// A gateway or worker as its own process, so the test can SIGKILL it.
@@ -465,13 +481,7 @@ async fn gateway_killed_worker_killed_and_nats_restarted_lose_no_acknowledged_ch
         .unwrap_or_else(|| panic!("no Closed from gateway B: {events:?}"))
         .clone();
     assert_eq!(closed["code"], 1000, "{closed}");
-    let bus = closed["summary"]["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["kind"] == "bus")
-        .unwrap()
-        .clone();
+    let bus = bus_summary(&closed);
     let published_by_b = bus["delivered_bytes"].as_u64().unwrap() / 2;
     assert!(
         published_by_b <= total - persisted_a,
@@ -510,12 +520,7 @@ async fn three_node_cluster_survives_killing_the_stream_leader_mid_session() {
     let mut cfg = bus_config(&cluster.urls().join(","), &sink);
     cfg.bus.replicas = 3;
     let gw = Gateway::start(cfg.clone()).await;
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(voxgate::bus::deliver::run(
-        cfg.clone(),
-        vec![0, 1],
-        stop.clone(),
-    ));
+    let worker = Worker::start(&cfg);
 
     // 20 s of audio at twice real time; the stream leader dies 3 s in.
     let msgs = pcm_messages("medium", Some(20.0));
@@ -590,8 +595,7 @@ async fn three_node_cluster_survives_killing_the_stream_leader_mid_session() {
         common::metric_value(&m, "voxgate_bus_publishes_total", "outcome=\"error\"")
     );
     cluster.restart(victim);
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -676,12 +680,7 @@ async fn a_down_bus_warns_then_closes_with_1013_and_counts_the_loss() {
         .find(|e| e["type"] == "Closed")
         .expect("Closed");
     assert_eq!(closed["code"], 1013);
-    let bus = closed["summary"]["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["kind"] == "bus")
-        .unwrap();
+    let bus = bus_summary(closed);
     assert!(
         bus["dropped_bytes"].as_u64().unwrap() > 0,
         "the loss is counted: {bus}"
@@ -716,12 +715,7 @@ async fn final_transcripts_reach_the_transcript_webhook_through_the_bus() {
     s.transcript_webhook = Some(sink.url("transcripts"));
     cfg.stt.push(s);
     let gw = Gateway::start(cfg.clone()).await;
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(voxgate::bus::deliver::run(
-        cfg.clone(),
-        vec![0, 1],
-        stop.clone(),
-    ));
+    let worker = Worker::start(&cfg);
 
     // The short sentence three times, 1.5 s of silence after each.
     let one: Vec<u8> = pcm_messages("short", None).concat();
@@ -775,8 +769,7 @@ async fn final_transcripts_reach_the_transcript_webhook_through_the_bus() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -887,12 +880,7 @@ async fn out_of_attempts_dead_letters_the_head_and_leaves_no_hole_behind_it() {
     )
     .await;
     assert_eq!(run.close_code, Some(1000));
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(voxgate::bus::deliver::run(
-        cfg.clone(),
-        vec![0, 1],
-        stop.clone(),
-    ));
+    let worker = Worker::start(&cfg);
     // The sink comes back as soon as the first batch has run out of attempts.
     let mut down = true;
     let client = async_nats::connect(nats.url()).await.unwrap();
@@ -936,8 +924,7 @@ async fn out_of_attempts_dead_letters_the_head_and_leaves_no_hole_behind_it() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -946,12 +933,7 @@ async fn a_drained_gateway_flushes_to_the_bus_and_another_one_continues_the_sess
     let sink = Receiver::start(Mode::Ok).await;
     let cfg = bus_config(&nats.url(), &sink);
     let a = Gateway::start(cfg.clone()).await;
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(voxgate::bus::deliver::run(
-        cfg.clone(),
-        vec![0, 1],
-        stop.clone(),
-    ));
+    let worker = Worker::start(&cfg);
     let msgs = pcm_messages("medium", Some(10.0));
     let total: u64 = msgs.iter().map(|m| m.len() as u64 / 2).sum();
     let path = "/v1/listen?encoding=linear16&sample_rate=16000&session_id=bus-drain-1";
@@ -1017,6 +999,5 @@ async fn a_drained_gateway_flushes_to_the_bus_and_another_one_continues_the_sess
     );
     assert_eq!(got[4].samples, 8_000, "A's partial batch");
     assert_eq!(got[5].start, persisted_a, "B starts where A ended");
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }
