@@ -7,6 +7,7 @@
 //! (`bus.max_buffer_seconds` per audio webhook): at half the client is warned (`bus_slow`), past
 //! it audio is dropped, counted, and the session is closed with 1013 so the client retries.
 
+use crate::consumers::join_until;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,6 +101,8 @@ pub struct BusPublisher {
     cap_bytes: u64,
     dropping: bool,
     warned_slow: bool,
+    /// The session was asked to close (1013) because the bus buffer overflowed.
+    close_requested: bool,
     notifier: Notifier,
     /// Set at close unless the session is expected to continue elsewhere (1001 drain, 1013).
     ended: Arc<AtomicBool>,
@@ -168,6 +171,7 @@ impl BusPublisher {
             cap_bytes,
             dropping: false,
             warned_slow: false,
+            close_requested: false,
             notifier,
             ended,
             task,
@@ -213,11 +217,14 @@ impl Consumer for BusPublisher {
                 self.dropping = false;
                 if held + bytes > self.cap_bytes / 2 {
                     if !self.warned_slow {
-                        self.warned_slow = true;
-                        let _ = self.notifier.try_send(ServerEvent::warning(
-                            "bus_slow",
-                            "the delivery bus is not keeping up; audio is being held",
-                        ));
+                        // Not sent (the session's notice queue is full): tried again next chunk.
+                        self.warned_slow = self
+                            .notifier
+                            .try_send(ServerEvent::warning(
+                                "bus_slow",
+                                "the delivery bus is not keeping up; audio is being held",
+                            ))
+                            .is_ok();
                     }
                 } else {
                     self.warned_slow = false;
@@ -231,11 +238,17 @@ impl Consumer for BusPublisher {
         self.dropping = true;
         if first {
             warn!(session = %self.session_id, held, "bus buffer full; dropping audio and closing");
-            // The session closes with 1013: the client should retry (resume) later.
-            let _ = self.notifier.try_send(ServerEvent::error(
-                "bus_unavailable",
-                "the delivery bus is unavailable and this session's buffer is full; retry later",
-            ));
+        }
+        // The session closes with 1013 (the client should retry later). A request that finds
+        // the session's notice queue full is made again with the next dropped chunk.
+        if !self.close_requested {
+            self.close_requested = self
+                .notifier
+                .try_send(ServerEvent::error(
+                    "bus_unavailable",
+                    "the delivery bus is unavailable and this session's buffer is full; retry later",
+                ))
+                .is_ok();
         }
         Offer::Dropped { first }
     }
@@ -309,19 +322,9 @@ impl Consumer for BusPublisher {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ConsumerSummary> + Send>> {
         Box::pin(async move {
             self.tx.take();
-            if tokio::time::timeout_at(deadline, &mut self.task)
-                .await
-                .is_err()
-            {
-                self.task.abort();
-                let _ = (&mut self.task).await;
-                let held = self.stats.held_bytes.swap(0, Ordering::Relaxed);
+            if !join_until(&mut self.task, deadline).await {
+                let held = self.stats.drop_held(KIND, "close_timeout");
                 warn!(session = %self.session_id, held, "bus publish did not finish before the deadline; the rest is dropped");
-                if held > 0 {
-                    self.stats.dropped_bytes.fetch_add(held, Ordering::Relaxed);
-                    dropped(KIND, "close_timeout", held);
-                    buffered(KIND, -(held as i64));
-                }
             }
             self.stats.summary("bus", KIND)
         })

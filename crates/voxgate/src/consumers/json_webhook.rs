@@ -2,6 +2,7 @@
 //! backoff and jitter, the endpoint's circuit breaker, counted drops. What it posts and when is
 //! decided by a `Selector` over session events.
 
+use crate::consumers::join_until;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,11 +137,7 @@ impl Consumer for JsonWebhook {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ConsumerSummary> + Send>> {
         Box::pin(async move {
             self.tx.take();
-            if tokio::time::timeout_at(deadline, &mut self.task)
-                .await
-                .is_err()
-            {
-                self.task.abort();
+            if !join_until(&mut self.task, deadline).await {
                 warn!(webhook = %self.name, "JSON webhook flush timed out");
             }
             self.stats.summary(&self.name, KIND)

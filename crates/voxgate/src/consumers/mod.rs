@@ -35,6 +35,17 @@ pub trait Consumer: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = ConsumerSummary> + Send>>;
 }
 
+/// Lets a consumer's task finish until `deadline`; past it the task is aborted (and reaped).
+/// Returns whether it finished in time.
+pub async fn join_until(task: &mut tokio::task::JoinHandle<()>, deadline: Instant) -> bool {
+    if tokio::time::timeout_at(deadline, &mut *task).await.is_ok() {
+        return true;
+    }
+    task.abort();
+    let _ = task.await; // the abort's JoinError: nothing else to learn from it
+    false
+}
+
 /// Events a consumer sends back to its session (e.g. transcripts, backend warnings).
 pub type Notifier = tokio::sync::mpsc::Sender<ServerEvent>;
 
@@ -51,6 +62,18 @@ pub struct ConsumerStats {
 }
 
 impl ConsumerStats {
+    /// At a close that timed out: counts every byte still held as dropped (`reason`) and takes
+    /// it off the `voxgate_buffered_bytes` gauge. Returns the bytes.
+    pub fn drop_held(&self, kind: &'static str, reason: &'static str) -> u64 {
+        let held = self.held_bytes.swap(0, Ordering::Relaxed);
+        if held > 0 {
+            self.dropped_bytes.fetch_add(held, Ordering::Relaxed);
+            crate::metrics::dropped(kind, reason, held);
+            crate::metrics::buffered(kind, -(held as i64));
+        }
+        held
+    }
+
     pub fn summary(&self, name: &str, kind: &str) -> ConsumerSummary {
         ConsumerSummary {
             name: name.to_owned(),

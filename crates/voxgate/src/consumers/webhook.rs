@@ -6,6 +6,7 @@
 //! audio is dropped (`drop_newest`) and counted. Retries use exponential backoff with full
 //! jitter; each endpoint has a circuit breaker shared by all sessions.
 
+use crate::consumers::join_until;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,18 +159,10 @@ impl WebhookHandle {
     /// until `deadline`, then gives up on the rest, counted as dropped.
     pub async fn finish(mut self, deadline: Instant) -> voxgate_session::ConsumerSummary {
         self.tx.take();
-        if tokio::time::timeout_at(deadline, &mut self.task)
-            .await
-            .is_err()
-        {
-            self.task.abort();
-            let _ = (&mut self.task).await;
-            let held = self.stats.held_bytes.swap(0, Ordering::Relaxed);
+        if !join_until(&mut self.task, deadline).await {
+            let held = self.stats.drop_held(KIND, "close_timeout");
             if held > 0 {
                 warn!(webhook = %self.cfg.name, held, "webhook flush timed out; audio dropped");
-                self.stats.dropped_bytes.fetch_add(held, Ordering::Relaxed);
-                dropped(KIND, "close_timeout", held);
-                buffered(KIND, -(held as i64));
             }
         }
         self.stats.summary(&self.cfg.name, KIND)

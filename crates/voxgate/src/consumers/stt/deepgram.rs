@@ -10,6 +10,7 @@
 //! lookback is kept. Everything held is capped by `max_buffer_seconds`: audio already sent is
 //! forgotten first; audio that cannot be sent (backend away) is dropped newest-first, counted.
 
+use crate::consumers::join_until;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -183,12 +184,7 @@ impl Consumer for DeepgramHandle {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ConsumerSummary> + Send>> {
         Box::pin(async move {
             self.tx.take();
-            if tokio::time::timeout_at(deadline, &mut self.task)
-                .await
-                .is_err()
-            {
-                self.task.abort();
-                let _ = (&mut self.task).await;
+            if !join_until(&mut self.task, deadline).await {
                 let unsent = self.unsent.swap(0, Ordering::Relaxed);
                 if unsent > 0 {
                     warn!(stt = %self.ctx.name(), unsent, "streaming speech-to-text flush timed out; audio dropped");

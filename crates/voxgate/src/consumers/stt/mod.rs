@@ -17,6 +17,7 @@ pub mod openai;
 #[cfg(feature = "pocketsphinx")]
 pub mod pocketsphinx;
 
+use crate::consumers::join_until;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -564,17 +565,10 @@ impl Consumer for UtteranceHandle {
             self.ctx.release(self.buf.len() as u64 * 2);
             self.buf = Vec::new();
             self.tx.take();
-            if tokio::time::timeout_at(deadline, &mut self.task)
-                .await
-                .is_err()
-            {
-                self.task.abort();
-                let _ = (&mut self.task).await;
-                let held = self.ctx.stats.held_bytes.swap(0, Ordering::Relaxed);
+            if !join_until(&mut self.task, deadline).await {
+                let held = self.ctx.stats.drop_held(KIND, "close_timeout");
                 if held > 0 {
                     warn!(stt = %self.ctx.name(), held, "speech-to-text flush timed out; utterances dropped");
-                    self.ctx.dropped("close_timeout", held);
-                    buffered(KIND, -(held as i64));
                 }
             }
             self.ctx.stats.summary(self.ctx.name(), KIND)
