@@ -250,7 +250,7 @@ async fn session_task(
             }
         }
         let rec = record.clone().expect("loaded above");
-        let Some(seq) = header_u64(&msg.headers.clone().unwrap_or_default(), H_SEQUENCE) else {
+        let Some(seq) = msg_u64(&msg, H_SEQUENCE) else {
             dead(&shared, &msg, "malformed", None).await;
             continue;
         };
@@ -347,11 +347,7 @@ async fn deliver(
     attempt: u32,
 ) -> Step {
     let cfg = &shared.bus.cfg;
-    let headers = msg.headers.clone().unwrap_or_default();
-    let id = headers
-        .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
+    let id = message_id(msg).unwrap_or_default();
     let client = if rec.from_hook {
         &shared.http_guarded
     } else {
@@ -363,8 +359,8 @@ async fn deliver(
                 dead(shared, msg, "unknown_channel", None).await;
                 return Step::Done("dead");
             };
-            let seq = header_u64(&headers, H_SEQUENCE).unwrap_or(0);
-            let start = header_u64(&headers, H_START_SAMPLE).unwrap_or(0);
+            let seq = msg_u64(msg, H_SEQUENCE).unwrap_or(0);
+            let start = msg_u64(msg, H_START_SAMPLE).unwrap_or(0);
             let target = Target {
                 session_id: rec.session_id.clone(),
                 uid: rec.uid.clone(),
@@ -444,10 +440,7 @@ async fn deliver(
 
 /// Terminates a message and records why on the dead-letter subject.
 async fn dead(shared: &Shared, msg: &jetstream::Message, reason: &str, status: Option<u16>) {
-    let headers = msg.headers.clone().unwrap_or_default();
-    let id = headers
-        .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|v| v.as_str().to_owned());
+    let id = message_id(msg);
     let (tenant, token) = parse_subject(&msg.subject)
         .map(|p| (p.tenant.to_owned(), p.token.to_owned()))
         .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
@@ -460,7 +453,7 @@ async fn dead(shared: &Shared, msg: &jetstream::Message, reason: &str, status: O
         "stream_sequence": info.as_ref().map(|i| i.stream_sequence),
         "delivered": info.as_ref().map(|i| i.delivered),
     });
-    let subject = format!("{}.dead.{tenant}.{token}", shared.bus.cfg.subject_prefix);
+    let subject = super::dead_subject(&shared.bus.cfg.subject_prefix, &tenant, &token);
     counter!(BUS_DELIVERIES, "kind" => "dead_letter", "outcome" => "published").increment(1);
     match shared
         .bus
@@ -476,6 +469,19 @@ async fn dead(shared: &Shared, msg: &jetstream::Message, reason: &str, status: O
         Err(e) => warn!(error = %e, "deliver: dead letter not published"),
     }
     let _ = msg.ack_with(AckKind::Term).await;
+}
+
+/// A numeric header of a bus message.
+fn msg_u64(msg: &jetstream::Message, name: &str) -> Option<u64> {
+    msg.headers.as_ref().and_then(|h| header_u64(h, name))
+}
+
+/// The message's `Nats-Msg-Id` (the sink's `Idempotency-Key`).
+fn message_id(msg: &jetstream::Message) -> Option<String> {
+    msg.headers
+        .as_ref()?
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned())
 }
 
 fn cursor_key(session_key: &str, kind: Kind, channel: usize) -> String {

@@ -302,12 +302,14 @@ impl Subjects {
             channel
         )
     }
-    pub fn dead(&self) -> String {
-        format!("{}.dead.{}.{}", self.prefix, self.tenant, self.token)
-    }
     pub fn record_key(&self) -> String {
         format!("{}.{}", self.tenant, self.token)
     }
+}
+
+/// Where dead letters of a session go (outside every partition, so no worker consumes them).
+pub fn dead_subject(prefix: &str, tenant: &str, token: &str) -> String {
+    format!("{prefix}.dead.{tenant}.{token}")
 }
 
 /// A parsed session subject.
