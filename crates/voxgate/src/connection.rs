@@ -1211,6 +1211,8 @@ pub(crate) async fn drive(
                 warn!(session = %id, "client event queue full; Closed not delivered to the client");
             }
         }
+        // A full queue was counted just above; the writer still closes the socket when
+        // `out_tx` drops, only without this code and reason.
         let _ = out_tx.try_send(Message::Close(Some(CloseFrame {
             code: code.as_u16(),
             reason: truncate_reason(&reason).into(),

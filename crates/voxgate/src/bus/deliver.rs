@@ -444,6 +444,7 @@ async fn dead(shared: &Shared, msg: &jetstream::Message, reason: &str, status: O
     let (tenant, token) = parse_subject(&msg.subject)
         .map(|p| (p.tenant.to_owned(), p.token.to_owned()))
         .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+    // Only a message without a JetStream reply subject has no info; its fields are then null.
     let info = msg.info().ok();
     let event = serde_json::json!({
         "reason": reason,
