@@ -18,9 +18,9 @@ use voxgate_session::{
 };
 
 use crate::config::WebhookConfig;
-use crate::consumers::subscribers::Hub;
-use crate::consumers::webhook::{Target, WebhookHandle};
-use crate::consumers::{Consumer, Offer};
+use crate::fanout::subscribers::Hub;
+use crate::fanout::webhook::{Target, WebhookHandle};
+use crate::fanout::{Consumer, Offer};
 
 /// Events consumers may queue for their session before further ones are dropped (counted).
 const NOTICE_QUEUE: usize = 64;
@@ -591,7 +591,7 @@ pub(crate) async fn prepare(
     }
     // Lookback for speech-to-text: `SpeechStarted` reaches back by pre-roll + onset.
     let lookback = (cfg.segmenter.pre_roll_ms + cfg.segmenter.min_speech_ms) * 16 + 512;
-    crate::consumers::stt::build(
+    crate::fanout::stt::build(
         stt_backends,
         &state.http,
         lookback,
@@ -639,7 +639,7 @@ async fn bus_session(
     authenticated: bool,
     from_hook: bool,
     webhooks: &[Arc<WebhookConfig>],
-    stt: &[Arc<crate::consumers::stt::Backend>],
+    stt: &[Arc<crate::fanout::stt::Backend>],
 ) -> Result<BusSession, Refusal> {
     let unavailable = |e: crate::bus::BusError| {
         warn!(session = %session_id, error = %e, "bus unavailable at session start");

@@ -5,7 +5,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod connection;
-pub mod consumers;
+pub mod fanout;
 pub mod frontend;
 pub mod handoff;
 pub mod hook;
@@ -14,3 +14,6 @@ pub mod omi;
 pub mod policy;
 pub mod server;
 pub mod twilio;
+
+/// The old path of the fan-out layer (kept for integration tests and embedders).
+pub use fanout as consumers;

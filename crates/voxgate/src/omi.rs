@@ -10,9 +10,9 @@ use futures_util::StreamExt;
 use voxgate_session::ServerEvent;
 
 use crate::connection::{drive, prepare, refuse, ListenParams, Refusal};
-use crate::consumers::json_webhook::{JsonWebhook, JsonWebhookConfig, Post, Selector};
-use crate::consumers::webhook::Target;
-use crate::consumers::{Consumer, Notifier, Offer};
+use crate::fanout::json_webhook::{JsonWebhook, JsonWebhookConfig, Post, Selector};
+use crate::fanout::webhook::Target;
+use crate::fanout::{Consumer, Notifier, Offer};
 use crate::frontend::Omi;
 use crate::server::AppState;
 

@@ -22,8 +22,8 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::connection::{self, ListenParams};
-use crate::consumers::subscribers::{Hub, SubMessage};
-use crate::consumers::webhook::Breakers;
+use crate::fanout::subscribers::{Hub, SubMessage};
+use crate::fanout::webhook::Breakers;
 use crate::metrics::{self as m, SESSIONS_REJECTED, SUBSCRIBERS_ACTIVE};
 
 /// Bytes read from a socket at a time (tungstenite's default is 128 KiB per connection).
@@ -36,7 +36,7 @@ pub struct AppState {
     pub http: reqwest::Client,
     pub breakers: Breakers,
     /// Speech-to-text backends: concurrency limits and health, shared by all sessions.
-    pub stt: crate::consumers::stt::Registry,
+    pub stt: crate::fanout::stt::Registry,
     pub sessions: Mutex<HashMap<String, Arc<Hub>>>,
     pub permits: Arc<Semaphore>,
     pub shutdown: CancellationToken,
@@ -75,7 +75,7 @@ impl AppState {
             .build()?;
         let auth = crate::auth::Authenticator::new(&cfg.auth, &cfg.server.listen);
         let rate = crate::auth::RateLimiter::new(cfg.auth.connections_per_ip_per_second);
-        let stt = crate::consumers::stt::Registry::new(&cfg.stt);
+        let stt = crate::fanout::stt::Registry::new(&cfg.stt);
         Ok(Arc::new(Self {
             permits: Arc::new(Semaphore::new(cfg.server.max_sessions)),
             cfg,
@@ -297,7 +297,7 @@ async fn subscribe(
 
 async fn run_subscriber(
     mut socket: WebSocket,
-    mut sub: crate::consumers::subscribers::Subscription,
+    mut sub: crate::fanout::subscribers::Subscription,
     queue: usize,
 ) {
     gauge!(SUBSCRIBERS_ACTIVE).increment(1.0);

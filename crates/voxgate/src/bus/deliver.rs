@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::{header_u64, parse_subject, Bus, Kind, SessionRecord, H_SEQUENCE, H_START_SAMPLE};
 use crate::config::Config;
-use crate::consumers::webhook::{audio_body, audio_request, Breakers, Target};
+use crate::fanout::webhook::{audio_body, audio_request, Breakers, Target};
 use crate::metrics::BUS_DELIVERIES;
 
 /// Messages queued per session task; the partition loop waits when it is full (bounded by
@@ -405,7 +405,7 @@ async fn deliver(
             }
             Ok(r) => {
                 let status = r.status();
-                if !crate::consumers::retry::retryable(status) {
+                if !crate::fanout::retry::retryable(status) {
                     breaker.success();
                     warn!(session = %rec.session_id, %id, %status, "deliver: rejected by the sink; dead-lettered");
                     dead(shared, msg, "rejected", Some(status.as_u16())).await;

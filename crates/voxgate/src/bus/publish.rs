@@ -7,7 +7,7 @@
 //! (`bus.max_buffer_seconds` per audio webhook): at half the client is warned (`bus_slow`), past
 //! it audio is dropped, counted, and the session is closed with 1013 so the client retries.
 
-use crate::consumers::join_until;
+use crate::fanout::join_until;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use voxgate_session::{AudioChunk, ConsumerSummary, ServerEvent};
 
 use super::{Bus, Kind, SessionRecord, Subjects, H_SEQUENCE, H_SESSION, H_START_SAMPLE};
-use crate::consumers::{pcm_bytes, Consumer, ConsumerStats, Notifier, Offer};
+use crate::fanout::{pcm_bytes, Consumer, ConsumerStats, Notifier, Offer};
 use crate::metrics::{buffered, dropped, BUS_PUBLISHES, DELIVERED_BYTES};
 
 const KIND: &str = "bus";

@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumers::webhook::sign;
+use crate::fanout::webhook::sign;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SinkArgs {

@@ -2,7 +2,7 @@
 //! backoff and jitter, the endpoint's circuit breaker, counted drops. What it posts and when is
 //! decided by a `Selector` over session events.
 
-use crate::consumers::join_until;
+use crate::fanout::join_until;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;

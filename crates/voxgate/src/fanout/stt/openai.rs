@@ -12,7 +12,7 @@ use tracing::debug;
 
 use super::{retryable, with_retries, Attempt};
 use crate::config::SttConfig;
-use crate::consumers::webhook::wav_bytes;
+use crate::fanout::webhook::wav_bytes;
 use crate::metrics::STT_REQUESTS;
 
 /// The endpoint for a base URL (a full endpoint URL is used as it is).

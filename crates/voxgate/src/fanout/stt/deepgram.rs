@@ -10,7 +10,7 @@
 //! lookback is kept. Everything held is capped by `max_buffer_seconds`: audio already sent is
 //! forgotten first; audio that cannot be sent (backend away) is dropped newest-first, counted.
 
-use crate::consumers::join_until;
+use crate::fanout::join_until;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,7 +31,7 @@ use voxgate_session::{seconds, AudioChunk, ConsumerSummary, ServerEvent};
 
 use super::{Backoff, Ctx, Poster, KIND};
 use crate::config::SttConfig;
-use crate::consumers::{pcm_bytes, Consumer, Offer};
+use crate::fanout::{pcm_bytes, Consumer, Offer};
 use crate::metrics::{buffered, STT_REQUESTS};
 
 /// Items queued from ingest to the connection task (the byte cap is the real bound).

@@ -17,7 +17,7 @@ pub mod openai;
 #[cfg(feature = "pocketsphinx")]
 pub mod pocketsphinx;
 
-use crate::consumers::join_until;
+use crate::fanout::join_until;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

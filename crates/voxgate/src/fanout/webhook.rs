@@ -6,7 +6,7 @@
 //! audio is dropped (`drop_newest`) and counted. Retries use exponential backoff with full
 //! jitter; each endpoint has a circuit breaker shared by all sessions.
 
-use crate::consumers::join_until;
+use crate::fanout::join_until;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
