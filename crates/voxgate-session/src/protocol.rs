@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A text control message from the client.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type")]
 pub enum ClientControl {
     KeepAlive,

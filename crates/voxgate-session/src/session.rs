@@ -99,6 +99,11 @@ pub enum Input<'a> {
     Audio { now: Instant, data: &'a [u8] },
     /// A text message: control.
     Text { now: Instant, text: &'a str },
+    /// A control message a frontend already parsed (e.g. from its own wire protocol).
+    Control {
+        now: Instant,
+        control: ClientControl,
+    },
     /// Audio known to be missing (a gap in device sequence numbers or telephony timestamps):
     /// `samples` of 16 kHz silence keep media time continuous. Capped at `MAX_GAP_SAMPLES`.
     Silence { now: Instant, samples: u64 },
@@ -277,6 +282,20 @@ impl Session {
         self.decoder.stats().pending_bytes
     }
 
+    fn control(&mut self, control: ClientControl) {
+        match control {
+            ClientControl::KeepAlive => {}
+            ClientControl::Finalize => {
+                self.segmenter
+                    .finalize(UtteranceReason::Finalize, &mut self.segments);
+                self.route_segments();
+            }
+            ClientControl::CloseStream => {
+                self.close(CloseCode::Normal, "CloseStream received".into());
+            }
+        }
+    }
+
     /// Feeds one input. Call `poll_output` until it returns `None` before the next input.
     pub fn handle_input(&mut self, input: Input<'_>) -> Result<(), SessionError> {
         if self.closed {
@@ -313,20 +332,16 @@ impl Session {
             Input::Text { now, text } => {
                 self.touch(now);
                 match ClientControl::parse(text) {
-                    Ok(ClientControl::KeepAlive) => {}
-                    Ok(ClientControl::Finalize) => {
-                        self.segmenter
-                            .finalize(UtteranceReason::Finalize, &mut self.segments);
-                        self.route_segments();
-                    }
-                    Ok(ClientControl::CloseStream) => {
-                        self.close(CloseCode::Normal, "CloseStream received".into());
-                    }
+                    Ok(control) => self.control(control),
                     Err(message) => {
                         self.stats.control_errors += 1;
                         self.emit(ServerEvent::error("bad_control_message", message));
                     }
                 }
+            }
+            Input::Control { now, control } => {
+                self.touch(now);
+                self.control(control);
             }
             Input::Timeout { now } => {
                 if let Some(deadline) = self.idle_deadline() {

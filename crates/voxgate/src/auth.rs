@@ -196,11 +196,60 @@ impl Authenticator {
     }
 }
 
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers.get("authorization")?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+/// One token bucket: refills at `per_second`, holds at most two seconds' worth (the burst).
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(per_second: f64, now: Instant) -> Self {
+        Self {
+            per_second,
+            tokens: per_second * 2.0,
+            last: now,
+        }
+    }
+
+    fn refilled(&self, now: Instant) -> f64 {
+        let burst = self.per_second * 2.0;
+        (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second).min(burst)
+    }
+
+    /// Takes one token: `Ok`, or `Err(retry_after)`.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.tokens = self.refilled(now);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
+        }
+    }
+
+    /// Whether it would be full at `now` (an idle key that can be forgotten).
+    fn is_full(&self, now: Instant) -> bool {
+        self.refilled(now) >= self.per_second * 2.0
+    }
+}
+
 /// Per-IP token buckets for the connection rate (bounded: stale entries are pruned, and past
 /// `MAX_TRACKED` addresses new ones share one bucket).
 pub struct RateLimiter {
     per_second: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
 }
 
 const MAX_TRACKED: usize = 100_000;
@@ -215,30 +264,21 @@ impl RateLimiter {
 
     /// `Ok` to admit, or `Err(retry_after)`.
     pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
-        let burst = self.per_second * 2.0;
         let mut map = self
             .buckets
             .lock()
             .expect("rate limiter lock is never poisoned");
         if map.len() >= MAX_TRACKED {
-            map.retain(|_, (tokens, t)| {
-                *tokens + now.duration_since(*t).as_secs_f64() * self.per_second < burst
-            });
+            map.retain(|_, b| !b.is_full(now));
         }
         let key = if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
             IpAddr::from([0, 0, 0, 0])
         } else {
             ip
         };
-        let (tokens, last) = map.entry(key).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
-        }
+        map.entry(key)
+            .or_insert_with(|| TokenBucket::new(self.per_second, now))
+            .take(now)
     }
 }
 

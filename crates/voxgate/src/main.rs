@@ -1,9 +1,9 @@
 //! The `voxgate` binary: a startup story read top to bottom.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 use voxgate::cli;
 use voxgate::config::Config;
@@ -48,110 +48,36 @@ fn init_tracing() {
         .init();
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Serve { config, listen } => {
-            init_tracing();
-            let mut cfg = match Config::load(config.as_deref()) {
-                Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("voxgate: {e}");
-                    return std::process::ExitCode::from(2);
-                }
-            };
-            if let Some(addr) = listen {
-                cfg.server.listen = addr;
-                if let Err(e) = cfg.validate() {
-                    eprintln!("voxgate: {e}");
-                    return std::process::ExitCode::from(2);
-                }
-            }
-            match serve(cfg) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("voxgate: {e:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Decode(args) => match cli::decode::run(&args) {
-            Ok(report) => {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).expect("report serializes")
-                );
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("voxgate decode: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::Decode(args) => print_json("decode", cli::decode::run(&args)),
+        Command::Stream(args) => match runtime().block_on(cli::stream::run(&args)) {
+            Ok(0) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => fail("stream", e, ExitCode::FAILURE),
         },
-        Command::Stream(args) => {
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime starts");
-            match rt.block_on(cli::stream::run(&args)) {
-                Ok(0) => std::process::ExitCode::SUCCESS,
-                Ok(_) => std::process::ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("voxgate stream: {e:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Load(args) => {
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime starts");
-            match rt.block_on(cli::load::run(&args)) {
-                Ok(r) if r.sessions_failed == 0 => std::process::ExitCode::SUCCESS,
-                Ok(_) => std::process::ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("voxgate load: {e:#}");
-                    std::process::ExitCode::from(2)
-                }
-            }
-        }
-        Command::Deliver(args) => {
-            init_tracing();
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime starts");
-            let shutdown = CancellationToken::new();
-            let signal = shutdown.clone();
-            match rt.block_on(async move {
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    info!("signal received; stopping the deliver worker");
-                    signal.cancel();
-                });
-                cli::deliver::run(&args, shutdown).await
-            }) {
-                Ok(()) => std::process::ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("voxgate deliver: {e:#}");
-                    std::process::ExitCode::from(2)
-                }
-            }
-        }
-        Command::Sink(args) => {
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime starts");
-            match rt.block_on(cli::sink::run(&args)) {
-                Ok(stats) => {
-                    println!(
-                        "{}",
-                        serde_json::to_string(&stats).expect("stats serialize")
-                    );
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("voxgate sink: {e:#}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Load(args) => match runtime().block_on(cli::load::run(&args)) {
+            Ok(r) if r.sessions_failed == 0 => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => fail("load", e, ExitCode::from(2)),
+        },
+        Command::Deliver(args) => deliver(args),
+        Command::Sink(args) => print_json("sink", runtime().block_on(cli::sink::run(&args))),
     }
 }
 
-fn serve(cfg: Config) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+/// The gateway: config (exit 2 if invalid) → tracing → bind → serve until a signal → drain.
+fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
+    init_tracing();
+    let cfg = match load_config(config, listen) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("voxgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let served = runtime().block_on(async move {
         let listener = tokio::net::TcpListener::bind(&cfg.server.listen).await?;
         info!(
             session_memory_bound = cfg.session_memory_bound(),
@@ -159,28 +85,61 @@ fn serve(cfg: Config) -> anyhow::Result<()> {
             webhooks = cfg.webhooks.len(),
             "config loaded"
         );
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            info!("signal received; shutting down");
-            signal.cancel();
-        });
-        voxgate::server::run(cfg, listener, shutdown).await
-    })
+        let shutdown = voxgate::shutdown::on_signal("the gateway");
+        voxgate::app::run(cfg, listener, shutdown).await
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail("", e, ExitCode::FAILURE),
+    }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+/// The config file (or embedded defaults) and environment, with `--listen` applied; validated.
+fn load_config(
+    file: Option<PathBuf>,
+    listen: Option<String>,
+) -> Result<Config, voxgate::config::ConfigErrors> {
+    let mut cfg = Config::load(file.as_deref())?;
+    if let Some(addr) = listen {
+        cfg.server.listen = addr;
+        cfg.validate()?;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Ok(cfg)
+}
+
+/// A bus delivery worker until a signal.
+fn deliver(args: cli::deliver::DeliverArgs) -> ExitCode {
+    init_tracing();
+    let done = runtime().block_on(async move {
+        let shutdown = voxgate::shutdown::on_signal("the deliver worker");
+        cli::deliver::run(&args, shutdown).await
+    });
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail("deliver", e, ExitCode::from(2)),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("tokio runtime starts")
+}
+
+/// Prints a command's result as one JSON line.
+fn print_json<T: serde::Serialize>(command: &str, result: anyhow::Result<T>) -> ExitCode {
+    match result {
+        Ok(value) => {
+            let line = serde_json::to_string(&value).expect("reports serialize");
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(command, e, ExitCode::FAILURE),
+    }
+}
+
+fn fail(command: &str, e: anyhow::Error, code: ExitCode) -> ExitCode {
+    match command {
+        "" => eprintln!("voxgate: {e:#}"),
+        _ => eprintln!("voxgate {command}: {e:#}"),
+    }
+    code
 }

@@ -164,3 +164,32 @@ pub fn buffered(kind: &'static str, delta: i64) {
 pub fn dropped(kind: &'static str, reason: &'static str, bytes: u64) {
     counter!(DROPPED_BYTES, "consumer" => kind, "reason" => reason).increment(bytes);
 }
+
+/// Counts (and logs) what an event sent to a client means to operators.
+pub fn observe_event(event: &voxgate_session::ServerEvent) {
+    use voxgate_session::{ServerEvent, UtteranceReason};
+    match event {
+        ServerEvent::SpeechStarted { .. } => counter!(UTTERANCES).increment(1),
+        ServerEvent::UtteranceEnd {
+            reason: UtteranceReason::Limit,
+            ..
+        } => counter!(UTTERANCE_LIMIT).increment(1),
+        ServerEvent::Warning { code, message } => match code.as_str() {
+            "decode_error" => {
+                counter!(DECODE_ERRORS).increment(1);
+                tracing::warn!(%message, "decode error");
+            }
+            "stream_truncated" => tracing::info!(%message, "stream ended inside an element"),
+            "decode_resynced" => {
+                counter!(RESYNCS).increment(1);
+                tracing::warn!(%message, "demuxer resynced");
+            }
+            _ => {}
+        },
+        ServerEvent::Error { code, message } => {
+            counter!(CLIENT_ERRORS, "code" => code.clone()).increment(1);
+            tracing::warn!(%code, %message, "error sent to client");
+        }
+        _ => {}
+    }
+}

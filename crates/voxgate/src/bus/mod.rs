@@ -17,6 +17,7 @@
 
 pub mod deliver;
 pub mod publish;
+pub mod session;
 
 use std::sync::Arc;
 use std::time::Duration;

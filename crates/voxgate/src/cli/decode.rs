@@ -53,7 +53,7 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<DecodeReport> {
     if let Some(c) = args.channels {
         query.insert("channels".to_owned(), c.to_string());
     }
-    let format = crate::connection::source_format(&query).map_err(|e| anyhow::anyhow!(e))?;
+    let format = crate::ingest::request::source_format(&query).map_err(|e| anyhow::anyhow!(e))?;
     anyhow::ensure!(
         !matches!(format, SourceFormat::Opus { .. }),
         "raw Opus packets need message boundaries; decode a WebM or Ogg file instead"

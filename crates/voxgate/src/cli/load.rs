@@ -347,7 +347,7 @@ impl Capture {
         let format_of = |u: &str| -> anyhow::Result<SourceFormat> {
             let query: HashMap<String, String> =
                 url::Url::parse(u)?.query_pairs().into_owned().collect();
-            crate::connection::source_format(&query).map_err(|e| anyhow::anyhow!(e))
+            crate::ingest::request::source_format(&query).map_err(|e| anyhow::anyhow!(e))
         };
         let first = args
             .url
@@ -621,7 +621,10 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         .clone()
         .unwrap_or_else(|| format!("load-{:06x}", rand::random::<u32>() & 0xff_ffff));
     anyhow::ensure!(
-        crate::connection::valid_session_id(&format!("{session_prefix}-{}-999999", args.sessions)),
+        crate::ingest::request::valid_session_id(&format!(
+            "{session_prefix}-{}-999999",
+            args.sessions
+        )),
         "--session-prefix: session ids must be at most 128 characters of A-Z a-z 0-9 - _ . :"
     );
     let start = Instant::now();

@@ -2,6 +2,7 @@
 //! only the consumers it has, so a session without any holds no audio for them.
 
 pub mod json_webhook;
+pub mod registry;
 pub mod retry;
 pub mod stt;
 pub mod subscribers;

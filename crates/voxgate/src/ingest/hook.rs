@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::request::ConnectRequest;
 use crate::config::{OnConnectConfig, WebhookConfig};
-use crate::connection::ListenParams;
 
 #[derive(Debug, Serialize)]
 struct HookRequest<'a> {
@@ -42,18 +42,35 @@ pub struct HookAnswer {
     pub stt: Option<Vec<String>>,
 }
 
-/// Asks the hook; any failure (timeout, non-2xx, bad JSON) is an error string for the client.
+/// Why the hook gave no answer (the message goes to the client with `on_connect_failed`).
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("on_connect hook unreachable: {0}")]
+    Unreachable(reqwest::Error),
+    #[error("on_connect hook answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("on_connect hook body: {0}")]
+    Body(reqwest::Error),
+    #[error("on_connect hook answer larger than 64 KiB")]
+    TooLarge,
+    #[error("on_connect hook answer: {0}")]
+    Invalid(serde_json::Error),
+}
+
+/// Most bytes of a hook answer read.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Asks the hook with the connect request's endpoint, token, query and peer.
 pub async fn on_connect(
     http: &reqwest::Client,
     cfg: &OnConnectConfig,
-    params: &ListenParams,
-    endpoint: &str,
-) -> Result<HookAnswer, String> {
+    req: &ConnectRequest,
+) -> Result<HookAnswer, HookError> {
     let body = HookRequest {
-        endpoint,
-        token: params.token.as_deref(),
-        query: &params.query,
-        peer: params.peer.to_string(),
+        endpoint: req.endpoint.as_str(),
+        token: req.token.as_deref(),
+        query: &req.raw_query,
+        peer: req.peer.to_string(),
     };
     let resp = http
         .post(&cfg.url)
@@ -61,17 +78,14 @@ pub async fn on_connect(
         .json(&body)
         .send()
         .await
-        .map_err(|e| format!("on_connect hook unreachable: {e}"))?;
+        .map_err(HookError::Unreachable)?;
     let status = resp.status();
     if !status.is_success() {
-        return Err(format!("on_connect hook answered {status}"));
+        return Err(HookError::Status(status));
     }
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| format!("on_connect hook body: {e}"))?;
-    if bytes.len() > 64 * 1024 {
-        return Err("on_connect hook answer larger than 64 KiB".into());
+    let bytes = resp.bytes().await.map_err(HookError::Body)?;
+    if bytes.len() > MAX_ANSWER_BYTES {
+        return Err(HookError::TooLarge);
     }
-    serde_json::from_slice(&bytes).map_err(|e| format!("on_connect hook answer: {e}"))
+    serde_json::from_slice(&bytes).map_err(HookError::Invalid)
 }

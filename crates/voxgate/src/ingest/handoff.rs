@@ -21,6 +21,22 @@ pub struct HandoffState {
     pub expires: u64,
 }
 
+/// Why a `resume_state` is refused (the message goes to the client with `resume_failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HandoffError {
+    #[error("resume_state too long")]
+    TooLong,
+    #[error("malformed resume_state")]
+    Malformed,
+    #[error("resume_state signature does not verify")]
+    BadSignature,
+    #[error("resume_state expired")]
+    Expired,
+}
+
+/// Longest `resume_state` accepted.
+const MAX_TOKEN_BYTES: usize = 8192;
+
 fn mac(secret: &str, payload: &str) -> String {
     let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
     m.update(payload.as_bytes());
@@ -41,11 +57,11 @@ impl HandoffState {
         format!("{payload}.{tag}")
     }
 
-    pub fn verify(token: &str, secret: &str) -> Result<Self, String> {
-        if token.len() > 8192 {
-            return Err("resume_state too long".into());
+    pub fn verify(token: &str, secret: &str) -> Result<Self, HandoffError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(HandoffError::TooLong);
         }
-        let (payload, tag) = token.split_once('.').ok_or("malformed resume_state")?;
+        let (payload, tag) = token.split_once('.').ok_or(HandoffError::Malformed)?;
         let want = mac(secret, payload);
         let same = want.len() == tag.len()
             && want
@@ -54,16 +70,40 @@ impl HandoffState {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         if !same {
-            return Err("resume_state signature does not verify".into());
+            return Err(HandoffError::BadSignature);
         }
         let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(payload)
-            .map_err(|_| "malformed resume_state")?;
-        let state: Self = serde_json::from_slice(&json).map_err(|_| "malformed resume_state")?;
+            .map_err(|_| HandoffError::Malformed)?;
+        let state: Self = serde_json::from_slice(&json).map_err(|_| HandoffError::Malformed)?;
         if state.expires < unix_now() {
-            return Err("resume_state expired".into());
+            return Err(HandoffError::Expired);
         }
         Ok(state)
+    }
+
+    /// The state of a session that closed with `summary` (its webhook consumers' next sequence
+    /// numbers included), valid for the grace period but at least a minute.
+    pub fn from_summary(
+        session_id: &str,
+        uid: &str,
+        summary: &voxgate_session::CloseSummary,
+        grace: std::time::Duration,
+    ) -> Self {
+        Self {
+            session_id: session_id.to_owned(),
+            uid: uid.to_owned(),
+            samples: summary.samples_decoded,
+            utterances: summary.utterances,
+            webhooks: summary
+                .consumers
+                .iter()
+                .filter(|c| c.kind == "webhook")
+                .map(|c| (c.name.clone(), c.next_seq))
+                .collect(),
+            expires: 0,
+        }
+        .expiring_in(grace.as_secs_f64().max(60.0))
     }
 
     pub fn expiring_in(mut self, seconds: f64) -> Self {

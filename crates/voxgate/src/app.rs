@@ -1,0 +1,72 @@
+//! The gateway application: builds the shared state (after connecting the bus, when there is
+//! one), composes the routes, serves until shutdown, then drains sessions within the grace period.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::shared::Shared;
+
+/// Every route of the gateway.
+pub fn router(shared: Arc<Shared>) -> Router {
+    crate::ingest::routes()
+        .merge(crate::admin::routes())
+        .route(
+            "/v1/sessions/{id}/subscribe",
+            get(crate::subscribe::subscribe),
+        )
+        .with_state(shared)
+}
+
+/// Connects the delivery bus when `[bus] url` is set.
+async fn connect_bus(cfg: &Config) -> anyhow::Result<Option<crate::bus::Bus>> {
+    let Some(url) = &cfg.bus.url else {
+        return Ok(None);
+    };
+    info!(%url, "connecting to the delivery bus");
+    Ok(Some(
+        crate::bus::Bus::connect(&cfg.bus, "voxgate-gateway").await?,
+    ))
+}
+
+/// Serves until `shutdown` is cancelled, then drains sessions within the grace period.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let grace = Duration::from_secs_f64(cfg.server.shutdown_grace_seconds);
+    let bus = connect_bus(&cfg).await?;
+    let shared = Shared::new(cfg, shutdown.clone(), bus)?;
+    let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    info!(addr = %listener.local_addr()?, "voxgate listening");
+    let stop = shutdown.clone();
+    let draining = shared.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            stop.cancelled().await;
+            draining.ready.store(false, Ordering::SeqCst);
+            info!("shutdown: no longer accepting; flushing sessions");
+        })
+        .await?;
+    shared.tracker.close();
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = shared.tracker.len(),
+            "shutdown grace period over; exiting with sessions still flushing"
+        );
+    }
+    info!("voxgate stopped");
+    Ok(())
+}

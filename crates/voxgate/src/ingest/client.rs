@@ -1,0 +1,127 @@
+//! The client side of a connection: the socket's read half, and a writer task behind a bounded
+//! queue. A client that does not read its events fills the queue and is marked slow (the driver
+//! closes it); a client that went away is marked gone (nothing more is written to it). A resumed
+//! session hands the writer the new socket's sink.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use metrics::counter;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use super::refusal::{await_peer_close, truncate_reason};
+use crate::metrics as m;
+
+pub type WsSink = futures_util::stream::SplitSink<WebSocket, Message>;
+pub type WsStream = futures_util::stream::SplitStream<WebSocket>;
+
+/// How long the close waits for the writer to send what is queued.
+const WRITER_JOIN: Duration = Duration::from_secs(5);
+
+/// One client's I/O: read half, writer task, bounded out queue, and the slow/gone flags.
+pub struct ClientIo {
+    pub stream: WsStream,
+    out_tx: mpsc::Sender<Message>,
+    sink_tx: mpsc::Sender<WsSink>,
+    writer: JoinHandle<()>,
+    /// The socket closed or broke: nothing more is written to it.
+    pub gone: bool,
+    /// The out queue was full: the client does not read its events.
+    pub slow: bool,
+}
+
+impl ClientIo {
+    /// Starts the writer with a queue of `queue` messages.
+    pub fn start(sink: WsSink, stream: WsStream, queue: usize) -> Self {
+        let (out_tx, out_rx) = mpsc::channel::<Message>(queue);
+        let (sink_tx, sink_rx) = mpsc::channel::<WsSink>(1);
+        let writer = tokio::spawn(write_loop(sink, out_rx, sink_rx));
+        Self {
+            stream,
+            out_tx,
+            sink_tx,
+            writer,
+            gone: false,
+            slow: false,
+        }
+    }
+
+    /// Queues a message without waiting; a full queue marks the client slow.
+    pub fn send(&mut self, msg: Message) {
+        if !self.gone && self.out_tx.try_send(msg).is_err() {
+            self.slow = true;
+        }
+    }
+
+    /// Takes a reconnected client's socket: reads from it, and the writer writes to it.
+    pub async fn reattach(&mut self, socket: WebSocket) -> bool {
+        let (sink, stream) = socket.split();
+        self.stream = stream;
+        self.gone = false;
+        self.sink_tx.send(sink).await.is_ok()
+    }
+
+    /// Sends the last event and the close frame (unless the client is gone), waits for the
+    /// writer, and reads until the peer's close so the frame is not lost to a TCP reset.
+    pub async fn goodbye(mut self, last: Option<Message>, code: u16, reason: &str, session: &str) {
+        if !self.gone {
+            if let Some(msg) = last {
+                if self.out_tx.try_send(msg).is_err() {
+                    counter!(m::CLIENT_ERRORS, "code" => "closed_undelivered").increment(1);
+                    warn!(
+                        session,
+                        "client event queue full; Closed not delivered to the client"
+                    );
+                }
+            }
+            // A full queue was counted just above; the writer still closes the socket when
+            // `out_tx` drops, only without this code and reason.
+            let _ = self.out_tx.try_send(Message::Close(Some(CloseFrame {
+                code,
+                reason: truncate_reason(reason).into(),
+            })));
+        }
+        drop(self.out_tx);
+        let _ = tokio::time::timeout(WRITER_JOIN, self.writer).await;
+        if !self.gone {
+            await_peer_close(&mut self.stream).await;
+        }
+    }
+}
+
+/// Writes queued messages to the current sink until a close frame or the queue ends.
+async fn write_loop(
+    sink: WsSink,
+    mut out_rx: mpsc::Receiver<Message>,
+    mut sink_rx: mpsc::Receiver<WsSink>,
+) {
+    let mut sink = Some(sink);
+    loop {
+        tokio::select! {
+            biased;
+            Some(new) = sink_rx.recv() => {
+                if let Some(mut old) = sink.replace(new) {
+                    let _ = old.close().await;
+                }
+            }
+            msg = out_rx.recv() => {
+                let Some(msg) = msg else { break };
+                let is_close = matches!(msg, Message::Close(_));
+                if let Some(s) = sink.as_mut() {
+                    if s.send(msg).await.is_err() {
+                        sink = None; // gone; events wait for nobody until a resume
+                    }
+                }
+                if is_close {
+                    break;
+                }
+            }
+        }
+    }
+    if let Some(mut s) = sink {
+        let _ = s.close().await;
+    }
+}

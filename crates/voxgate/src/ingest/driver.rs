@@ -1,0 +1,556 @@
+//! `Connection`: one live connection, its session, consumers and client, driven by a short loop.
+//!
+//! The loop follows one rule (str0m's): after every input, drain the session's outputs
+//! completely before waiting for the next wake. Methods come in this order:
+//! - `on_*`: one per kind of wake; they feed the session or queue frontend actions and never
+//!   wait for a consumer (the only await is handing a resumed socket to the client writer);
+//! - `drain_outputs`: fans the session's outputs out to the consumers, the subscribers and the
+//!   client, until the session has nothing left or has closed;
+//! - `close`: the only long await: flushes consumers in order, sends `Closed`, says goodbye.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Message;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use metrics::{counter, gauge};
+use tokio::sync::mpsc;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use voxgate_session::{CloseCode, CloseSummary, Input, Output, ServerEvent, Session, SessionError};
+
+use super::client::ClientIo;
+use super::frontends::{Action, Frontend};
+use super::handoff::HandoffState;
+use super::registry::{ResumableEntry, SessionEntry};
+use super::request::Endpoint;
+use super::resume::{Reattach, ResumeCursor, ResumeFrom, ResumeSlot};
+use crate::auth::{TokenBucket, UserSlot};
+use crate::fanout::registry::{Consumers, Finished};
+use crate::fanout::subscribers::Hub;
+use crate::metrics as m;
+use crate::shared::Shared;
+
+/// What a connection holds only while it lives: released in `close` at fixed points (the id when
+/// the session is over for subscribers, the resume slot when the loop ends, the permit and user
+/// slot last).
+pub struct Guards {
+    pub session: SessionEntry,
+    pub resumable: Option<ResumableEntry>,
+    pub user_slot: Option<UserSlot>,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// One live connection.
+pub struct Connection {
+    shared: Arc<Shared>,
+    id: String,
+    endpoint: Endpoint,
+    session: Session,
+    frontend: Box<dyn Frontend>,
+    consumers: Consumers,
+    client: ClientIo,
+    /// Events consumers send back (transcripts, backend trouble), bounded.
+    notices: mpsc::Receiver<ServerEvent>,
+    resume: Option<ResumeSlot>,
+    cursor: ResumeCursor,
+    /// Message flood guard: one token bucket per connection.
+    flood: TokenBucket,
+    meter: Meter,
+    /// Frontend actions of the current wake (kept to reuse the allocation).
+    actions: Vec<Action>,
+    guards: Guards,
+}
+
+/// Everything `prepare` built for a connection.
+pub struct Parts {
+    pub session: Session,
+    pub frontend: Box<dyn Frontend>,
+    pub consumers: Consumers,
+    pub notices: mpsc::Receiver<ServerEvent>,
+    pub resume: Option<ResumeSlot>,
+    pub guards: Guards,
+}
+
+/// Decoded audio counted into `voxgate_audio_seconds_total`, by detected format.
+#[derive(Default)]
+struct Meter {
+    format: &'static str,
+    counted: u64,
+}
+
+impl Meter {
+    fn count(&mut self, decoded: u64) {
+        if decoded > self.counted {
+            m::add_audio_samples(self.format, decoded - self.counted);
+            self.counted = decoded;
+        }
+    }
+}
+
+/// What woke the connection.
+enum Wake {
+    Binary(Bytes),
+    Text(String),
+    Nothing,
+    Gone,
+    Broken(axum::Error),
+    Timeout,
+    Shutdown,
+    Notice(ServerEvent),
+    Reattach(Box<Reattach>),
+    /// Messages arrive faster than `server.max_messages_per_second`.
+    Flood,
+}
+
+impl Wake {
+    fn from_message(msg: Option<Result<Message, axum::Error>>) -> Self {
+        match msg {
+            Some(Ok(Message::Binary(data))) => Self::Binary(data),
+            Some(Ok(Message::Text(text))) => Self::Text(text.as_str().to_owned()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Self::Nothing,
+            Some(Ok(Message::Close(_))) | None => Self::Gone,
+            Some(Err(e)) => Self::Broken(e),
+        }
+    }
+}
+
+/// The clock of the connection (tokio's, so paused-time tests see the same time).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+impl Connection {
+    pub fn new(shared: Arc<Shared>, endpoint: Endpoint, client: ClientIo, parts: Parts) -> Self {
+        let flood = TokenBucket::new(shared.cfg.server.max_messages_per_second, now());
+        Self {
+            id: parts.session.id().to_owned(),
+            endpoint,
+            session: parts.session,
+            frontend: parts.frontend,
+            consumers: parts.consumers,
+            client,
+            notices: parts.notices,
+            resume: parts.resume,
+            cursor: ResumeCursor::default(),
+            flood,
+            meter: Meter::default(),
+            actions: Vec::new(),
+            guards: parts.guards,
+            shared,
+        }
+    }
+
+    /// Runs the session from start to close.
+    pub async fn run(mut self) {
+        self.start();
+        let (code, reason, summary) = loop {
+            if let Some(close) = self.drain_outputs() {
+                break close;
+            }
+            if self.client.slow && !self.session.is_closed() {
+                self.on_client_slow();
+                continue;
+            }
+            let wake = self.next_wake().await;
+            self.on_wake(wake).await;
+            self.apply_actions();
+        };
+        self.close(code, reason, summary).await;
+    }
+
+    fn start(&mut self) {
+        let endpoint = self.endpoint.as_str();
+        gauge!(m::SESSIONS_ACTIVE).increment(1.0);
+        counter!(m::SESSIONS_TOTAL, "endpoint" => endpoint).increment(1);
+        info!(session = %self.id, endpoint, consumers = self.consumers.len(), "session started");
+        self.session.start(now());
+        if let Some(r) = &self.resume {
+            let event = ServerEvent::Resumable {
+                session_id: self.id.clone(),
+                resume_token: r.token.clone(),
+                grace_seconds: r.grace.as_secs_f64(),
+            };
+            // The client queue (capacity >= 1) is empty before the first event.
+            if let Some(msg) = self.frontend.render(&event) {
+                self.client.send(msg);
+            }
+        }
+    }
+
+    /// Fans out every pending output; returns the close once the session has closed.
+    fn drain_outputs(&mut self) -> Option<(CloseCode, String, CloseSummary)> {
+        while let Some(out) = self.session.poll_output() {
+            match out {
+                Output::Event(event) => {
+                    if let ServerEvent::Started { format, .. } = &event {
+                        self.meter.format = self.session.format().map(|f| f.name()).unwrap_or("");
+                        info!(session = %self.id, format = %format, "format detected");
+                    }
+                    self.consumers.on_event(&event);
+                    self.dispatch(&event);
+                }
+                Output::Audio(chunk) => {
+                    let mut dropping = Vec::new();
+                    self.consumers
+                        .on_audio(&chunk, |name| dropping.push(name.to_owned()));
+                    for name in dropping {
+                        self.dispatch(&ServerEvent::warning(
+                            "consumer_dropping",
+                            format!("consumer {name:?} is not keeping up; audio is being dropped"),
+                        ));
+                    }
+                }
+                Output::Close {
+                    code,
+                    reason,
+                    summary,
+                } => return Some((code, reason, summary)),
+            }
+        }
+        // Decoded audio is counted whether or not any consumer takes it.
+        self.meter.count(self.session.stats().samples);
+        None
+    }
+
+    /// An event for the subscribers and, in its protocol's form, the client.
+    fn dispatch(&mut self, event: &ServerEvent) {
+        dispatch(
+            self.consumers.hub(),
+            &*self.frontend,
+            &mut self.client,
+            event,
+        );
+    }
+
+    /// The writer queue is full: stop writing to the client, but flush the consumers.
+    fn on_client_slow(&mut self) {
+        self.client.slow = false;
+        self.client.gone = true;
+        warn!(session = %self.id, "client is not reading its events; closing");
+        let _ = self.session.handle_input(Input::Violation {
+            code: CloseCode::Policy,
+            error: "client_too_slow",
+            message: "client did not read its events; closing",
+        });
+    }
+
+    async fn next_wake(&mut self) -> Wake {
+        let deadline = self.session.poll_timeout();
+        let shutdown = &self.shared.shutdown;
+        // Biased: input already waiting is read before an idle deadline can fire (an overloaded
+        // server must not mistake its own lag for an idle client).
+        let wake = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => Wake::Shutdown,
+            Some(event) = self.notices.recv() => Wake::Notice(event),
+            Some(socket) = ResumeSlot::recv(&mut self.resume) => Wake::Reattach(Box::new(socket)),
+            msg = self.client.stream.next() => Wake::from_message(msg),
+            () = sleep_until_opt(deadline) => Wake::Timeout,
+        };
+        let wake = self.await_resume(wake).await;
+        self.check_flood(wake)
+    }
+
+    /// A resumable session waits for its client instead of closing when the socket drops.
+    async fn await_resume(&mut self, wake: Wake) -> Wake {
+        let shutdown = &self.shared.shutdown;
+        let (Wake::Gone | Wake::Broken(_), Some(r), false) =
+            (&wake, self.resume.as_mut(), shutdown.is_cancelled())
+        else {
+            return wake;
+        };
+        info!(session = %self.id, grace = ?r.grace, "client disconnected; waiting for a resume");
+        tokio::select! {
+            Some(socket) = r.rx.recv() => Wake::Reattach(Box::new(socket)),
+            () = tokio::time::sleep(r.grace) => Wake::Gone,
+            () = shutdown.cancelled() => Wake::Shutdown,
+        }
+    }
+
+    fn check_flood(&mut self, wake: Wake) -> Wake {
+        match wake {
+            Wake::Binary(_) | Wake::Text(_) if self.flood.take(now()).is_err() => {
+                counter!(m::SESSIONS_REJECTED, "reason" => "message_flood").increment(1);
+                Wake::Flood
+            }
+            other => other,
+        }
+    }
+
+    async fn on_wake(&mut self, wake: Wake) {
+        let result = match wake {
+            Wake::Flood => self.on_flood(),
+            Wake::Binary(data) => {
+                self.on_binary(data);
+                Ok(())
+            }
+            Wake::Text(text) => {
+                self.frontend.on_text(&text, &mut self.actions);
+                Ok(())
+            }
+            Wake::Nothing => Ok(()),
+            Wake::Gone => {
+                self.client.gone = true;
+                self.session.handle_input(Input::PeerClosed)
+            }
+            Wake::Broken(e) => self.on_broken(e),
+            Wake::Timeout => self.session.handle_input(Input::Timeout { now: now() }),
+            Wake::Shutdown => self.session.handle_input(Input::Shutdown),
+            Wake::Notice(event) => self.on_notice(event),
+            Wake::Reattach(reattach) => {
+                self.on_reattach(*reattach).await;
+                Ok(())
+            }
+        };
+        self.refused(result);
+    }
+
+    fn refused(&self, result: Result<(), SessionError>) {
+        if let Err(e) = result {
+            warn!(session = %self.id, error = %e, "session input refused");
+        }
+    }
+
+    fn on_flood(&mut self) -> Result<(), SessionError> {
+        let message = format!(
+            "more than {} messages per second (server.max_messages_per_second)",
+            self.shared.cfg.server.max_messages_per_second
+        );
+        self.session.handle_input(Input::Violation {
+            code: CloseCode::Policy,
+            error: "message_flood",
+            message: &message,
+        })
+    }
+
+    fn on_binary(&mut self, mut data: Bytes) {
+        counter!(m::BYTES_IN).increment(data.len() as u64);
+        // Exact duplicates of what was received before a reconnect.
+        let dup = self.cursor.duplicates(data.len());
+        if dup > 0 {
+            counter!(m::RESUME_DUPLICATES).increment(dup as u64);
+            data = data.slice(dup..);
+            if data.is_empty() {
+                return;
+            }
+        }
+        if self.cursor.restarts_recorder(&data) && self.session.format().is_some() {
+            info!(session = %self.id, "resumed client restarted its recorder; decoding afresh");
+            if let Err(e) = self.session.restart_stream() {
+                warn!(session = %self.id, error = %e, "could not restart the decoder");
+            }
+        }
+        self.frontend.on_binary(data, &mut self.actions);
+    }
+
+    fn on_broken(&mut self, e: axum::Error) -> Result<(), SessionError> {
+        let (code, error, message) = match ws_error(e) {
+            WsError::TooBig => (
+                CloseCode::TooBig,
+                "message_too_large",
+                format!(
+                    "message larger than server.max_message_bytes ({} bytes)",
+                    self.shared.cfg.server.max_message_bytes
+                ),
+            ),
+            WsError::Protocol(text) => (
+                CloseCode::Policy,
+                "protocol_error",
+                format!("WebSocket protocol error: {text}"),
+            ),
+        };
+        self.session.handle_input(Input::Violation {
+            code,
+            error,
+            message: &message,
+        })
+    }
+
+    fn on_notice(&mut self, event: ServerEvent) -> Result<(), SessionError> {
+        match event {
+            // The bus consumer's buffer overflowed: close with 1013 so the client retries.
+            ServerEvent::Error { code, message } if code == "bus_unavailable" => {
+                self.session.handle_input(Input::Violation {
+                    code: CloseCode::TryAgainLater,
+                    error: "bus_unavailable",
+                    message: &message,
+                })
+            }
+            event => {
+                self.actions.push(Action::Notice(event));
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_reattach(&mut self, (socket, from): Reattach) {
+        let have = self.session.bytes_in();
+        if let ResumeFrom::Gap(missing) = self.cursor.resumed(from, have) {
+            self.actions.push(Action::Notice(ServerEvent::warning(
+                "resume_gap",
+                format!(
+                    "resume_from {} is past the {have} bytes received; {missing} bytes are missing",
+                    have + missing
+                ),
+            )));
+        }
+        if !self.client.reattach(socket).await {
+            warn!(session = %self.id, "client writer ended; the resumed socket gets no events");
+        }
+        counter!(m::SESSIONS_TOTAL, "endpoint" => "resume").increment(1);
+        info!(session = %self.id, bytes = have, "session resumed");
+        self.actions.push(Action::Notice(ServerEvent::Resumed {
+            session_id: self.id.clone(),
+            bytes: have,
+            samples: self.session.stats().samples,
+        }));
+    }
+
+    /// Applies the frontend's actions of this wake to the session.
+    fn apply_actions(&mut self) {
+        if self.actions.is_empty() {
+            return;
+        }
+        // A subscriber that wants audio may have joined since the last message.
+        self.session.set_wants_audio(self.consumers.wants_audio());
+        let mut actions = std::mem::take(&mut self.actions);
+        for action in actions.drain(..) {
+            if self.session.is_closed() {
+                break;
+            }
+            let result = self.apply(action);
+            self.refused(result);
+        }
+        self.actions = actions;
+    }
+
+    fn apply(&mut self, action: Action) -> Result<(), SessionError> {
+        let now = now();
+        match action {
+            Action::Audio(data) => self.session.handle_input(Input::Audio { now, data: &data }),
+            Action::Control(control) => self.session.handle_input(Input::Control { now, control }),
+            Action::ControlText(text) => {
+                self.session.handle_input(Input::Text { now, text: &text })
+            }
+            Action::Silence(samples) => {
+                counter!(m::GAP_SAMPLES).increment(samples);
+                self.session.handle_input(Input::Silence { now, samples })
+            }
+            Action::Notice(event) => {
+                self.consumers.on_event(&event);
+                self.dispatch(&event);
+                Ok(())
+            }
+            Action::Violation {
+                code,
+                error,
+                message,
+            } => self.session.handle_input(Input::Violation {
+                code,
+                error,
+                message: &message,
+            }),
+        }
+    }
+
+    /// Flushes the consumers (everything accepted is delivered or counted as dropped), sends
+    /// `Closed` (with a handoff state when a resumable session drains), and closes the socket.
+    async fn close(self, code: CloseCode, reason: String, mut summary: CloseSummary) {
+        let Connection {
+            shared,
+            id,
+            frontend,
+            consumers,
+            mut client,
+            mut notices,
+            resume,
+            mut meter,
+            guards,
+            ..
+        } = self;
+        drop(guards.resumable);
+        meter.count(summary.samples_decoded);
+        let server = &shared.cfg.server;
+        let flush = Duration::from_secs_f64(if shared.shutdown.is_cancelled() {
+            server.shutdown_grace_seconds * 0.8
+        } else {
+            server.close_flush_seconds
+        });
+        let hub = consumers.hub().clone();
+        let Finished {
+            summaries,
+            last_words,
+        } = consumers
+            .finish_in_order(code, Instant::now() + flush, &mut notices)
+            .await;
+        for event in &last_words {
+            dispatch(&hub, &*frontend, &mut client, event);
+        }
+        summary.consumers = summaries;
+        // A drained resumable session can continue on another instance of the deployment.
+        let resume_state = match (&server.resume_secret, &resume) {
+            (Some(secret), Some(r)) if code == CloseCode::GoingAway => {
+                Some(HandoffState::from_summary(&id, hub.owner(), &summary, r.grace).sign(secret))
+            }
+            _ => None,
+        };
+        let closed = ServerEvent::Closed {
+            session_id: id.clone(),
+            code: code.as_u16(),
+            reason: reason.clone(),
+            summary: summary.clone(),
+            resume_state,
+        };
+        hub.publish_event(&closed.to_json());
+        hub.close();
+        drop(guards.session);
+        let last = if client.gone {
+            None
+        } else {
+            frontend.render(&closed)
+        };
+        client.goodbye(last, code.as_u16(), &reason, &id).await;
+        counter!(m::CLOSES, "code" => code.as_u16().to_string()).increment(1);
+        gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
+        info!(session = %id, code = code.as_u16(), %reason, seconds = summary.seconds_decoded,
+            decode_errors = summary.decode_errors, resyncs = summary.resyncs, "session closed");
+        drop((guards.user_slot, guards.permit));
+    }
+}
+
+/// An event for the subscribers and, in its protocol's form, the client.
+fn dispatch(hub: &Hub, frontend: &dyn Frontend, client: &mut ClientIo, event: &ServerEvent) {
+    m::observe_event(event);
+    hub.publish_event(&event.to_json());
+    if let Some(msg) = frontend.render(event) {
+        client.send(msg);
+    }
+}
+
+/// How a broken WebSocket read is reported.
+enum WsError {
+    /// A message or frame over the configured limits.
+    TooBig,
+    Protocol(String),
+}
+
+fn ws_error(e: axum::Error) -> WsError {
+    use tokio_tungstenite::tungstenite::error::{Error, ProtocolError};
+    let text = e.to_string();
+    match e.into_inner().downcast::<Error>().map(|e| *e) {
+        Ok(Error::Capacity(_) | Error::Protocol(ProtocolError::ControlFrameTooBig)) => {
+            WsError::TooBig
+        }
+        _ => WsError::Protocol(text),
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}

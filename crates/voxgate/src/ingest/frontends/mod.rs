@@ -1,0 +1,71 @@
+//! Wire protocols in front of the session, one adapter per file. Each adapter's `accept` turns an
+//! upgraded socket into a typed `ConnectRequest` (or refuses it) and gives a `Frontend` that turns
+//! socket messages into session actions and renders session events for its client. The ingest
+//! core (admission, plan, driver) never knows which frontend it serves.
+
+pub mod listen;
+pub mod omi;
+pub mod twilio;
+
+use std::sync::Arc;
+
+use axum::extract::ws::Message;
+use bytes::Bytes;
+use voxgate_session::{ClientControl, CloseCode, ServerEvent};
+
+use super::hook::HookAnswer;
+use crate::config::{Config, WebhookConfig};
+use crate::fanout::registry::BuildCtx;
+use crate::fanout::subscribers::Hub;
+use crate::fanout::Consumer;
+
+/// What a socket message means for the session.
+#[derive(Debug)]
+pub enum Action {
+    /// Audio bytes in the session's source format.
+    Audio(Bytes),
+    /// A control message the frontend already understood.
+    Control(ClientControl),
+    /// A text control message as received (parsed by the session, which reports bad ones).
+    ControlText(String),
+    /// 16 kHz samples known to be missing (filled with silence, counted).
+    Silence(u64),
+    /// An event for the consumers, the client (if its protocol shows events) and subscribers.
+    Notice(ServerEvent),
+    /// The message breaks the protocol: tell the client, flush, close with `code`.
+    Violation {
+        code: CloseCode,
+        error: &'static str,
+        message: String,
+    },
+}
+
+/// A wire protocol. The per-message methods are synchronous and never block; the plan hooks are
+/// called once while the connection is prepared.
+pub trait Frontend: Send + Sync {
+    fn on_binary(&mut self, data: Bytes, out: &mut Vec<Action>);
+    fn on_text(&mut self, text: &str, out: &mut Vec<Action>);
+    /// How a session event reaches this protocol's client (`None`: it does not).
+    fn render(&self, event: &ServerEvent) -> Option<Message>;
+
+    /// Whether a client of this protocol can park and resume its session (`resumable=true`).
+    fn supports_resume(&self) -> bool {
+        false
+    }
+    /// Audio webhooks this protocol takes from the `on_connect` hook's answer, besides its
+    /// `webhooks` (subject to the token's consumer list like them).
+    fn hook_webhooks(&mut self, _answer: &HookAnswer, _cfg: &Config) -> Vec<Arc<WebhookConfig>> {
+        Vec::new()
+    }
+    /// Audio webhooks this protocol adds from config when there is no `on_connect` hook.
+    fn config_webhooks(&self, _cfg: &Config) -> Vec<Arc<WebhookConfig>> {
+        Vec::new()
+    }
+    /// Consumers of this protocol's own events, built after the audio webhooks and before
+    /// speech-to-text.
+    fn extra_consumers(&mut self, _ctx: &BuildCtx<'_>) -> Vec<Box<dyn Consumer>> {
+        Vec::new()
+    }
+    /// The session is registered (its subscribers may join from now on).
+    fn on_registered(&mut self, _hub: &Hub) {}
+}

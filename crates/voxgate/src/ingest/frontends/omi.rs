@@ -1,0 +1,348 @@
+//! `/v1/trigger/listen`: a drop-in for Omi's pusher. The transcription service sends binary
+//! opcode frames (100 heartbeat, 101 audio, 102 transcript, 103 conversation id, 104 finalize,
+//! 105 speaker sample); audio flows through the same sessions, consumers and metrics as any
+//! other, and only the consumers a user has are built: its audio apps (audio webhooks), its
+//! transcript webhook and its conversation webhook (or an automatic `104` answer).
+
+use std::sync::Arc;
+
+use axum::extract::ws::Message;
+use bytes::Bytes;
+use voxgate_session::{ClientControl, CloseCode, ServerEvent, SAMPLE_RATE};
+
+use super::{Action, Frontend};
+use crate::config::{Config, WebhookConfig};
+use crate::fanout::json_webhook::{JsonWebhook, JsonWebhookConfig, Post, Selector};
+use crate::fanout::registry::BuildCtx;
+use crate::fanout::{Consumer, Notifier, Offer};
+use crate::ingest::hook::HookAnswer;
+use crate::ingest::refusal::{Refusal, RefuseReason};
+use crate::ingest::request::ConnectRequest;
+use crate::ingest::Accept;
+
+/// Checks `uid` and `sample_rate` (8000..=48000, default 8000): the audio is PCM16 mono.
+pub fn accept(mut req: ConnectRequest) -> Accept {
+    let rate = match req.raw_query.get("sample_rate").map(|r| r.parse::<u32>()) {
+        None => Ok(8000),
+        Some(Ok(r)) if (8000..=48_000).contains(&r) => Ok(r),
+        Some(_) => Err(Refusal::new(
+            RefuseReason::InvalidSampleRate,
+            "sample_rate must be 8000..=48000",
+        )),
+    };
+    let uid_ok = req.uid.as_ref().is_some_and(|u| !u.is_empty());
+    match (rate, uid_ok) {
+        (Ok(rate), true) => {
+            req.set_source("linear16", rate);
+            Accept::Session(req, Box::new(Omi::new(rate)))
+        }
+        (Err(e), _) => Accept::Refuse(req, e),
+        (_, false) => Accept::Refuse(
+            req,
+            Refusal::new(RefuseReason::MissingUid, "uid is required"),
+        ),
+    }
+}
+
+/// Omi consumers besides audio webhooks, from the hook (per user) or the config.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct OmiTargets {
+    transcript_webhook: Option<String>,
+    conversation_webhook: Option<String>,
+}
+
+/// An audio app: an audio webhook named `audio_app_<i>` with `omi.audio_app_delay_seconds`.
+fn audio_apps(urls: &[String], cfg: &Config) -> Vec<Arc<WebhookConfig>> {
+    urls.iter()
+        .enumerate()
+        .map(|(i, url)| {
+            Arc::new(WebhookConfig::new(
+                &format!("audio_app_{i}"),
+                url,
+                Some(cfg.omi.audio_app_delay_seconds),
+            ))
+        })
+        .collect()
+}
+
+/// Omi's pusher protocol on `/v1/trigger/listen`: binary frames of a little-endian u32 opcode and
+/// a payload. Malformed frames and unknown opcodes close the session with 1003 and a reason.
+pub struct Omi {
+    rate: u32,
+    /// `None` until the plan is made: then the hook's answer or the config's.
+    targets: Option<OmiTargets>,
+    conversation_id: Option<String>,
+    /// Capture time of the first audio frame and samples received since (at `rate`).
+    first_ts: Option<f64>,
+    samples_in: u64,
+}
+
+/// A late capture timestamp beyond this many seconds counts as a gap (filled, counted).
+const OMI_GAP_TOLERANCE: f64 = 0.5;
+
+impl Omi {
+    pub fn new(rate: u32) -> Self {
+        Self {
+            rate,
+            targets: None,
+            conversation_id: None,
+            first_ts: None,
+            samples_in: 0,
+        }
+    }
+
+    fn malformed(message: String) -> Action {
+        Action::Violation {
+            code: CloseCode::Unsupported,
+            error: "malformed_frame",
+            message,
+        }
+    }
+
+    fn json(&self, op: u32, event: &str, payload: &[u8]) -> Action {
+        match serde_json::from_slice(payload) {
+            Ok(v) => self.conversation(event, v),
+            Err(e) => Self::malformed(format!("opcode {op}: payload is not JSON: {e}")),
+        }
+    }
+
+    fn conversation(&self, event: &str, data: serde_json::Value) -> Action {
+        Action::Notice(ServerEvent::Conversation {
+            event: event.to_owned(),
+            conversation_id: self.conversation_id.clone(),
+            data,
+        })
+    }
+}
+
+impl Frontend for Omi {
+    fn on_binary(&mut self, data: Bytes, out: &mut Vec<Action>) {
+        if data.len() < 4 {
+            out.push(Self::malformed(format!(
+                "a {}-byte frame has no 4-byte opcode",
+                data.len()
+            )));
+            return;
+        }
+        let op = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let payload = data.slice(4..);
+        match op {
+            100 => out.push(Action::Control(ClientControl::KeepAlive)),
+            101 => {
+                if payload.len() < 8 {
+                    out.push(Self::malformed(
+                        "opcode 101: audio frame shorter than its 8-byte timestamp".into(),
+                    ));
+                    return;
+                }
+                let ts = f64::from_le_bytes(payload[..8].try_into().expect("8 bytes checked"));
+                let pcm = payload.slice(8..);
+                if !pcm.len().is_multiple_of(2) {
+                    out.push(Self::malformed(format!(
+                        "opcode 101: PCM16 payload of odd length {}",
+                        pcm.len()
+                    )));
+                    return;
+                }
+                let rate = f64::from(self.rate);
+                match self.first_ts {
+                    None if ts.is_finite() => self.first_ts = Some(ts),
+                    Some(first) if ts.is_finite() => {
+                        let expected = first + self.samples_in as f64 / rate;
+                        let gap = ts - expected;
+                        if gap > OMI_GAP_TOLERANCE {
+                            let gap_samples = (gap * rate) as u64;
+                            self.samples_in += gap_samples;
+                            out.push(Action::Silence((gap * f64::from(SAMPLE_RATE)) as u64));
+                            out.push(Action::Notice(ServerEvent::warning(
+                                "media_gap",
+                                format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
+                            )));
+                        }
+                    }
+                    _ => {}
+                }
+                self.samples_in += pcm.len() as u64 / 2;
+                out.push(Action::Audio(pcm));
+            }
+            102 => out.push(self.json(op, "transcript", &payload)),
+            103 => match std::str::from_utf8(&payload) {
+                Ok(id) if !id.is_empty() && id.len() <= 256 => {
+                    self.conversation_id = Some(id.to_owned());
+                    out.push(self.conversation("conversation_id", serde_json::Value::Null));
+                }
+                _ => out.push(Self::malformed(
+                    "opcode 103: conversation id must be 1-256 bytes of UTF-8".into(),
+                )),
+            },
+            104 => out.push(self.json(op, "finalize", &payload)),
+            105 => out.push(self.json(op, "speaker_sample", &payload)),
+            other => out.push(Action::Violation {
+                code: CloseCode::Unsupported,
+                error: "unknown_opcode",
+                message: format!("unknown opcode {other}"),
+            }),
+        }
+    }
+
+    fn on_text(&mut self, _text: &str, out: &mut Vec<Action>) {
+        out.push(Self::malformed(
+            "text frames are not part of this protocol; send binary opcode frames".into(),
+        ));
+    }
+
+    fn hook_webhooks(&mut self, answer: &HookAnswer, cfg: &Config) -> Vec<Arc<WebhookConfig>> {
+        self.targets = Some(OmiTargets {
+            transcript_webhook: answer.transcript_webhook.clone(),
+            conversation_webhook: answer.conversation_webhook.clone(),
+        });
+        audio_apps(&answer.audio_apps, cfg)
+    }
+
+    fn config_webhooks(&self, cfg: &Config) -> Vec<Arc<WebhookConfig>> {
+        audio_apps(&cfg.omi.audio_apps, cfg)
+    }
+
+    fn extra_consumers(&mut self, ctx: &BuildCtx<'_>) -> Vec<Box<dyn Consumer>> {
+        let targets = self.targets.take().unwrap_or_else(|| OmiTargets {
+            transcript_webhook: ctx.cfg.omi.transcript_webhook.clone(),
+            conversation_webhook: ctx.cfg.omi.conversation_webhook.clone(),
+        });
+        consumers(ctx, targets)
+    }
+
+    fn render(&self, event: &ServerEvent) -> Option<Message> {
+        match event {
+            ServerEvent::Conversation { event, data, .. } if event == "finalize_result" => {
+                let mut frame = 201u32.to_le_bytes().to_vec();
+                frame.extend_from_slice(data.to_string().as_bytes());
+                Some(Message::Binary(frame.into()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Builds the transcript and conversation webhooks of an Omi session. Without a conversation
+/// webhook, `104` is answered at once (it was delivered to subscribers).
+fn consumers(ctx: &BuildCtx<'_>, targets: OmiTargets) -> Vec<Box<dyn Consumer>> {
+    let BuildCtx {
+        target,
+        notifier,
+        client,
+        breakers,
+        ..
+    } = *ctx;
+    let mut out: Vec<Box<dyn Consumer>> = Vec::new();
+    // Both webhooks post to `url?uid=` through the endpoint's breaker.
+    let spawn = |name: &str, url: &str, select: Selector| -> Box<dyn Consumer> {
+        let mut cfg = JsonWebhookConfig::new(name, url);
+        cfg.query = vec![("uid".into(), target.uid.clone())];
+        Box::new(JsonWebhook::spawn(
+            cfg,
+            select,
+            client.clone(),
+            breakers.get(url),
+            notifier.clone(),
+            target.session_id.clone(),
+        ))
+    };
+    if let Some(url) = targets.transcript_webhook {
+        let session_id = target.session_id.clone();
+        let select = Box::new(move |e: &ServerEvent| match e {
+            ServerEvent::Conversation {
+                event,
+                conversation_id,
+                data,
+            } if event == "transcript" => Some(Post {
+                body: serde_json::json!({
+                    "segments": data.get("segments").cloned().unwrap_or_default(),
+                    "memory_id": data.get("memory_id").cloned().unwrap_or_default(),
+                    "session_id": session_id,
+                    "conversation_id": conversation_id,
+                }),
+                reply: None,
+            }),
+            _ => None,
+        });
+        out.push(spawn("transcript_webhook", &url, select));
+    }
+    match targets.conversation_webhook {
+        Some(url) => {
+            let session_id = target.session_id.clone();
+            let uid = target.uid.clone();
+            let select = Box::new(move |e: &ServerEvent| match e {
+                ServerEvent::Conversation {
+                    event,
+                    conversation_id,
+                    data,
+                } if event == "finalize" || event == "speaker_sample" => Some(Post {
+                    body: serde_json::json!({
+                        "event": event, "uid": uid, "session_id": session_id,
+                        "conversation_id": conversation_id, "data": data,
+                    }),
+                    reply: (event == "finalize").then(|| finalize_result(conversation_id)),
+                }),
+                _ => None,
+            });
+            out.push(spawn("conversation_webhook", &url, select));
+        }
+        None => out.push(Box::new(AutoReply {
+            notifier: notifier.clone(),
+        })),
+    }
+    out
+}
+
+fn finalize_result(conversation_id: &Option<String>) -> ServerEvent {
+    ServerEvent::Conversation {
+        event: "finalize_result".into(),
+        conversation_id: conversation_id.clone(),
+        data: serde_json::json!({ "conversation_id": conversation_id, "success": true }),
+    }
+}
+
+/// Answers `104` when there is no conversation webhook to deliver it to.
+struct AutoReply {
+    notifier: Notifier,
+}
+
+impl Consumer for AutoReply {
+    fn name(&self) -> &str {
+        "finalize_reply"
+    }
+    fn wants_audio(&self) -> bool {
+        false
+    }
+    fn on_audio(&mut self, _chunk: &voxgate_session::AudioChunk) -> Offer {
+        Offer::Accepted
+    }
+    fn on_event(&mut self, event: &ServerEvent) {
+        if let ServerEvent::Conversation {
+            event,
+            conversation_id,
+            ..
+        } = event
+        {
+            if event == "finalize" {
+                let _ = self.notifier.try_send(finalize_result(conversation_id));
+            }
+        }
+    }
+    fn finish(
+        self: Box<Self>,
+        _deadline: tokio::time::Instant,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = voxgate_session::ConsumerSummary> + Send>>
+    {
+        Box::pin(async {
+            voxgate_session::ConsumerSummary {
+                name: "finalize_reply".into(),
+                kind: "reply".into(),
+                delivered_bytes: 0,
+                dropped_bytes: 0,
+                requests: 0,
+                next_seq: 0,
+            }
+        })
+    }
+}

@@ -1,0 +1,309 @@
+//! `/v1/twilio`: Twilio Media Streams. `accept` waits for `start` (its `customParameters` choose
+//! the session as the query does on `/v1/listen`), then the `Twilio` frontend takes JSON text
+//! events with base64 G.711 mu-law 8 kHz mono.
+
+use axum::extract::ws::{CloseFrame, Message};
+use base64::Engine;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use metrics::counter;
+use tracing::warn;
+use voxgate_session::{ClientControl, ServerEvent};
+
+use super::{Action, Frontend};
+use crate::fanout::subscribers::Hub;
+use crate::ingest::client::{WsSink, WsStream};
+use crate::ingest::refusal::{Refusal, RefuseReason};
+use crate::ingest::request::{valid_session_id, ConnectRequest};
+use crate::ingest::Accept;
+use crate::metrics as m;
+use crate::shared::Shared;
+
+fn warning(code: &str, message: String) -> Message {
+    counter!(m::CLIENT_ERRORS, "code" => code.to_owned()).increment(1);
+    warn!(code, %message, "twilio stream");
+    Message::Text(ServerEvent::warning(code, message).to_json().into())
+}
+
+/// Waits for `start` (within the idle timeout), then describes the session it asks for.
+pub async fn accept(
+    shared: &Shared,
+    sink: &mut WsSink,
+    stream: &mut WsStream,
+    mut req: ConnectRequest,
+) -> Accept {
+    let start = match wait_for_start(shared, sink, stream).await {
+        Ok(Some(start)) => start,
+        Ok(None) => return Accept::Done,
+        Err(refusal) => return Accept::Refuse(req, refusal),
+    };
+    for (k, v) in &start.custom {
+        if matches!(k.as_str(), "consumers" | "uid" | "session_id") {
+            req.raw_query.insert(k.clone(), v.clone());
+        }
+    }
+    if !req.raw_query.contains_key("session_id") && valid_session_id(&start.stream_sid) {
+        req.raw_query
+            .insert("session_id".into(), start.stream_sid.clone());
+    }
+    // The typed fields follow the (mirrored) query, so the hook sees what the session uses.
+    let mut typed = ConnectRequest::parse(req.endpoint, req.peer, req.token, req.raw_query);
+    typed.set_source("mulaw", 8000);
+    Accept::Session(typed, Box::new(Twilio::new(start)))
+}
+
+/// Reads until `start`. `Ok(None)`: the client left (or idled out, told with a 1008 close).
+async fn wait_for_start(
+    shared: &Shared,
+    sink: &mut WsSink,
+    stream: &mut WsStream,
+) -> Result<Option<TwilioStart>, Refusal> {
+    let idle = shared.cfg.idle_timeout();
+    loop {
+        let msg = match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(Ok(msg))) => msg,
+            Ok(_) => return Ok(None),
+            Err(_) => {
+                let _ = sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code: voxgate_session::CloseCode::Policy.as_u16(),
+                        reason: "idle timeout: no start event".into(),
+                    })))
+                    .await;
+                return Ok(None);
+            }
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(_) => return Ok(None),
+            Message::Binary(_) => {
+                let w = warning(
+                    "unexpected_binary",
+                    "Twilio Media Streams send JSON text; ignored".into(),
+                );
+                let _ = sink.send(w).await;
+                continue;
+            }
+            _ => continue,
+        };
+        let v: serde_json::Value = match serde_json::from_str(text.as_str()) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = sink
+                    .send(warning("bad_message", format!("not JSON: {e}; ignored")))
+                    .await;
+                continue;
+            }
+        };
+        match v["event"].as_str().unwrap_or_default() {
+            "connected" => {}
+            "start" => {
+                return TwilioStart::parse(&v)
+                    .map(Some)
+                    .map_err(|message| Refusal::new(RefuseReason::UnsupportedFormat, message))
+            }
+            "media" => {
+                counter!(m::DROPPED_BYTES, "consumer" => "session", "reason" => "media_before_start")
+                    .increment(1);
+                let _ = sink
+                    .send(warning(
+                        "media_before_start",
+                        "media event before start; dropped".into(),
+                    ))
+                    .await;
+            }
+            "stop" => return Ok(None),
+            other => {
+                let _ = sink
+                    .send(warning(
+                        "unknown_event",
+                        format!("unknown Twilio event {other:?}; ignored"),
+                    ))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Twilio Media Streams on `/v1/twilio`: JSON text events, base64 G.711 mu-law 8 kHz mono.
+/// Only the inbound track is taken. Timestamps reveal gaps, which are filled with silence.
+pub struct Twilio {
+    stream_sid: String,
+    /// The `start` event's object, for subscribers once the session is registered.
+    start_detail: Option<serde_json::Value>,
+    /// Media time received on the inbound track, in 8 kHz samples.
+    received_8k: u64,
+}
+
+/// What a `start` event carried.
+#[derive(Debug, Clone, Default)]
+pub struct TwilioStart {
+    pub stream_sid: String,
+    pub call_sid: String,
+    pub custom: std::collections::HashMap<String, String>,
+    pub detail: serde_json::Value,
+}
+
+impl Twilio {
+    pub fn new(start: TwilioStart) -> Self {
+        Self {
+            stream_sid: start.stream_sid,
+            start_detail: Some(start.detail),
+            received_8k: 0,
+        }
+    }
+}
+
+impl TwilioStart {
+    /// Parses a `start` event (before the session exists). `Err` explains what was wrong.
+    pub fn parse(v: &serde_json::Value) -> Result<Self, String> {
+        let start = &v["start"];
+        if !start.is_object() {
+            return Err("start event without a start object".into());
+        }
+        let encoding = start["mediaFormat"]["encoding"]
+            .as_str()
+            .unwrap_or("audio/x-mulaw");
+        let rate = start["mediaFormat"]["sampleRate"].as_u64().unwrap_or(8000);
+        let channels = start["mediaFormat"]["channels"].as_u64().unwrap_or(1);
+        if encoding != "audio/x-mulaw" || rate != 8000 || channels != 1 {
+            return Err(format!(
+                "unsupported mediaFormat {encoding} {rate} Hz {channels} ch; Twilio streams are audio/x-mulaw 8000 Hz mono"
+            ));
+        }
+        let custom = start["customParameters"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            stream_sid: start["streamSid"]
+                .as_str()
+                .or(v["streamSid"].as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            call_sid: start["callSid"].as_str().unwrap_or_default().to_owned(),
+            custom,
+            detail: start.clone(),
+        })
+    }
+}
+
+impl Frontend for Twilio {
+    fn on_binary(&mut self, _data: Bytes, out: &mut Vec<Action>) {
+        out.push(Action::Notice(ServerEvent::warning(
+            "unexpected_binary",
+            "Twilio Media Streams send JSON text messages; binary message ignored",
+        )));
+    }
+
+    fn on_text(&mut self, text: &str, out: &mut Vec<Action>) {
+        let v: serde_json::Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                out.push(Action::Notice(ServerEvent::warning(
+                    "bad_message",
+                    format!("not JSON: {e}; ignored"),
+                )));
+                return;
+            }
+        };
+        let event = v["event"].as_str().unwrap_or_default();
+        match event {
+            "connected" => out.push(Action::Control(ClientControl::KeepAlive)),
+            "start" => out.push(Action::Notice(ServerEvent::warning(
+                "duplicate_start",
+                "a second start event was ignored",
+            ))),
+            "media" => {
+                let media = &v["media"];
+                let track = media["track"].as_str().unwrap_or("inbound");
+                if track != "inbound" && track != "inbound_track" {
+                    out.push(Action::Control(ClientControl::KeepAlive));
+                    return;
+                }
+                let Some(payload) = media["payload"].as_str() else {
+                    out.push(Action::Notice(ServerEvent::warning(
+                        "bad_media",
+                        "media event without a payload; ignored",
+                    )));
+                    return;
+                };
+                let bytes = match base64::engine::general_purpose::STANDARD.decode(payload) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        out.push(Action::Notice(ServerEvent::warning(
+                            "bad_payload",
+                            format!("media payload is not base64 ({e}); chunk dropped"),
+                        )));
+                        return;
+                    }
+                };
+                // Timestamps (ms since the stream started) reveal gaps; they never place audio.
+                let ts = media["timestamp"]
+                    .as_str()
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .or_else(|| media["timestamp"].as_u64());
+                if let Some(ts) = ts {
+                    let expected_ms = self.received_8k / 8;
+                    if ts > expected_ms + 40 {
+                        let gap_8k = (ts - expected_ms) * 8;
+                        self.received_8k += gap_8k;
+                        out.push(Action::Silence(gap_8k * 2));
+                        out.push(Action::Notice(ServerEvent::warning(
+                            "media_gap",
+                            format!(
+                                "{} ms of audio missing before timestamp {ts}; filled with silence",
+                                ts - expected_ms
+                            ),
+                        )));
+                    }
+                }
+                self.received_8k += bytes.len() as u64;
+                out.push(Action::Audio(Bytes::from(bytes)));
+            }
+            "mark" | "dtmf" => out.push(Action::Notice(ServerEvent::Telephony {
+                event: event.to_owned(),
+                detail: v.get(event).cloned().unwrap_or_default(),
+            })),
+            "stop" => {
+                out.push(Action::Notice(ServerEvent::Telephony {
+                    event: "stop".into(),
+                    detail: v.get("stop").cloned().unwrap_or_default(),
+                }));
+                out.push(Action::Control(ClientControl::CloseStream));
+            }
+            other => out.push(Action::Notice(ServerEvent::warning(
+                "unknown_event",
+                format!(
+                    "unknown Twilio event {other:?} on stream {}; ignored",
+                    self.stream_sid
+                ),
+            ))),
+        }
+    }
+
+    fn on_registered(&mut self, hub: &Hub) {
+        if let Some(detail) = self.start_detail.take() {
+            let event = ServerEvent::Telephony {
+                event: "start".into(),
+                detail,
+            };
+            hub.publish_event(&event.to_json());
+        }
+    }
+
+    fn render(&self, event: &ServerEvent) -> Option<Message> {
+        // Twilio ignores messages it does not know; only problems and the summary are sent
+        // (for simulators and logs), the rest goes to subscribers.
+        match event {
+            ServerEvent::Warning { .. }
+            | ServerEvent::Error { .. }
+            | ServerEvent::Closed { .. } => Some(Message::Text(event.to_json().into())),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Ingest: everything between an HTTP upgrade and a running `Connection`.
+//!
+//! The data path, one file per step:
+//! socket → `frontends/*` (`accept`: the wire protocol becomes a `ConnectRequest` and a
+//! `Frontend`) → `prepare` (admission, identity, consumer plan, session config, registration,
+//! consumers) → `driver` (`Connection::run`: frontend actions in, session outputs out) →
+//! `fanout::registry` (`Consumers`) → each consumer's own bounded queue and worker.
+
+pub mod admission;
+pub mod client;
+pub mod driver;
+pub mod frontends;
+pub mod handoff;
+pub mod hook;
+pub mod identity;
+pub mod plan;
+pub mod prepare;
+pub mod refusal;
+pub mod registry;
+pub mod request;
+pub mod resume;
+pub mod session_config;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use futures_util::StreamExt;
+
+use self::client::ClientIo;
+use self::driver::Connection;
+use self::frontends::{listen::Listen, Frontend};
+use self::refusal::{refuse, Refusal};
+use self::request::{ConnectRequest, Endpoint};
+use crate::auth::bearer;
+use crate::shared::Shared;
+
+/// Bytes read from a socket at a time (tungstenite's default is 128 KiB per connection).
+pub const WS_READ_BUFFER: usize = 4096;
+
+/// What a frontend made of an upgraded socket.
+pub enum Accept {
+    /// A session to prepare with this frontend.
+    Session(ConnectRequest, Box<dyn Frontend>),
+    /// Refused before the session (told to the client).
+    Refuse(ConnectRequest, Refusal),
+    /// The client left before asking for a session.
+    Done,
+}
+
+/// The ingest routes.
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route(
+            "/v1/listen",
+            get(|r: IngestRequest| async { upgrade(Endpoint::Listen, r) }),
+        )
+        .route(
+            "/v1/twilio",
+            get(|r: IngestRequest| async { upgrade(Endpoint::Twilio, r) }),
+        )
+        .route(
+            "/v1/trigger/listen",
+            get(|r: IngestRequest| async { upgrade(Endpoint::Omi, r) }),
+        )
+}
+
+/// The extractors every ingest endpoint takes (one tuple extractor).
+type IngestRequest = (
+    State<Arc<Shared>>,
+    ConnectInfo<SocketAddr>,
+    Query<HashMap<String, String>>,
+    HeaderMap,
+    WebSocketUpgrade,
+);
+
+/// Upgrades an ingest connection with the size and buffer limits, tracked for shutdown.
+fn upgrade(endpoint: Endpoint, request: IngestRequest) -> Response {
+    let (State(shared), ConnectInfo(peer), Query(query), headers, ws) = request;
+    let token = bearer(&headers).or_else(|| query.get("token").cloned());
+    let req = ConnectRequest::parse(endpoint, peer, token, query);
+    let max = shared.cfg.server.max_message_bytes;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        // tungstenite's default 128 KiB read buffer per socket dominated idle memory.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| {
+            let tracker = shared.tracker.clone();
+            tracker.track_future(serve_connection(shared, socket, req))
+        })
+}
+
+/// One upgraded socket: its frontend accepts it, `prepare` builds the session, the driver runs.
+async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, mut req: ConnectRequest) {
+    if req.endpoint == Endpoint::Listen {
+        if let Some(ask) = req.reattach.take() {
+            return resume::reattach(&shared, socket, req.peer, ask).await;
+        }
+    }
+    let (mut sink, mut stream) = socket.split();
+    let accepted = match req.endpoint {
+        Endpoint::Listen => {
+            let frontend = Box::new(Listen::new(&req.raw_query));
+            Accept::Session(req, frontend)
+        }
+        Endpoint::Twilio => frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await,
+        Endpoint::Omi => frontends::omi::accept(req),
+    };
+    let (req, frontend) = match accepted {
+        Accept::Session(req, frontend) => (req, frontend),
+        Accept::Refuse(req, refusal) => return refuse(sink, stream, req.peer, refusal).await,
+        Accept::Done => return,
+    };
+    match prepare::prepare(&shared, &req, frontend).await {
+        Ok(parts) => {
+            let queue = shared.cfg.server.client_queue_messages;
+            let client = ClientIo::start(sink, stream, queue);
+            Connection::new(shared.clone(), req.endpoint, client, parts)
+                .run()
+                .await
+        }
+        Err(refusal) => refuse(sink, stream, req.peer, refusal).await,
+    }
+}

@@ -1,0 +1,228 @@
+//! `prepare`: from an accepted `ConnectRequest` to everything a `Connection` runs with, as a
+//! pipeline of named steps: admission, handoff, identity, consumer plan, bus record, session
+//! config, registration, consumers.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use voxgate_session::{ServerEvent, Session, SAMPLE_RATE};
+
+use super::driver::{Guards, Parts};
+use super::frontends::Frontend;
+use super::handoff::HandoffState;
+use super::plan::{self, ConsumerPlan};
+use super::refusal::{Refusal, RefuseReason};
+use super::request::ConnectRequest;
+use super::{admission, identity, session_config};
+use crate::bus::session::{self as bus_session, BusSession, OpenError, Opening};
+use crate::config::Config;
+use crate::fanout::registry::{BuildCtx, Consumers};
+use crate::fanout::subscribers::Hub;
+use crate::fanout::webhook::{Target, WebhookHandle};
+use crate::shared::Shared;
+
+/// Events consumers may queue for their session before further ones are dropped (counted).
+const NOTICE_QUEUE: usize = 64;
+
+/// Builds a connection's session and consumers, or says why not.
+pub async fn prepare(
+    shared: &Shared,
+    req: &ConnectRequest,
+    mut frontend: Box<dyn Frontend>,
+) -> Result<Parts, Refusal> {
+    let cfg = &shared.cfg;
+    let admitted = admission::admit(shared, req)?;
+    let principal = admitted.principal.as_ref();
+    let source = req
+        .source
+        .clone()
+        .map_err(|e| Refusal::new(RefuseReason::UnsupportedEncoding, e))?;
+    let handoff = handoff(cfg, req)?;
+    let who = identity::resolve(req, principal, handoff.as_ref())?;
+    let user_slot = identity::user_slot(&shared.users, principal, cfg.auth.max_sessions_per_user)?;
+    let plan = plan::choose(shared, req, principal, handoff.as_ref(), &mut *frontend).await?;
+    let mut uid = plan.hook_uid.clone().unwrap_or(who.uid);
+    let bus = open_bus(shared, &who.session_id, &uid, principal.is_some(), &plan).await?;
+    if let Some(b) = &bus {
+        uid = b.record.uid.clone();
+    }
+    let session_cfg = session_config::build(
+        cfg,
+        req,
+        &who.session_id,
+        source,
+        frontend.supports_resume(),
+        handoff.as_ref(),
+        bus.as_ref().and_then(|b| b.continuation.as_ref()),
+    );
+    let session = Session::new(session_cfg.clone())
+        .map_err(|e| Refusal::new(RefuseReason::InvalidParameters, e.to_string()))?;
+
+    let hub = Arc::new(Hub::new(
+        cfg.subscribers.max_per_session,
+        cfg.subscribers.queue_messages,
+        uid.clone(),
+    ));
+    let id = &who.session_id;
+    let entry = shared.sessions.register(id, hub.clone()).ok_or_else(|| {
+        Refusal::new(
+            RefuseReason::SessionIdInUse,
+            format!("session {id:?} is already live"),
+        )
+    })?;
+    let (resumable, resume) = match session_cfg.ack {
+        true => {
+            let grace = std::time::Duration::from_secs_f64(cfg.server.resume_grace_seconds);
+            let (entry, slot) = shared.resumable.register(id, grace);
+            (Some(entry), Some(slot))
+        }
+        false => (None, None),
+    };
+    let target = Target {
+        session_id: id.clone(),
+        uid,
+    };
+    let (notifier, notices) = mpsc::channel::<ServerEvent>(NOTICE_QUEUE);
+    let consumers = {
+        let ctx = BuildCtx {
+            cfg,
+            target: &target,
+            notifier: &notifier,
+            client: shared.webhook_client(plan.from_hook),
+            breakers: &shared.breakers,
+        };
+        build_consumers(
+            shared,
+            &ctx,
+            plan,
+            &mut *frontend,
+            bus,
+            handoff.as_ref(),
+            hub,
+        )
+    };
+    frontend.on_registered(consumers.hub());
+    Ok(Parts {
+        session,
+        frontend,
+        consumers,
+        notices,
+        resume,
+        guards: Guards {
+            session: entry,
+            resumable,
+            user_slot,
+            permit: admitted.permit,
+        },
+    })
+}
+
+/// A session drained from another instance, continued here (`resume_state=`).
+fn handoff(cfg: &Config, req: &ConnectRequest) -> Result<Option<HandoffState>, Refusal> {
+    match (&req.resume_state, &cfg.server.resume_secret) {
+        (None, _) => Ok(None),
+        (Some(_), None) => Err(Refusal::new(
+            RefuseReason::ResumeFailed,
+            "this instance has no server.resume_secret; cannot continue a drained session",
+        )),
+        (Some(token), Some(secret)) => HandoffState::verify(token, secret)
+            .map(Some)
+            .map_err(|why| Refusal::new(RefuseReason::ResumeFailed, why.to_string())),
+    }
+}
+
+/// With a bus, the session's sinks are frozen in its record; a record that exists (another
+/// gateway ran the session and went away) is continued from what the stream holds.
+async fn open_bus(
+    shared: &Shared,
+    session_id: &str,
+    uid: &str,
+    authenticated: bool,
+    plan: &ConsumerPlan,
+) -> Result<Option<BusSession>, Refusal> {
+    let Some(bus) = &shared.bus else {
+        return Ok(None);
+    };
+    let opening = Opening {
+        session_id,
+        uid,
+        authenticated,
+        from_hook: plan.from_hook,
+        webhooks: &plan.webhooks,
+        stt: &plan.stt,
+    };
+    bus_session::open(bus, opening)
+        .await
+        .map(Some)
+        .map_err(|e| {
+            let reason = match &e {
+                OpenError::Unavailable(_) => RefuseReason::BusUnavailable,
+                OpenError::BatchTooLong(_) => RefuseReason::InvalidConsumer,
+                OpenError::Forbidden(_) => RefuseReason::Forbidden,
+                OpenError::Ended(_) => RefuseReason::SessionEnded,
+            };
+            Refusal::new(reason, e.to_string())
+        })
+}
+
+/// The session's consumers in their order: audio webhooks (only those with a delay exist; with a
+/// bus they are the bus publisher's), the frontend's own, speech-to-text, and the bus publisher
+/// last.
+fn build_consumers(
+    shared: &Shared,
+    ctx: &BuildCtx<'_>,
+    plan: ConsumerPlan,
+    frontend: &mut dyn Frontend,
+    bus: Option<BusSession>,
+    handoff: Option<&HandoffState>,
+    hub: Arc<Hub>,
+) -> Consumers {
+    let mut consumers = Consumers::new(hub);
+    let via_bus = bus.is_some();
+    for w in plan.webhooks {
+        if w.delay_seconds.is_none() || via_bus {
+            continue;
+        }
+        let first_seq = handoff
+            .and_then(|h| h.webhooks.iter().find(|(n, _)| *n == w.name))
+            .map_or(0, |(_, seq)| *seq);
+        let breaker = shared.breakers.get(&w.url);
+        consumers.push(Box::new(WebhookHandle::spawn(
+            w,
+            ctx.target.clone(),
+            ctx.client.clone(),
+            breaker,
+            first_seq,
+        )));
+    }
+    for c in frontend.extra_consumers(ctx) {
+        consumers.push(c);
+    }
+    // Lookback for speech-to-text: `SpeechStarted` reaches back by pre-roll + onset.
+    let seg = &shared.cfg.segmenter;
+    let lookback = (seg.pre_roll_ms + seg.min_speech_ms) * u64::from(SAMPLE_RATE) / 1000 + 512;
+    let mut stt = Vec::new();
+    crate::fanout::stt::build(
+        plan.stt,
+        &shared.http,
+        lookback,
+        ctx.target,
+        ctx.notifier,
+        via_bus,
+        &mut stt,
+    );
+    for c in stt {
+        consumers.push(c);
+    }
+    if let (Some(b), Some(bus)) = (bus, &shared.bus) {
+        consumers.set_last(Box::new(crate::bus::publish::BusPublisher::spawn(
+            bus.clone(),
+            b.subjects,
+            Arc::new(b.record),
+            b.continuation.unwrap_or_default(),
+            ctx.notifier.clone(),
+            b.created,
+        )));
+    }
+    consumers
+}

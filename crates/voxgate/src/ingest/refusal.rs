@@ -1,0 +1,203 @@
+//! Refusing a connection before its session starts: a closed set of reasons, each with its close
+//! code and client error code, mapped in one place; then an `Error` event and a close frame.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message};
+use futures_util::{SinkExt, StreamExt};
+use metrics::counter;
+use tracing::info;
+use voxgate_session::{CloseCode, ServerEvent};
+
+use super::client::{WsSink, WsStream};
+use crate::metrics as m;
+
+/// Why a connection is refused. `code()` is the client error code and metric label,
+/// `close_code()` the WebSocket close code (1013 = retry later, elsewhere too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    ShuttingDown,
+    RateLimited,
+    Unauthorized,
+    OverCapacity,
+    UserOverCapacity,
+    UnsupportedEncoding,
+    /// Twilio's `start` named a media format other than mu-law 8 kHz mono.
+    UnsupportedFormat,
+    InvalidSampleRate,
+    MissingUid,
+    ResumeFailed,
+    InvalidSessionId,
+    Forbidden,
+    OnConnectFailed,
+    OnConnectInvalid,
+    Rejected,
+    WebhookDenied,
+    UnknownConsumer,
+    InvalidConsumer,
+    UnknownStt,
+    InvalidParameters,
+    SessionIdInUse,
+    SessionEnded,
+    BusUnavailable,
+}
+
+impl RefuseReason {
+    /// The client error code (also the `reason` label of `voxgate_sessions_rejected_total`).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::ShuttingDown => "shutting_down",
+            Self::RateLimited => "rate_limited",
+            Self::Unauthorized => "unauthorized",
+            Self::OverCapacity => "over_capacity",
+            Self::UserOverCapacity => "user_over_capacity",
+            Self::UnsupportedEncoding => "unsupported_encoding",
+            Self::UnsupportedFormat => "unsupported_format",
+            Self::InvalidSampleRate => "invalid_sample_rate",
+            Self::MissingUid => "missing_uid",
+            Self::ResumeFailed => "resume_failed",
+            Self::InvalidSessionId => "invalid_session_id",
+            Self::Forbidden => "forbidden",
+            Self::OnConnectFailed => "on_connect_failed",
+            Self::OnConnectInvalid => "on_connect_invalid",
+            Self::Rejected => "rejected",
+            Self::WebhookDenied => "webhook_denied",
+            Self::UnknownConsumer => "unknown_consumer",
+            Self::InvalidConsumer => "invalid_consumer",
+            Self::UnknownStt => "unknown_stt",
+            Self::InvalidParameters => "invalid_parameters",
+            Self::SessionIdInUse => "session_id_in_use",
+            Self::SessionEnded => "session_ended",
+            Self::BusUnavailable => "bus_unavailable",
+        }
+    }
+
+    /// The WebSocket close code: capacity and dependencies say "try again later" (1013), a
+    /// format we cannot take is 1003, our own failures 1011, and the rest are policy (1008).
+    pub fn close_code(self) -> CloseCode {
+        match self {
+            Self::ShuttingDown
+            | Self::RateLimited
+            | Self::OverCapacity
+            | Self::UserOverCapacity
+            | Self::BusUnavailable => CloseCode::TryAgainLater,
+            Self::UnsupportedEncoding | Self::UnsupportedFormat => CloseCode::Unsupported,
+            Self::OnConnectFailed | Self::OnConnectInvalid => CloseCode::Internal,
+            _ => CloseCode::Policy,
+        }
+    }
+}
+
+/// A refusal before the session starts: an `Error` event, then a close with a reason.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: RefuseReason,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(reason: RefuseReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Tells the client why (an `Error` event and a close frame), counted and logged.
+pub async fn refuse(mut sink: WsSink, mut stream: WsStream, peer: SocketAddr, refusal: Refusal) {
+    let error = refusal.reason.code();
+    let code = refusal.reason.close_code().as_u16();
+    counter!(m::SESSIONS_REJECTED, "reason" => error).increment(1);
+    counter!(m::CLIENT_ERRORS, "code" => error).increment(1);
+    counter!(m::CLOSES, "code" => code.to_string()).increment(1);
+    info!(%peer, error, message = %refusal.message, "connection refused");
+    let event = ServerEvent::error(error, refusal.message.clone());
+    // Send failures mean the client is already gone; the refusal is counted and logged above.
+    let _ = sink.send(Message::Text(event.to_json().into())).await;
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: truncate_reason(&refusal.message).into(),
+        })))
+        .await;
+    await_peer_close(&mut stream).await;
+}
+
+/// After our Close frame, reads until the peer's Close (or a short timeout), so that closing the
+/// TCP connection with unread client data does not reset it and lose the Close frame.
+pub async fn await_peer_close(stream: &mut WsStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    // The read side is unusable (e.g. an oversized message); linger briefly so
+                    // the peer reads our Close before the connection is torn down.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// A close reason must fit in a control frame (123 bytes).
+pub fn truncate_reason(reason: &str) -> String {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_map_to_their_close_codes() {
+        use RefuseReason::*;
+        let table = [
+            (ShuttingDown, 1013),
+            (RateLimited, 1013),
+            (Unauthorized, 1008),
+            (OverCapacity, 1013),
+            (UserOverCapacity, 1013),
+            (UnsupportedEncoding, 1003),
+            (UnsupportedFormat, 1003),
+            (InvalidSampleRate, 1008),
+            (MissingUid, 1008),
+            (ResumeFailed, 1008),
+            (InvalidSessionId, 1008),
+            (Forbidden, 1008),
+            (OnConnectFailed, 1011),
+            (OnConnectInvalid, 1011),
+            (Rejected, 1008),
+            (WebhookDenied, 1008),
+            (UnknownConsumer, 1008),
+            (InvalidConsumer, 1008),
+            (UnknownStt, 1008),
+            (InvalidParameters, 1008),
+            (SessionIdInUse, 1008),
+            (SessionEnded, 1008),
+            (BusUnavailable, 1013),
+        ];
+        for (reason, code) in table {
+            assert_eq!(reason.close_code().as_u16(), code, "{reason:?}");
+        }
+        assert_eq!(SessionIdInUse.code(), "session_id_in_use");
+        assert_eq!(OnConnectFailed.code(), "on_connect_failed");
+    }
+
+    #[test]
+    fn close_reasons_fit_a_control_frame_on_a_char_boundary() {
+        assert_eq!(truncate_reason("short"), "short");
+        let long = "é".repeat(100); // 200 bytes
+        let t = truncate_reason(&long);
+        assert!(t.len() <= 120 && long.starts_with(&t));
+    }
+}

@@ -1,0 +1,33 @@
+//! Process signals: SIGINT (Ctrl-C) and, on Unix, SIGTERM (what orchestrators send to drain)
+//! both mean "stop taking work, flush, exit".
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Resolves at the first SIGINT or SIGTERM.
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// A token cancelled at the first signal (`what` is logged: what is stopping).
+pub fn on_signal(what: &'static str) -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        signal().await;
+        info!("signal received; stopping {what}");
+        cancel.cancel();
+    });
+    token
+}

@@ -1,0 +1,108 @@
+//! `/v1/sessions/{id}/subscribe`: a realtime subscriber's WebSocket. It gets the session's events
+//! (and audio with `?audio=true`) through the session hub's bounded queue; a subscriber that lags
+//! is disconnected with 1008 and its loss counted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use metrics::{counter, gauge};
+use tracing::warn;
+
+use crate::auth::bearer;
+use crate::fanout::subscribers::{SubMessage, Subscription};
+use crate::ingest::WS_READ_BUFFER;
+use crate::metrics::{self as m, SESSIONS_REJECTED, SUBSCRIBERS_ACTIVE};
+use crate::shared::Shared;
+
+pub async fn subscribe(
+    State(state): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = bearer(&headers).or_else(|| query.get("token").cloned());
+    let principal = match state.auth.verify(token.as_deref()) {
+        Ok(p) => p,
+        Err(why) => {
+            counter!(SESSIONS_REJECTED, "reason" => "unauthorized").increment(1);
+            return (StatusCode::UNAUTHORIZED, why).into_response();
+        }
+    };
+    let Some(hub) = state.sessions.hub(&id) else {
+        counter!(SESSIONS_REJECTED, "reason" => "unknown_session").increment(1);
+        return (StatusCode::NOT_FOUND, format!("no live session {id:?}")).into_response();
+    };
+    if let Some(p) = &principal {
+        if !p.may_watch(&id, hub.owner()) {
+            counter!(SESSIONS_REJECTED, "reason" => "forbidden").increment(1);
+            return (
+                StatusCode::FORBIDDEN,
+                format!("this token may not watch session {id:?}"),
+            )
+                .into_response();
+        }
+    }
+    let audio = matches!(query.get("audio").map(String::as_str), Some("true" | "1"));
+    let sub = match hub.subscribe(audio) {
+        Ok(sub) => sub,
+        Err(full) => {
+            counter!(SESSIONS_REJECTED, "reason" => "subscribers_full").increment(1);
+            return (StatusCode::SERVICE_UNAVAILABLE, full.to_string()).into_response();
+        }
+    };
+    drop(hub);
+    let queue = state.cfg.subscribers.queue_messages;
+    ws.read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .on_upgrade(move |socket| {
+            let tracker = state.tracker.clone();
+            tracker.track_future(run_subscriber(socket, sub, queue))
+        })
+}
+
+async fn run_subscriber(mut socket: WebSocket, mut sub: Subscription, queue: usize) {
+    gauge!(SUBSCRIBERS_ACTIVE).increment(1.0);
+    let (code, reason) = loop {
+        tokio::select! {
+            msg = sub.rx.recv() => match msg {
+                Some(msg) => {
+                    sub.taken(&msg);
+                    let ws_msg = match msg {
+                        SubMessage::Event(s) => Message::Text(s.as_ref().into()),
+                        SubMessage::Audio(b) => Message::Binary(b),
+                    };
+                    if socket.send(ws_msg).await.is_err() {
+                        break (None, "");
+                    }
+                }
+                None if sub.kicked.is_cancelled() => {
+                    break (Some(1008), "subscriber lagging: queue full; disconnected");
+                }
+                None => break (Some(1000), "session ended"),
+            },
+            () = sub.kicked.cancelled() => {
+                counter!(m::CLOSES, "code" => "1008").increment(1);
+                warn!(queue, "disconnecting lagging subscriber");
+                break (Some(1008), "subscriber lagging: queue full; disconnected");
+            }
+            incoming = socket.recv() => if matches!(incoming, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
+                break (None, "");
+            },
+        }
+    };
+    sub.discard_rest();
+    if let Some(code) = code {
+        let _ = socket
+            .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+    }
+    gauge!(SUBSCRIBERS_ACTIVE).decrement(1.0);
+}
