@@ -15,6 +15,7 @@
 //! `<tenant>.<session>`; workers read it from there, and a gateway that picks the session up
 //! after another one died continues from it and from the last message of each channel.
 
+pub mod config;
 pub mod deliver;
 pub mod publish;
 pub mod session;
@@ -28,165 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::WebhookConfig;
 
-/// `[bus]`: where delivery runs when it does not run in-process.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BusConfig {
-    /// NATS server URLs, comma-separated (`nats://a:4222,nats://b:4222`). Unset: no bus, webhooks
-    /// are called in-process (the embedded default).
-    pub url: Option<String>,
-    /// JetStream stream holding every session message. Default `VOX`.
-    pub stream: String,
-    /// First subject token. Default `vox`.
-    pub subject_prefix: String,
-    /// Partitions of the subject space; each `voxgate deliver` worker takes some of them.
-    /// Default 8. Changing it moves sessions between partitions: only change it when drained.
-    pub partitions: u32,
-    /// The tenant token of this deployment's subjects. Default `default`.
-    pub tenant: String,
-    /// Stream and KV replicas (1 for one server, 3 for a three-node cluster). Default 1.
-    pub replicas: usize,
-    /// How long messages are kept: the window in which a worker may still deliver them.
-    /// Default 86400 (a day).
-    pub max_age_seconds: f64,
-    /// Stream size cap; when full, publishes fail (discard `new`) and sessions see it as a slow
-    /// bus rather than losing stored messages. Default 10 GiB.
-    pub max_bytes: i64,
-    /// JetStream de-duplication window for `Nats-Msg-Id`. Default 120 s.
-    pub duplicate_window_seconds: f64,
-    /// Session records (frozen consumer lists) and delivery cursors. Default `vox-sessions`.
-    pub kv_bucket: String,
-    /// Audio a session holds for the bus (per audio webhook) while publishes are slow or failing.
-    /// At half of it the client gets a `bus_slow` warning; past it audio is dropped (counted) and
-    /// the session is closed with 1013 (retry later). Default 30 s.
-    pub max_buffer_seconds: f64,
-    /// Wait for one publish acknowledgment. Default 2000 ms.
-    pub publish_timeout_ms: u64,
-    /// Client keepalive ping, so a dead server is noticed fast. Default 1500 ms.
-    pub ping_interval_ms: u64,
-    /// Connect timeout per server. Default 2000 ms.
-    pub connect_timeout_ms: u64,
-    /// Workers: how long a delivery may take before JetStream redelivers it. Default 30 s.
-    pub ack_wait_seconds: f64,
-    /// Workers: attempts (POSTs) of one message before it is given up (terminated and
-    /// dead-lettered). Default 10.
-    pub max_deliver: i64,
-    /// Workers: messages outstanding per partition. Default 1000.
-    pub max_ack_pending: i64,
-    /// Workers: first redelivery delay after a 429/5xx/transport error; doubles per attempt with
-    /// jitter up to `backoff_max_ms`. Default 500 ms.
-    pub backoff_initial_ms: u64,
-    /// Default 30000 ms.
-    pub backoff_max_ms: u64,
-    /// Workers: messages held per session channel while waiting for an earlier one. Default 64.
-    pub reorder_window: usize,
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            stream: "VOX".into(),
-            subject_prefix: "vox".into(),
-            partitions: 8,
-            tenant: "default".into(),
-            replicas: 1,
-            max_age_seconds: 86_400.0,
-            max_bytes: 10 << 30,
-            duplicate_window_seconds: 120.0,
-            kv_bucket: "vox-sessions".into(),
-            max_buffer_seconds: 30.0,
-            publish_timeout_ms: 2000,
-            ping_interval_ms: 1500,
-            connect_timeout_ms: 2000,
-            ack_wait_seconds: 30.0,
-            max_deliver: 10,
-            max_ack_pending: 1000,
-            backoff_initial_ms: 500,
-            backoff_max_ms: 30_000,
-            reorder_window: 64,
-        }
-    }
-}
-
-/// Largest audio batch a bus message carries (NATS' default max payload is 1 MiB).
-pub const MAX_BATCH_SECONDS: f64 = 30.0;
-
-impl BusConfig {
-    pub fn validate(&self, webhooks: &[WebhookConfig], errors: &mut Vec<String>) {
-        let Some(url) = &self.url else { return };
-        for u in url.split(',') {
-            if u.trim().parse::<async_nats::ServerAddr>().is_err() {
-                errors.push(format!("bus.url: {u:?} is not a NATS server address"));
-            }
-        }
-        for (name, v) in [
-            ("stream", &self.stream),
-            ("subject_prefix", &self.subject_prefix),
-            ("tenant", &self.tenant),
-            ("kv_bucket", &self.kv_bucket),
-        ] {
-            if v.is_empty()
-                || v.len() > 64
-                || !v
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                errors.push(format!(
-                    "bus.{name}: must be 1-64 characters of A-Z a-z 0-9 - _"
-                ));
-            }
-        }
-        if !(1..=1024).contains(&self.partitions) {
-            errors.push("bus.partitions: must be in 1..=1024".into());
-        }
-        if !(1..=5).contains(&self.replicas) {
-            errors.push("bus.replicas: must be in 1..=5".into());
-        }
-        for (name, v, max) in [
-            ("max_age_seconds", self.max_age_seconds, 365.0 * 86_400.0),
-            (
-                "duplicate_window_seconds",
-                self.duplicate_window_seconds,
-                86_400.0,
-            ),
-            ("max_buffer_seconds", self.max_buffer_seconds, 3600.0),
-            ("ack_wait_seconds", self.ack_wait_seconds, 3600.0),
-        ] {
-            if !(v.is_finite() && v > 0.0 && v <= max) {
-                errors.push(format!("bus.{name}: must be in (0, {max}]"));
-            }
-        }
-        if self.duplicate_window_seconds > self.max_age_seconds {
-            errors.push("bus.duplicate_window_seconds: must be <= bus.max_age_seconds".into());
-        }
-        if self.max_bytes < 1 << 20 {
-            errors.push("bus.max_bytes: must be >= 1 MiB".into());
-        }
-        if self.max_deliver < 1 || self.max_ack_pending < 1 || self.reorder_window == 0 {
-            errors.push(
-                "bus.max_deliver, bus.max_ack_pending and bus.reorder_window must be > 0".into(),
-            );
-        }
-        if self.publish_timeout_ms == 0
-            || self.ping_interval_ms == 0
-            || self.connect_timeout_ms == 0
-        {
-            errors.push("bus: timeouts and the ping interval must be > 0".into());
-        }
-        for (i, w) in webhooks.iter().enumerate() {
-            if w.delay_seconds.is_some_and(|d| d > MAX_BATCH_SECONDS) {
-                errors.push(format!(
-                    "webhooks[{i}].delay_seconds: must be <= {MAX_BATCH_SECONDS} with a bus (one batch is one message)"
-                ));
-            }
-        }
-    }
-
-    pub fn publish_timeout(&self) -> Duration {
-        Duration::from_millis(self.publish_timeout_ms)
-    }
-}
+pub use config::{BusConfig, MAX_BATCH_SECONDS};
 
 /// A speech-to-text backend's transcript webhook, frozen with its session.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -513,38 +356,6 @@ mod tests {
         assert_eq!(subject.split('.').count(), 6);
         assert!(parse_subject("vox.1.bogus.t.s.0").is_none());
         assert!(parse_subject("vox.1.audio.t.s").is_none());
-    }
-
-    #[test]
-    fn bus_settings_are_validated_with_every_error_reported() {
-        let mut cfg = crate::config::Config::default();
-        assert!(cfg.validate().is_ok(), "no bus by default");
-        cfg.bus.url = Some("nats://127.0.0.1:4222,nats://[bad".into());
-        cfg.bus.partitions = 0;
-        cfg.bus.tenant = "a.b".into();
-        cfg.webhooks
-            .push(WebhookConfig::new("w", "http://127.0.0.1:9/", Some(60.0)));
-        let err = cfg.validate().unwrap_err().to_string();
-        for want in [
-            "bus.url",
-            "bus.partitions",
-            "bus.tenant",
-            "webhooks[0].delay_seconds",
-        ] {
-            assert!(err.contains(want), "{want} missing in {err}");
-        }
-    }
-
-    #[test]
-    fn the_memory_bound_counts_the_bus_buffer_instead_of_the_webhook_cap() {
-        let mut cfg = crate::config::Config::default();
-        let mut w = WebhookConfig::new("w", "http://127.0.0.1:9/", Some(1.0));
-        w.max_buffer_seconds = 60.0;
-        cfg.webhooks.push(w);
-        let in_process = cfg.session_memory_bound();
-        cfg.bus.url = Some("nats://127.0.0.1:4222".into());
-        cfg.bus.max_buffer_seconds = 30.0;
-        assert_eq!(in_process - cfg.session_memory_bound(), 30 * 32_000);
     }
 
     #[test]

@@ -1,0 +1,71 @@
+//! The worst-case memory of one session, by formula from the configuration (logged at start and
+//! checked against measurements by the `memory` integration test).
+
+use super::{Config, SttConfig};
+
+/// Earshot's state (about 8 KiB) plus one frame.
+const SEGMENTER: usize = 16 * 1024;
+/// A JSON event for the client is a few hundred bytes at most.
+const EVENT: usize = 512;
+
+impl Config {
+    /// Worst-case bytes one session may hold, by formula: the largest WebSocket message, the
+    /// decoder's bound, the segmenter window, the client event queue, and every consumer cap.
+    pub fn session_memory_bound(&self) -> usize {
+        // With a bus, a session's audio webhooks are served by its bus publisher, which holds
+        // at most `bus.max_buffer_seconds` of audio per webhook instead of the webhook's own cap.
+        let webhooks: usize = self
+            .webhooks
+            .iter()
+            .filter(|w| w.delay_seconds.is_some())
+            .map(|w| match self.bus.url {
+                Some(_) => self.bus.max_buffer_bytes(),
+                None => w.max_buffer_bytes(),
+            })
+            .sum();
+        // Any backend may be selected by the connect query.
+        let stt: usize = self.stt.iter().map(SttConfig::max_buffer_bytes).sum();
+        // A subscriber queue holds at most `queue_messages` items, each at most one decoded
+        // message (a max-size message of 8 kHz u8 PCM doubles at 16 kHz PCM16: x4 bound).
+        let subscriber = self.subscribers.queue_messages * self.server.max_message_bytes * 4;
+        // The message itself plus its decoded PCM (at most x4).
+        let message = self.server.max_message_bytes * 5;
+        message
+            + self.media.max_pending_bytes
+            + self.media.max_element_bytes
+            + SEGMENTER
+            + self.server.client_queue_messages * EVENT
+            + webhooks
+            + stt
+            + subscriber * self.subscribers.max_per_session
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, WebhookConfig};
+
+    #[test]
+    fn the_memory_bound_counts_the_bus_buffer_instead_of_the_webhook_cap() {
+        let mut cfg = Config::default();
+        let mut w = WebhookConfig::new("w", "http://127.0.0.1:9/", Some(1.0));
+        w.max_buffer_seconds = 60.0;
+        cfg.webhooks.push(w);
+        let in_process = cfg.session_memory_bound();
+        cfg.bus.url = Some("nats://127.0.0.1:4222".into());
+        cfg.bus.max_buffer_seconds = 30.0;
+        assert_eq!(in_process - cfg.session_memory_bound(), 30 * 32_000);
+    }
+
+    #[test]
+    fn the_default_bound_is_the_sum_of_its_parts() {
+        let cfg = Config::default();
+        let mib = 1 << 20;
+        let fixed = mib * 5
+            + cfg.media.max_pending_bytes
+            + cfg.media.max_element_bytes
+            + 16 * 1024
+            + 256 * 512;
+        assert_eq!(cfg.session_memory_bound(), fixed + 256 * mib * 4 * 8);
+    }
+}

@@ -1,0 +1,83 @@
+//! `[omi]`: the consumers of Omi's pusher protocol (`/v1/trigger/listen`) that are not audio
+//! webhooks, and their checks.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Consumers of Omi's pusher protocol that are not audio webhooks. Per-user values from the
+/// `on_connect` hook replace these.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OmiConfig {
+    /// Realtime transcript webhook: `POST ?uid=` with `{"segments":[...],"session_id":...}`.
+    pub transcript_webhook: Option<String>,
+    /// Receives `104` finalize and `105` speaker-sample events as JSON.
+    pub conversation_webhook: Option<String>,
+    /// Realtime audio apps: each gets `POST ?sample_rate=&uid=` of PCM every N seconds.
+    pub audio_apps: Vec<String>,
+    /// N for audio apps. Default 4.
+    pub audio_app_delay_seconds: f64,
+}
+
+impl Default for OmiConfig {
+    fn default() -> Self {
+        Self {
+            transcript_webhook: None,
+            conversation_webhook: None,
+            audio_apps: Vec::new(),
+            audio_app_delay_seconds: 4.0,
+        }
+    }
+}
+
+impl OmiConfig {
+    pub(super) fn validate(&self, errors: &mut Vec<String>) {
+        for (name, url) in [
+            ("omi.transcript_webhook", self.transcript_webhook.as_ref()),
+            (
+                "omi.conversation_webhook",
+                self.conversation_webhook.as_ref(),
+            ),
+        ]
+        .into_iter()
+        .chain(self.audio_apps.iter().map(|u| ("omi.audio_apps", Some(u))))
+        {
+            if let Some(url) = url {
+                if url::Url::parse(url).is_err() {
+                    errors.push(format!("{name}: {url:?} is not a URL"));
+                }
+            }
+        }
+        if !(self.audio_app_delay_seconds.is_finite() && self.audio_app_delay_seconds >= 0.0) {
+            errors.push("omi.audio_app_delay_seconds: must be >= 0".into());
+        }
+    }
+
+    /// Audio per POST to each audio app (valid after `validate`).
+    pub fn audio_app_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.audio_app_delay_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn omi_urls_and_delay_are_checked() {
+        let mut o = OmiConfig::default();
+        assert_eq!(o.audio_app_delay(), Duration::from_secs(4));
+        o.audio_apps.push("not a url".into());
+        o.audio_app_delay_seconds = -1.0;
+        let mut errors = Vec::new();
+        o.validate(&mut errors);
+        assert_eq!(
+            errors,
+            [
+                r#"omi.audio_apps: "not a url" is not a URL"#,
+                "omi.audio_app_delay_seconds: must be >= 0",
+            ]
+        );
+    }
+}

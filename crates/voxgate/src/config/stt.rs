@@ -1,0 +1,296 @@
+//! `[[stt]]`: named speech-to-text backends, the protocol each speaks, their checks and their
+//! durations and byte caps.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::outbound::{
+    check_attempts, check_name, default_backoff_max_ms, default_backoff_ms, yes, Retry,
+};
+use super::pcm_bytes;
+
+/// Which speech-to-text protocol a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SttBackend {
+    /// OpenAI-compatible `POST {url}/v1/audio/transcriptions`, one request per utterance
+    /// (OpenAI, faster-whisper-server, whisper.cpp `--inference-path`, vLLM, ...).
+    Openai,
+    /// Deepgram-compatible streaming WebSocket `{url}/v1/listen`.
+    Deepgram,
+    /// Embedded PocketSphinx (cargo feature `pocketsphinx`; demo-grade accuracy).
+    Pocketsphinx,
+}
+
+impl SttBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Openai => "openai",
+            Self::Deepgram => "deepgram",
+            Self::Pocketsphinx => "pocketsphinx",
+        }
+    }
+
+    /// URL schemes `url` may have; empty when the backend has no URL.
+    fn schemes(self) -> &'static [&'static str] {
+        match self {
+            Self::Openai => &["http", "https"],
+            Self::Deepgram => &["ws", "wss", "http", "https"],
+            Self::Pocketsphinx => &[],
+        }
+    }
+}
+
+/// One speech-to-text backend. Transcripts go back to the client (and subscribers) as
+/// `Transcript` events and, with `transcript_webhook`, are POSTed as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SttConfig {
+    pub name: String,
+    pub backend: SttBackend,
+    /// Base URL (`http(s)://` for openai; `ws(s)://` or `http(s)://` for deepgram). Unused by
+    /// pocketsphinx.
+    #[serde(default)]
+    pub url: String,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub language: Option<String>,
+    /// OpenAI `prompt` (vocabulary hints).
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Sent as `Authorization: Bearer KEY` (openai) or `Authorization: Token KEY` (deepgram).
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Part of the default set. Default true.
+    #[serde(default = "yes")]
+    pub default: bool,
+    /// Per request (openai, pocketsphinx) or per connection attempt (deepgram). Default 30000.
+    #[serde(default = "default_stt_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries after the first attempt of an utterance. Default 2.
+    #[serde(default = "default_stt_retries")]
+    pub max_retries: u32,
+    /// First retry / reconnect delay; doubles, with full jitter. Default 200 ms.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_initial_ms: u64,
+    /// Longest retry / reconnect delay. Default 5000 ms.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Requests (or decoder threads) in flight for this backend over all sessions. Default 4.
+    #[serde(default = "default_stt_concurrency")]
+    pub max_concurrency: usize,
+    /// Cap of audio held per session for this backend (open utterance + utterances waiting,
+    /// or unacknowledged streaming audio); beyond it new audio is dropped, counted. Default 90.
+    #[serde(default = "default_stt_buffer_seconds")]
+    pub max_buffer_seconds: f64,
+    /// Deepgram: send `{"type":"KeepAlive"}` when no audio was sent for this long. Default 3.
+    #[serde(default = "default_keepalive_seconds")]
+    pub keepalive_seconds: f64,
+    /// Final transcripts are POSTed here as JSON (retries with backoff, counted drops).
+    #[serde(default)]
+    pub transcript_webhook: Option<String>,
+    /// PocketSphinx acoustic model directory. Default the Debian `pocketsphinx-en-us` one.
+    #[serde(default)]
+    pub hmm: Option<String>,
+    /// PocketSphinx language model. Default Debian `en-us.lm.bin`.
+    #[serde(default)]
+    pub lm: Option<String>,
+    /// PocketSphinx pronunciation dictionary. Default Debian `cmudict-en-us.dict`.
+    #[serde(default)]
+    pub dict: Option<String>,
+}
+
+fn default_stt_timeout_ms() -> u64 {
+    30_000
+}
+fn default_stt_retries() -> u32 {
+    2
+}
+fn default_stt_concurrency() -> usize {
+    4
+}
+fn default_stt_buffer_seconds() -> f64 {
+    90.0
+}
+fn default_keepalive_seconds() -> f64 {
+    3.0
+}
+
+impl SttConfig {
+    /// A backend with every default, for tests.
+    pub fn new(name: &str, backend: SttBackend, url: &str) -> Self {
+        Self {
+            name: name.into(),
+            backend,
+            url: url.into(),
+            model: None,
+            language: None,
+            prompt: None,
+            api_key: None,
+            default: true,
+            timeout_ms: default_stt_timeout_ms(),
+            max_retries: default_stt_retries(),
+            backoff_initial_ms: default_backoff_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            max_concurrency: default_stt_concurrency(),
+            max_buffer_seconds: default_stt_buffer_seconds(),
+            keepalive_seconds: default_keepalive_seconds(),
+            transcript_webhook: None,
+            hmm: None,
+            lm: None,
+            dict: None,
+        }
+    }
+
+    /// Errors of this entry, each prefixed with `prefix`.
+    pub fn validate(&self, prefix: &str, errors: &mut Vec<String>) {
+        check_name(prefix, &self.name, errors);
+        self.check_url(prefix, errors);
+        if self.backend == SttBackend::Pocketsphinx && !cfg!(feature = "pocketsphinx") {
+            errors.push(format!(
+                "{prefix}.backend: this voxgate was built without the `pocketsphinx` cargo feature"
+            ));
+        }
+        check_attempts(prefix, self.timeout(), &self.retry(), errors);
+        if !(1..=1024).contains(&self.max_concurrency) {
+            errors.push(format!("{prefix}.max_concurrency: must be in 1..=1024"));
+        }
+        if !(self.max_buffer_seconds.is_finite()
+            && self.max_buffer_seconds >= 1.0
+            && self.max_buffer_seconds <= 3600.0)
+        {
+            errors.push(format!("{prefix}.max_buffer_seconds: must be in [1, 3600]"));
+        }
+        if !(self.keepalive_seconds.is_finite()
+            && self.keepalive_seconds > 0.0
+            && self.keepalive_seconds <= 60.0)
+        {
+            errors.push(format!("{prefix}.keepalive_seconds: must be in (0, 60]"));
+        }
+        if let Some(hook) = &self.transcript_webhook {
+            match url::Url::parse(hook) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => errors.push(format!(
+                    "{prefix}.transcript_webhook: {hook:?} is not an http(s) URL"
+                )),
+            }
+        }
+    }
+
+    /// `url` must parse with a scheme the backend speaks (pocketsphinx has no URL).
+    fn check_url(&self, prefix: &str, errors: &mut Vec<String>) {
+        let schemes = self.backend.schemes();
+        if schemes.is_empty() {
+            return;
+        }
+        match url::Url::parse(&self.url) {
+            Ok(u) if schemes.contains(&u.scheme()) => {}
+            Ok(u) => errors.push(format!(
+                "{prefix}.url: scheme {:?} is not one of {schemes:?}",
+                u.scheme()
+            )),
+            Err(e) => errors.push(format!("{prefix}.url: {:?}: {e}", self.url)),
+        }
+    }
+
+    /// Byte cap of this backend's per-session buffer.
+    pub fn max_buffer_bytes(&self) -> usize {
+        pcm_bytes(self.max_buffer_seconds)
+    }
+
+    /// Cap of audio held per session, as a duration (valid after `validate`).
+    pub fn max_buffer(&self) -> Duration {
+        Duration::from_secs_f64(self.max_buffer_seconds)
+    }
+
+    /// Per request (openai, pocketsphinx) or per connection attempt (deepgram).
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Retry count and backoff range (per utterance, or per reconnect for deepgram).
+    pub fn retry(&self) -> Retry {
+        Retry::from_ms(
+            self.max_retries,
+            self.backoff_initial_ms,
+            self.backoff_max_ms,
+        )
+    }
+
+    /// Deepgram: the silence after which a `KeepAlive` is sent (valid after `validate`).
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_secs_f64(self.keepalive_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use figment::providers::{Format, Serialized, Toml};
+
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn stt_entries_are_validated() {
+        let mut cfg = Config::default();
+        cfg.stt
+            .push(SttConfig::new("a", SttBackend::Openai, "ws://x"));
+        let mut dup = SttConfig::new("a", SttBackend::Deepgram, "wss://x");
+        dup.max_concurrency = 0;
+        dup.transcript_webhook = Some("nope".into());
+        cfg.stt.push(dup);
+        let text = cfg.validate().unwrap_err().to_string();
+        for needle in [
+            "stt[0].url",
+            "stt[1].name: duplicate",
+            "stt[1].max_concurrency",
+            "stt[1].transcript_webhook",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in {text}");
+        }
+        let toml = r#"
+            [[stt]]
+            name = "whisper"
+            backend = "openai"
+            url = "http://127.0.0.1:8000"
+            model = "Systran/faster-whisper-small"
+        "#;
+        let parsed: Config = figment::Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .unwrap();
+        parsed.validate().unwrap();
+        assert_eq!(parsed.stt[0].backend, SttBackend::Openai);
+        assert!(parsed.stt[0].default);
+    }
+
+    #[test]
+    fn url_errors_keep_their_wording() {
+        let mut errors = Vec::new();
+        SttConfig::new("a", SttBackend::Openai, "ws://x").validate("stt[0]", &mut errors);
+        SttConfig::new("b", SttBackend::Deepgram, "nope").validate("stt[1]", &mut errors);
+        assert_eq!(
+            errors,
+            [
+                r#"stt[0].url: scheme "ws" is not one of ["http", "https"]"#,
+                r#"stt[1].url: "nope": relative URL without a base"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn accessors_give_the_configured_durations_and_sizes() {
+        let s = SttConfig::new("a", SttBackend::Deepgram, "wss://x");
+        assert_eq!(s.timeout(), Duration::from_secs(30));
+        assert_eq!(s.keepalive(), Duration::from_secs(3));
+        assert_eq!(s.max_buffer(), Duration::from_secs(90));
+        assert_eq!(s.max_buffer_bytes(), 90 * 16_000 * 2);
+        assert_eq!(
+            s.retry(),
+            Retry::from_ms(2, 200, 5000),
+            "the webhook backoff defaults"
+        );
+    }
+}
