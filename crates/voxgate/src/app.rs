@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
@@ -43,7 +42,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let grace = Duration::from_secs_f64(cfg.server.shutdown_grace_seconds);
+    let grace = cfg.server.shutdown_grace();
     let bus = connect_bus(&cfg).await?;
     let shared = Shared::new(cfg, shutdown.clone(), bus)?;
     let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();

@@ -288,6 +288,7 @@ pub struct UserSessions {
     counts: Arc<Mutex<HashMap<String, usize>>>,
 }
 
+#[derive(Debug)]
 pub struct UserSlot {
     user: String,
     counts: Arc<Mutex<HashMap<String, usize>>>,

@@ -9,7 +9,6 @@
 //! - `close`: the only long await: flushes consumers in order, sends `Closed`, says goodbye.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::ws::Message;
 use bytes::Bytes;
@@ -474,11 +473,12 @@ impl Connection {
         drop(guards.resumable);
         meter.count(summary.samples_decoded);
         let server = &shared.cfg.server;
-        let flush = Duration::from_secs_f64(if shared.shutdown.is_cancelled() {
-            server.shutdown_grace_seconds * 0.8
+        // While draining, consumers get most of the shutdown grace period.
+        let flush = if shared.shutdown.is_cancelled() {
+            server.shutdown_grace().mul_f64(0.8)
         } else {
-            server.close_flush_seconds
-        });
+            server.close_flush()
+        };
         let hub = consumers.hub().clone();
         let Finished {
             summaries,

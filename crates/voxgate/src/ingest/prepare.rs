@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use voxgate_session::{ServerEvent, Session, SAMPLE_RATE};
+use voxgate_session::{ServerEvent, Session};
 
 use super::driver::{Guards, Parts};
 use super::frontends::Frontend;
@@ -70,13 +70,12 @@ pub async fn prepare(
             format!("session {id:?} is already live"),
         )
     })?;
-    let (resumable, resume) = match session_cfg.ack {
-        true => {
-            let grace = std::time::Duration::from_secs_f64(cfg.server.resume_grace_seconds);
+    let (resumable, resume) = match cfg.server.resume_grace().filter(|_| session_cfg.ack) {
+        Some(grace) => {
             let (entry, slot) = shared.resumable.register(id, grace);
             (Some(entry), Some(slot))
         }
-        false => (None, None),
+        None => (None, None),
     };
     let target = Target {
         session_id: id.clone(),
@@ -200,7 +199,7 @@ fn build_consumers(
     }
     // Lookback for speech-to-text: `SpeechStarted` reaches back by pre-roll + onset.
     let seg = &shared.cfg.segmenter;
-    let lookback = (seg.pre_roll_ms + seg.min_speech_ms) * u64::from(SAMPLE_RATE) / 1000 + 512;
+    let lookback = seg.pre_roll_samples() + seg.min_speech_samples() + 512;
     let mut stt = Vec::new();
     crate::fanout::stt::build(
         plan.stt,

@@ -25,7 +25,7 @@ pub fn build(
     s.segmenter = cfg.segmenter();
     s.idle_timeout = cfg.idle_timeout();
     s.max_duration = cfg.max_session();
-    s.ack = resumable && req.resumable && cfg.server.resume_grace_seconds > 0.0;
+    s.ack = resumable && req.resumable && cfg.server.resume_grace().is_some();
     // `fresh_recorder=true`: the client started a new recorder (a live microphone cannot resend
     // what it already sent), so nothing it sends is discarded; otherwise it resends from the start.
     let resend_from_start = !req.fresh_recorder;
