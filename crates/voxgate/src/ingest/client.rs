@@ -12,7 +12,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use super::refusal::{await_peer_close, truncate_reason};
 use crate::metrics as m;
 
 pub type WsSink = futures_util::stream::SplitSink<WebSocket, Message>;
@@ -123,5 +122,47 @@ async fn write_loop(
     }
     if let Some(mut s) = sink {
         let _ = s.close().await;
+    }
+}
+
+/// After our Close frame, reads until the peer's Close (or a short timeout), so that closing the
+/// TCP connection with unread client data does not reset it and lose the Close frame.
+pub async fn await_peer_close(stream: &mut WsStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    // The read side is unusable (e.g. an oversized message); linger briefly so
+                    // the peer reads our Close before the connection is torn down.
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// A close reason must fit in a control frame (123 bytes).
+pub fn truncate_reason(reason: &str) -> String {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_control_frame_on_a_char_boundary() {
+        assert_eq!(truncate_reason("short"), "short");
+        let long = "é".repeat(100); // 200 bytes
+        let t = truncate_reason(&long);
+        assert!(t.len() <= 120 && long.starts_with(&t));
     }
 }

@@ -35,24 +35,14 @@ use futures_util::StreamExt;
 
 use self::client::ClientIo;
 use self::driver::Connection;
-use self::frontends::{listen::Listen, Frontend};
-use self::refusal::{refuse, Refusal};
+use self::frontends::{listen::Listen, Accept};
+use self::refusal::refuse;
 use self::request::{ConnectRequest, Endpoint};
 use crate::auth::bearer;
 use crate::shared::Shared;
 
 /// Bytes read from a socket at a time (tungstenite's default is 128 KiB per connection).
 pub const WS_READ_BUFFER: usize = 4096;
-
-/// What a frontend made of an upgraded socket.
-pub enum Accept {
-    /// A session to prepare with this frontend.
-    Session(ConnectRequest, Box<dyn Frontend>),
-    /// Refused before the session (told to the client).
-    Refuse(ConnectRequest, Refusal),
-    /// The client left before asking for a session.
-    Done,
-}
 
 /// The ingest routes.
 pub fn routes() -> Router<Arc<Shared>> {

@@ -2,15 +2,14 @@
 //! code and client error code, mapped in one place; then an `Error` event and a close frame.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use metrics::counter;
 use tracing::info;
 use voxgate_session::{CloseCode, ServerEvent};
 
-use super::client::{WsSink, WsStream};
+use super::client::{await_peer_close, truncate_reason, WsSink, WsStream};
 use crate::metrics as m;
 
 /// Why a connection is refused. `code()` is the client error code and metric label,
@@ -125,35 +124,6 @@ pub async fn refuse(mut sink: WsSink, mut stream: WsStream, peer: SocketAddr, re
     await_peer_close(&mut stream).await;
 }
 
-/// After our Close frame, reads until the peer's Close (or a short timeout), so that closing the
-/// TCP connection with unread client data does not reset it and lose the Close frame.
-pub async fn await_peer_close(stream: &mut WsStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            match stream.next().await {
-                Some(Ok(Message::Close(_))) | None => break,
-                Some(Ok(_)) => {}
-                Some(Err(_)) => {
-                    // The read side is unusable (e.g. an oversized message); linger briefly so
-                    // the peer reads our Close before the connection is torn down.
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    break;
-                }
-            }
-        }
-    })
-    .await;
-}
-
-/// A close reason must fit in a control frame (123 bytes).
-pub fn truncate_reason(reason: &str) -> String {
-    let mut end = reason.len().min(120);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,13 +161,5 @@ mod tests {
         }
         assert_eq!(SessionIdInUse.code(), "session_id_in_use");
         assert_eq!(OnConnectFailed.code(), "on_connect_failed");
-    }
-
-    #[test]
-    fn close_reasons_fit_a_control_frame_on_a_char_boundary() {
-        assert_eq!(truncate_reason("short"), "short");
-        let long = "é".repeat(100); // 200 bytes
-        let t = truncate_reason(&long);
-        assert!(t.len() <= 120 && long.starts_with(&t));
     }
 }

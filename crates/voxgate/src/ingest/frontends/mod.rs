@@ -14,10 +14,22 @@ use bytes::Bytes;
 use voxgate_session::{ClientControl, CloseCode, ServerEvent};
 
 use super::hook::HookAnswer;
+use super::refusal::Refusal;
+use super::request::ConnectRequest;
 use crate::config::{Config, WebhookConfig};
 use crate::fanout::registry::BuildCtx;
 use crate::fanout::subscribers::Hub;
 use crate::fanout::Consumer;
+
+/// What a frontend made of an upgraded socket.
+pub enum Accept {
+    /// A session to prepare with this frontend.
+    Session(ConnectRequest, Box<dyn Frontend>),
+    /// Refused before the session (told to the client).
+    Refuse(ConnectRequest, Refusal),
+    /// The client left before asking for a session.
+    Done,
+}
 
 /// What a socket message means for the session.
 #[derive(Debug)]

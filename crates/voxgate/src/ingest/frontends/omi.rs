@@ -10,7 +10,7 @@ use axum::extract::ws::Message;
 use bytes::Bytes;
 use voxgate_session::{ClientControl, CloseCode, ServerEvent, SAMPLE_RATE};
 
-use super::{Action, Frontend};
+use super::{Accept, Action, Frontend};
 use crate::config::{Config, WebhookConfig};
 use crate::fanout::json_webhook::{JsonWebhook, JsonWebhookConfig, Post, Selector};
 use crate::fanout::registry::BuildCtx;
@@ -18,7 +18,6 @@ use crate::fanout::{Consumer, Notifier, Offer};
 use crate::ingest::hook::HookAnswer;
 use crate::ingest::refusal::{Refusal, RefuseReason};
 use crate::ingest::request::ConnectRequest;
-use crate::ingest::Accept;
 
 /// Checks `uid` and `sample_rate` (8000..=48000, default 8000): the audio is PCM16 mono.
 pub fn accept(mut req: ConnectRequest) -> Accept {

@@ -10,12 +10,11 @@ use metrics::counter;
 use tracing::warn;
 use voxgate_session::{ClientControl, ServerEvent};
 
-use super::{Action, Frontend};
+use super::{Accept, Action, Frontend};
 use crate::fanout::subscribers::Hub;
 use crate::ingest::client::{WsSink, WsStream};
 use crate::ingest::refusal::{Refusal, RefuseReason};
 use crate::ingest::request::{valid_session_id, ConnectRequest};
-use crate::ingest::Accept;
 use crate::metrics as m;
 use crate::shared::Shared;
 
