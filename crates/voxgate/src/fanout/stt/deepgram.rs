@@ -10,7 +10,6 @@
 //! lookback is kept. Everything held is capped by `max_buffer_seconds`: audio already sent is
 //! forgotten first; audio that cannot be sent (backend away) is dropped newest-first, counted.
 
-use crate::fanout::join_until;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,18 +20,19 @@ use futures_util::{SinkExt, StreamExt};
 use metrics::counter;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, warn};
-use voxgate_session::{seconds, AudioChunk, ConsumerSummary, ServerEvent};
+use voxgate_session::{seconds, AudioChunk, ConsumerSummary, ServerEvent, SAMPLE_RATE};
 
-use super::{Backoff, Ctx, Poster, KIND};
+use super::{sample_at, Ctx, Poster};
 use crate::config::SttConfig;
-use crate::fanout::{pcm_bytes, Consumer, Offer};
-use crate::metrics::{buffered, STT_REQUESTS};
+use crate::fanout::queue::{QueueHandle, Refused};
+use crate::fanout::retry::Backoff;
+use crate::fanout::{pcm_bytes, Consumer, DropReason, Offer};
+use crate::metrics::STT_REQUESTS;
 
 /// Items queued from ingest to the connection task (the byte cap is the real bound).
 const QUEUE_ITEMS: usize = 4096;
@@ -41,10 +41,28 @@ const UTTERANCES_KEPT: usize = 32;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Why a connection to the backend could not be made (the text is what `stt_unavailable` and
+/// `/readyz` say).
+#[derive(Debug, thiserror::Error)]
+pub enum DeepgramError {
+    #[error("{0}")]
+    Url(#[from] url::ParseError),
+    #[error("cannot use scheme {0}")]
+    Scheme(String),
+    #[error("{0}")]
+    Request(tokio_tungstenite::tungstenite::Error),
+    #[error("api_key is not a valid header value")]
+    ApiKey,
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connect failed: {0}")]
+    Connect(tokio_tungstenite::tungstenite::Error),
+}
+
 /// The listen URL for a base URL (`http(s)` becomes `ws(s)`; a URL ending in `/v1/listen` is
 /// kept as it is).
-pub fn listen_url(cfg: &SttConfig) -> Result<url::Url, String> {
-    let mut url = url::Url::parse(&cfg.url).map_err(|e| e.to_string())?;
+pub fn listen_url(cfg: &SttConfig) -> Result<url::Url, DeepgramError> {
+    let mut url = url::Url::parse(&cfg.url)?;
     let scheme = match url.scheme() {
         "http" => "ws",
         "https" => "wss",
@@ -52,7 +70,7 @@ pub fn listen_url(cfg: &SttConfig) -> Result<url::Url, String> {
     }
     .to_owned();
     url.set_scheme(&scheme)
-        .map_err(|()| format!("cannot use scheme {scheme}"))?;
+        .map_err(|()| DeepgramError::Scheme(scheme.clone()))?;
     if !url.path().trim_end_matches('/').ends_with("/v1/listen") {
         let path = format!("{}/v1/listen", url.path().trim_end_matches('/'));
         url.set_path(&path);
@@ -60,7 +78,7 @@ pub fn listen_url(cfg: &SttConfig) -> Result<url::Url, String> {
     {
         let mut q = url.query_pairs_mut();
         q.append_pair("encoding", "linear16")
-            .append_pair("sample_rate", "16000")
+            .append_pair("sample_rate", &SAMPLE_RATE.to_string())
             .append_pair("channels", "1")
             .append_pair("interim_results", "true");
         if let Some(m) = &cfg.model {
@@ -82,17 +100,13 @@ enum In {
 /// The ingest side of a Deepgram-compatible backend for one session.
 pub struct DeepgramHandle {
     ctx: Ctx,
-    tx: Option<mpsc::Sender<In>>,
+    queue: QueueHandle<In>,
     /// Bytes accepted and never sent (dropped if the task is cut off).
     unsent: Arc<AtomicU64>,
-    cap_bytes: u64,
-    dropping: bool,
-    task: JoinHandle<()>,
 }
 
 impl DeepgramHandle {
     pub(crate) fn spawn(ctx: Ctx, lookback_samples: u64) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE_ITEMS);
         let unsent = Arc::new(AtomicU64::new(0));
         let cap_bytes = ctx.backend.cfg.max_buffer_bytes() as u64;
         let worker = Worker {
@@ -109,19 +123,10 @@ impl DeepgramHandle {
             seq: 0,
             poster: Poster::spawn(&ctx),
         };
-        let task = tokio::spawn(worker.run(rx));
-        Self {
-            ctx,
-            tx: Some(tx),
-            unsent,
-            cap_bytes,
-            dropping: false,
-            task,
-        }
-    }
-
-    fn send(&mut self, item: In) -> bool {
-        matches!(self.tx.as_ref().map(|tx| tx.try_send(item)), Some(Ok(())))
+        let queue = QueueHandle::spawn(ctx.stats.clone(), QUEUE_ITEMS, cap_bytes, |rx| {
+            worker.run(rx)
+        });
+        Self { ctx, queue, unsent }
     }
 }
 
@@ -132,28 +137,17 @@ impl Consumer for DeepgramHandle {
 
     fn on_audio(&mut self, chunk: &AudioChunk) -> Offer {
         let bytes = chunk.pcm.len() as u64 * 2;
-        let held = self.ctx.stats.held_bytes.load(Ordering::Relaxed);
-        let reason = if held + bytes > self.cap_bytes {
-            "buffer_full"
-        } else if self.send(In::Audio(chunk.clone())) {
-            self.ctx.hold(bytes);
-            self.unsent.fetch_add(bytes, Ordering::Relaxed);
-            self.dropping = false;
-            return Offer::Accepted;
-        } else {
-            "queue_full"
+        let reason = match self.queue.offer(In::Audio(chunk.clone()), bytes) {
+            Ok(()) => {
+                self.unsent.fetch_add(bytes, Ordering::Relaxed);
+                return Offer::Accepted;
+            }
+            Err(Refused::OverCap) => DropReason::BufferFull,
+            Err(Refused::Full | Refused::Closed) => DropReason::QueueFull,
         };
-        self.ctx.dropped(reason, bytes);
-        if !self.dropping {
-            self.dropping = true;
-            warn!(stt = %self.ctx.name(), session = %self.ctx.target.session_id, reason, "streaming speech-to-text dropping audio");
-            let _ = self.ctx.notifier.try_send(ServerEvent::warning(
-                "stt_dropping",
-                format!(
-                    "speech-to-text backend {:?} is not keeping up ({reason}); audio is being dropped",
-                    self.ctx.name()
-                ),
-            ));
+        if self.queue.dropped(reason, bytes) {
+            warn!(stt = %self.ctx.name(), session = %self.ctx.target.session_id, %reason, "streaming speech-to-text dropping audio");
+            self.ctx.warn_dropping(reason);
         }
         Offer::Dropped { first: false }
     }
@@ -165,15 +159,15 @@ impl Consumer for DeepgramHandle {
                 timestamp,
             } => In::Started {
                 utterance,
-                start: (timestamp * 16_000.0).round() as u64,
+                start: sample_at(timestamp),
             },
             ServerEvent::UtteranceEnd { utterance, end, .. } => In::Ended {
                 utterance,
-                end: (end * 16_000.0).round() as u64,
+                end: sample_at(end),
             },
             _ => return,
         };
-        if !self.send(item) {
+        if self.queue.send(item).is_err() {
             warn!(stt = %self.ctx.name(), "streaming speech-to-text queue full; utterance boundary lost");
         }
     }
@@ -183,17 +177,18 @@ impl Consumer for DeepgramHandle {
         deadline: Instant,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ConsumerSummary> + Send>> {
         Box::pin(async move {
-            self.tx.take();
-            if !join_until(&mut self.task, deadline).await {
+            if !self.queue.close(deadline).await {
+                // Only what was never sent is lost; what was sent is off the gauge either way.
                 let unsent = self.unsent.swap(0, Ordering::Relaxed);
                 if unsent > 0 {
                     warn!(stt = %self.ctx.name(), unsent, "streaming speech-to-text flush timed out; audio dropped");
-                    self.ctx.dropped("close_timeout", unsent);
+                    self.ctx
+                        .stats
+                        .count_dropped(DropReason::CloseTimeout, unsent);
                 }
-                let held = self.ctx.stats.held_bytes.swap(0, Ordering::Relaxed);
-                buffered(KIND, -(held as i64));
+                self.ctx.stats.forget_held();
             }
-            self.ctx.stats.summary(self.ctx.name(), KIND)
+            self.queue.summary(self.ctx.name())
         })
     }
 }
@@ -229,7 +224,7 @@ struct Conn {
 
 impl Conn {
     fn to_session(&self, t: f64) -> u64 {
-        let s = (t.max(0.0) * 16_000.0).round() as u64;
+        let s = sample_at(t.max(0.0));
         match self.map.iter().rev().find(|(c, _)| *c <= s) {
             Some((c, sess)) => sess + (s - c),
             None => s,
@@ -313,7 +308,7 @@ impl Worker {
                     }
                     Err(e) => {
                         counter!(STT_REQUESTS, "backend" => self.cfg.name.clone(), "outcome" => "connect_error").increment(1);
-                        self.trouble(&e);
+                        self.trouble(e);
                         next_attempt = Instant::now() + backoff.delay();
                     }
                 }
@@ -392,30 +387,30 @@ impl Worker {
             .sum();
         self.retained.clear();
         self.unsent.fetch_sub(unsent, Ordering::Relaxed);
-        self.ctx.dropped("not_sent", unsent);
-        self.ctx.release(held);
+        self.ctx.stats.count_dropped(DropReason::NotSent, unsent);
+        self.ctx.stats.release(held);
         if let Some(p) = self.poster.take() {
             p.close().await;
         }
     }
 
-    async fn connect(&self) -> Result<Conn, String> {
+    async fn connect(&self) -> Result<Conn, DeepgramError> {
         let url = listen_url(&self.cfg)?;
         let mut req = url
             .as_str()
             .into_client_request()
-            .map_err(|e| e.to_string())?;
+            .map_err(DeepgramError::Request)?;
         if let Some(key) = &self.cfg.api_key {
             let value = format!("Token {key}")
                 .parse()
-                .map_err(|_| "api_key is not a valid header value".to_owned())?;
+                .map_err(|_| DeepgramError::ApiKey)?;
             req.headers_mut().insert("authorization", value);
         }
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let (ws, _) = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req))
             .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| format!("connect failed: {e}"))?;
+            .map_err(|_| DeepgramError::ConnectTimeout)?
+            .map_err(DeepgramError::Connect)?;
         counter!(STT_REQUESTS, "backend" => self.cfg.name.clone(), "outcome" => "connected")
             .increment(1);
         info!(stt = %self.cfg.name, session = %self.ctx.target.session_id, "streaming speech-to-text connected");
@@ -465,7 +460,7 @@ impl Worker {
             held.sent = true;
             let bytes = chunk.pcm.len() as u64 * 2;
             self.unsent.fetch_sub(bytes, Ordering::Relaxed);
-            self.ctx.delivered(bytes);
+            self.ctx.stats.delivered(bytes);
         }
         Ok(())
     }
@@ -528,9 +523,11 @@ impl Worker {
             let bytes = len * 2;
             if !h.sent {
                 self.unsent.fetch_sub(bytes, Ordering::Relaxed);
-                self.ctx.dropped("backend_unavailable", bytes);
+                self.ctx
+                    .stats
+                    .count_dropped(DropReason::BackendUnavailable, bytes);
             }
-            self.ctx.release(bytes);
+            self.ctx.stats.release(bytes);
         }
     }
 
@@ -541,7 +538,7 @@ impl Worker {
                 break;
             }
             let h = self.retained.pop_front().expect("front exists");
-            self.ctx.release(h.chunk.pcm.len() as u64 * 2);
+            self.ctx.stats.release(h.chunk.pcm.len() as u64 * 2);
         }
     }
 
@@ -610,11 +607,12 @@ impl Worker {
     }
 
     /// A connection problem: counted, warned once per outage.
-    fn trouble(&mut self, error: &str) {
-        self.ctx.backend.failure(error);
+    fn trouble(&mut self, error: impl std::fmt::Display) {
+        let error = error.to_string();
+        self.ctx.backend.failure(&error);
         if !self.failing {
             self.failing = true;
-            warn!(stt = %self.cfg.name, session = %self.ctx.target.session_id, error, "streaming speech-to-text unavailable; reconnecting");
+            warn!(stt = %self.cfg.name, session = %self.ctx.target.session_id, %error, "streaming speech-to-text unavailable; reconnecting");
             let _ = self.ctx.notifier.try_send(ServerEvent::warning(
                 "stt_unavailable",
                 format!(
