@@ -15,18 +15,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+mod conn;
+
+use futures_util::SinkExt;
 use metrics::counter;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, warn};
-use voxgate_session::{seconds, AudioChunk, ConsumerSummary, ServerEvent, SAMPLE_RATE};
+use voxgate_session::{seconds, AudioChunk, ConsumerSummary, ServerEvent};
 
+use self::conn::{next_frame, send_text, Conn, Results};
 use super::{sample_at, Ctx, Poster};
 use crate::config::SttConfig;
 use crate::fanout::queue::{QueueHandle, Refused};
@@ -39,57 +38,7 @@ const QUEUE_ITEMS: usize = 4096;
 /// Utterances remembered to attribute results to.
 const UTTERANCES_KEPT: usize = 32;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Why a connection to the backend could not be made (the text is what `stt_unavailable` and
-/// `/readyz` say).
-#[derive(Debug, thiserror::Error)]
-pub enum DeepgramError {
-    #[error("{0}")]
-    Url(#[from] url::ParseError),
-    #[error("cannot use scheme {0}")]
-    Scheme(String),
-    #[error("{0}")]
-    Request(tokio_tungstenite::tungstenite::Error),
-    #[error("api_key is not a valid header value")]
-    ApiKey,
-    #[error("connect timed out")]
-    ConnectTimeout,
-    #[error("connect failed: {0}")]
-    Connect(tokio_tungstenite::tungstenite::Error),
-}
-
-/// The listen URL for a base URL (`http(s)` becomes `ws(s)`; a URL ending in `/v1/listen` is
-/// kept as it is).
-pub fn listen_url(cfg: &SttConfig) -> Result<url::Url, DeepgramError> {
-    let mut url = url::Url::parse(&cfg.url)?;
-    let scheme = match url.scheme() {
-        "http" => "ws",
-        "https" => "wss",
-        s => s,
-    }
-    .to_owned();
-    url.set_scheme(&scheme)
-        .map_err(|()| DeepgramError::Scheme(scheme.clone()))?;
-    if !url.path().trim_end_matches('/').ends_with("/v1/listen") {
-        let path = format!("{}/v1/listen", url.path().trim_end_matches('/'));
-        url.set_path(&path);
-    }
-    {
-        let mut q = url.query_pairs_mut();
-        q.append_pair("encoding", "linear16")
-            .append_pair("sample_rate", &SAMPLE_RATE.to_string())
-            .append_pair("channels", "1")
-            .append_pair("interim_results", "true");
-        if let Some(m) = &cfg.model {
-            q.append_pair("model", m);
-        }
-        if let Some(l) = &cfg.language {
-            q.append_pair("language", l);
-        }
-    }
-    Ok(url)
-}
+pub use self::conn::{listen_url, DeepgramError};
 
 enum In {
     Audio(AudioChunk),
@@ -205,60 +154,6 @@ struct Pending {
     utterance: u64,
     end: u64,
     at: Instant,
-}
-
-/// One live connection.
-struct Conn {
-    sink: SplitSink<Ws, Message>,
-    stream: SplitStream<Ws>,
-    /// (connection sample, session sample) where sent audio jumped; maps result times back.
-    map: Vec<(u64, u64)>,
-    /// Samples sent on this connection.
-    pos: u64,
-    next_session: Option<u64>,
-    /// Session sample up to which retained audio was sent on this connection.
-    sent_until: u64,
-    last_send: Instant,
-    close_sent: bool,
-}
-
-impl Conn {
-    fn to_session(&self, t: f64) -> u64 {
-        let s = sample_at(t.max(0.0));
-        match self.map.iter().rev().find(|(c, _)| *c <= s) {
-            Some((c, sess)) => sess + (s - c),
-            None => s,
-        }
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct Results {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    start: f64,
-    #[serde(default)]
-    duration: f64,
-    #[serde(default)]
-    is_final: bool,
-    #[serde(default)]
-    speech_final: bool,
-    #[serde(default)]
-    from_finalize: bool,
-    #[serde(default)]
-    channel: Option<Channel>,
-}
-
-#[derive(serde::Deserialize)]
-struct Channel {
-    alternatives: Vec<Alternative>,
-}
-
-#[derive(serde::Deserialize)]
-struct Alternative {
-    #[serde(default)]
-    transcript: String,
 }
 
 struct Worker {
@@ -395,36 +290,11 @@ impl Worker {
     }
 
     async fn connect(&self) -> Result<Conn, DeepgramError> {
-        let url = listen_url(&self.cfg)?;
-        let mut req = url
-            .as_str()
-            .into_client_request()
-            .map_err(DeepgramError::Request)?;
-        if let Some(key) = &self.cfg.api_key {
-            let value = format!("Token {key}")
-                .parse()
-                .map_err(|_| DeepgramError::ApiKey)?;
-            req.headers_mut().insert("authorization", value);
-        }
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
-        let (ws, _) = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req))
-            .await
-            .map_err(|_| DeepgramError::ConnectTimeout)?
-            .map_err(DeepgramError::Connect)?;
+        let conn = Conn::open(&self.cfg).await?;
         counter!(STT_REQUESTS, "backend" => self.cfg.name.clone(), "outcome" => "connected")
             .increment(1);
         info!(stt = %self.cfg.name, session = %self.ctx.target.session_id, "streaming speech-to-text connected");
-        let (sink, stream) = ws.split();
-        Ok(Conn {
-            sink,
-            stream,
-            map: Vec::new(),
-            pos: 0,
-            next_session: None,
-            sent_until: 0,
-            last_send: Instant::now(),
-            close_sent: false,
-        })
+        Ok(conn)
     }
 
     /// Sends everything retained (unacknowledged) on a new connection, then the Finalize of
@@ -621,22 +491,5 @@ impl Worker {
                 ),
             ));
         }
-    }
-}
-
-async fn send_text(c: &mut Conn, text: &'static str) -> Result<(), ()> {
-    c.last_send = Instant::now();
-    c.sink
-        .send(Message::Text(text.into()))
-        .await
-        .map_err(|_| ())
-}
-
-async fn next_frame(
-    conn: &mut Option<Conn>,
-) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
-    match conn {
-        Some(c) => c.stream.next().await,
-        None => std::future::pending().await,
     }
 }
