@@ -7,7 +7,7 @@
 //!   decided after its first samples went by); at `UtteranceEnd` the audio becomes a job for
 //!   the session's worker, which transcribes jobs one after another, so results come back in
 //!   order. Requests are limited per backend over all sessions by a semaphore.
-//! - streaming (`deepgram`): audio is sent as it comes over a WebSocket; see `deepgram.rs`.
+//! - streaming (`deepgram`): audio is sent as it comes over a WebSocket; see `deepgram/`.
 //!
 //! Every buffer is capped by `max_buffer_seconds` (drop newest beyond it, counted); the consumer
 //! methods never wait; a failing backend yields a `Warning` (`stt_unavailable`, `stt_dropping`).
