@@ -24,14 +24,15 @@ use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use metrics::counter;
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{header_u64, parse_subject, Bus, Kind, SessionRecord, H_SEQUENCE, H_START_SAMPLE};
 use crate::config::Config;
-use crate::fanout::webhook::{audio_body, audio_request, Breakers, Target};
+use crate::fanout::contract::{audio_body, audio_request, json_request, AudioBatchInfo, Target};
+use crate::fanout::http::{BreakerPolicy, Breakers, HttpOutcome};
+use crate::fanout::retry::{Backoff, Jitter};
 use crate::metrics::BUS_DELIVERIES;
 
 /// Messages queued per session task; the partition loop waits when it is full (bounded by
@@ -73,6 +74,10 @@ struct Shared {
     http: reqwest::Client,
     http_guarded: reqwest::Client,
     breakers: Breakers,
+    /// The breakers' limits (the gateway's JSON webhooks use the same defaults).
+    breaker_policy: BreakerPolicy,
+    /// Redelivery delays: `backoff_initial_ms` doubling to `backoff_max_ms`, equal jitter.
+    backoff: Backoff,
 }
 
 impl Shared {
@@ -88,11 +93,18 @@ impl Shared {
                 policy: Arc::new(cfg.webhook_policy.clone()),
             }))
             .build()?;
+        let backoff = Backoff::with(
+            Duration::from_millis(cfg.bus.backoff_initial_ms),
+            Duration::from_millis(cfg.bus.backoff_max_ms),
+            Jitter::Equal,
+        );
         Ok(Self {
             bus,
             http,
             http_guarded,
             breakers: Breakers::default(),
+            breaker_policy: BreakerPolicy::default(),
+            backoff,
         })
     }
 }
@@ -338,6 +350,64 @@ enum Step {
     Retry(Duration),
 }
 
+/// Why a message stands for no webhook request.
+enum NoRequest {
+    /// The record has no sink at the message's channel.
+    UnknownChannel,
+    /// A kind no sink takes.
+    NoSink,
+}
+
+/// The webhook request a message stands for, and its URL (the breaker's key), built exactly
+/// as the gateway would have made it in-process.
+fn sink_request(
+    shared: &Shared,
+    rec: &SessionRecord,
+    kind: Kind,
+    channel: usize,
+    msg: &jetstream::Message,
+    id: &str,
+) -> Result<(String, reqwest::RequestBuilder), NoRequest> {
+    let client = if rec.from_hook {
+        &shared.http_guarded
+    } else {
+        &shared.http
+    };
+    match kind {
+        Kind::Audio => {
+            let Some(w) = rec.audio.get(channel) else {
+                return Err(NoRequest::UnknownChannel);
+            };
+            let target = Target {
+                session_id: rec.session_id.clone(),
+                uid: rec.uid.clone(),
+            };
+            let info = AudioBatchInfo {
+                target: &target,
+                idempotency_key: id,
+                sequence: msg_u64(msg, H_SEQUENCE).unwrap_or(0),
+                start_sample: msg_u64(msg, H_START_SAMPLE).unwrap_or(0),
+                samples: msg.payload.len() / 2,
+            };
+            let body = Bytes::from(audio_body(&w.body, &msg.payload));
+            Ok((w.url.clone(), audio_request(client, w, &info, body)))
+        }
+        Kind::Transcript => {
+            let Some(t) = rec.transcripts.get(channel) else {
+                return Err(NoRequest::UnknownChannel);
+            };
+            let req = client
+                .post(&t.url)
+                .timeout(Duration::from_millis(t.timeout_ms));
+            Ok((
+                t.url.clone(),
+                json_request(req, id, None, msg.payload.clone()),
+            ))
+        }
+        _ => Err(NoRequest::NoSink),
+    }
+}
+
 async fn deliver(
     shared: &Shared,
     rec: &SessionRecord,
@@ -346,83 +416,26 @@ async fn deliver(
     msg: &jetstream::Message,
     attempt: u32,
 ) -> Step {
-    let cfg = &shared.bus.cfg;
     let id = message_id(msg).unwrap_or_default();
-    let client = if rec.from_hook {
-        &shared.http_guarded
-    } else {
-        &shared.http
-    };
-    let (url, request) = match kind {
-        Kind::Audio => {
-            let Some(w) = rec.audio.get(channel) else {
-                dead(shared, msg, "unknown_channel", None).await;
-                return Step::Done("dead");
-            };
-            let seq = msg_u64(msg, H_SEQUENCE).unwrap_or(0);
-            let start = msg_u64(msg, H_START_SAMPLE).unwrap_or(0);
-            let target = Target {
-                session_id: rec.session_id.clone(),
-                uid: rec.uid.clone(),
-            };
-            let body = Bytes::from(audio_body(&w.body, &msg.payload));
-            let req = audio_request(
-                client,
-                w,
-                &target,
-                &id,
-                seq,
-                start,
-                msg.payload.len() / 2,
-                body,
-            );
-            (w.url.clone(), req)
+    let (url, request) = match sink_request(shared, rec, kind, channel, msg, &id) {
+        Ok(sink) => sink,
+        Err(NoRequest::UnknownChannel) => {
+            dead(shared, msg, "unknown_channel", None).await;
+            return Step::Done("dead");
         }
-        Kind::Transcript => {
-            let Some(t) = rec.transcripts.get(channel) else {
-                dead(shared, msg, "unknown_channel", None).await;
-                return Step::Done("dead");
-            };
-            let req = client
-                .post(&t.url)
-                .timeout(Duration::from_millis(t.timeout_ms))
-                .header("content-type", "application/json")
-                .header("idempotency-key", id.as_str())
-                .body(msg.payload.clone());
-            (t.url.clone(), req)
-        }
-        _ => return Step::Done("no_sink"),
+        Err(NoRequest::NoSink) => return Step::Done("no_sink"),
     };
     let breaker = shared.breakers.get(&url);
-    let last_try = i64::from(attempt) >= cfg.max_deliver;
-    let failure = if !breaker.allow() {
-        "circuit_open".to_owned()
-    } else {
-        match request.send().await {
-            Ok(r) if r.status().is_success() => {
-                breaker.success();
-                return Step::Done("delivered");
-            }
-            Ok(r) => {
-                let status = r.status();
-                if !crate::fanout::retry::retryable(status) {
-                    breaker.success();
-                    warn!(session = %rec.session_id, %id, %status, "deliver: rejected by the sink; dead-lettered");
-                    dead(shared, msg, "rejected", Some(status.as_u16())).await;
-                    return Step::Done("rejected");
-                }
-                breaker.failure(5, Duration::from_secs(10));
-                format!("http {status}")
-            }
-            Err(e) => {
-                breaker.failure(5, Duration::from_secs(10));
-                if e.is_timeout() {
-                    "timeout".to_owned()
-                } else {
-                    "transport_error".to_owned()
-                }
-            }
+    let last_try = i64::from(attempt) >= shared.bus.cfg.max_deliver;
+    // Retryable failures and an open breaker are retried; a rejection is final.
+    let failure = match breaker.send(shared.breaker_policy, || request).await {
+        HttpOutcome::Delivered => return Step::Done("delivered"),
+        HttpOutcome::Rejected(status) => {
+            warn!(session = %rec.session_id, %id, %status, "deliver: rejected by the sink; dead-lettered");
+            dead(shared, msg, "rejected", Some(status.as_u16())).await;
+            return Step::Done("rejected");
         }
+        failure => failure,
     };
     if last_try {
         warn!(session = %rec.session_id, %id, attempt, %failure, "deliver: out of attempts; dead-lettered");
@@ -430,12 +443,7 @@ async fn deliver(
         return Step::Done("gave_up");
     }
     debug!(session = %rec.session_id, %id, attempt, %failure, "deliver: will retry");
-    let base = cfg
-        .backoff_initial_ms
-        .saturating_mul(1u64 << (attempt - 1).min(20))
-        .min(cfg.backoff_max_ms);
-    let jittered = rand::rng().random_range(base / 2..=base.max(1));
-    Step::Retry(Duration::from_millis(jittered))
+    Step::Retry(shared.backoff.delay_for(attempt.saturating_sub(1)))
 }
 
 /// Terminates a message and records why on the dead-letter subject.

@@ -28,6 +28,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::config::WebhookConfig;
+use crate::fanout::retry::{Backoff, Jitter};
 
 pub use config::{BusConfig, MAX_BATCH_SECONDS};
 
@@ -200,6 +201,16 @@ pub enum BusError {
     NotConfigured,
 }
 
+/// How a gateway retries toward the bus (publishes, reconnects): 50 ms doubling to 1 s, no
+/// jitter; it is one client retrying its own messages, not many clients of one endpoint.
+pub(crate) fn retry_backoff() -> Backoff {
+    Backoff::with(
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+        Jitter::None,
+    )
+}
+
 fn nats_err(e: impl std::fmt::Display) -> BusError {
     BusError::Nats(e.to_string())
 }
@@ -221,7 +232,7 @@ impl Bus {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|attempt| {
-                Duration::from_millis((50u64 << attempt.min(5) as u32).min(1000))
+                retry_backoff().delay_for(u32::try_from(attempt).unwrap_or(u32::MAX))
             })
             .event_callback(|event| async move {
                 match event {

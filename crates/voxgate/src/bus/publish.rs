@@ -7,31 +7,31 @@
 //! (`bus.max_buffer_seconds` per audio webhook): at half the client is warned (`bus_slow`), past
 //! it audio is dropped, counted, and the session is closed with 1013 so the client retries.
 
-use crate::fanout::join_until;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use metrics::counter;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
-use voxgate_session::{AudioChunk, ConsumerSummary, ServerEvent};
+use voxgate_session::{AudioChunk, CloseCode, ConsumerSummary, ServerEvent, SAMPLE_RATE};
 
 use super::{Bus, Kind, SessionRecord, Subjects, H_SEQUENCE, H_SESSION, H_START_SAMPLE};
-use crate::fanout::{pcm_bytes, Consumer, ConsumerStats, Notifier, Offer};
-use crate::metrics::{buffered, dropped, BUS_PUBLISHES, DELIVERED_BYTES};
+use crate::fanout::batch::{Batch, Batcher};
+use crate::fanout::contract::{idempotency_key, pcm_bytes, transcript_doc, BYTES_PER_SECOND};
+use crate::fanout::queue::{ConsumerStats, QueueHandle};
+use crate::fanout::{Consumer, ConsumerKind, DropReason, Notifier, Offer};
+use crate::metrics::BUS_PUBLISHES;
 
-const KIND: &str = "bus";
 /// Items queued for the publisher (the byte cap is the real bound for audio).
 const QUEUE_ITEMS: usize = 4096;
 /// At most one `Persisted` event per this many samples (1 s).
-const PERSISTED_EVERY: u64 = 16_000;
+const PERSISTED_EVERY: u64 = SAMPLE_RATE as u64;
 
 /// Where a session continues after another gateway published part of it.
 #[derive(Debug, Clone, Default)]
@@ -93,20 +93,16 @@ struct Outgoing {
 
 /// The ingest side of a session's bus consumer.
 pub struct BusPublisher {
-    tx: Option<mpsc::Sender<Item>>,
-    stats: Arc<ConsumerStats>,
+    queue: QueueHandle<Item>,
     session_id: String,
     record: Arc<SessionRecord>,
     transcript_seq: Vec<u64>,
-    cap_bytes: u64,
-    dropping: bool,
     warned_slow: bool,
     /// The session was asked to close (1013) because the bus buffer overflowed.
     close_requested: bool,
     notifier: Notifier,
     /// Set at close unless the session is expected to continue elsewhere (1001 drain, 1013).
     ended: Arc<AtomicBool>,
-    task: JoinHandle<()>,
 }
 
 impl BusPublisher {
@@ -118,48 +114,43 @@ impl BusPublisher {
         notifier: Notifier,
         started: bool,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE_ITEMS);
-        let stats = Arc::new(ConsumerStats::default());
+        let stats = Arc::new(ConsumerStats::new(ConsumerKind::Bus));
         let channels = record.audio.len() as u64;
-        let cap_bytes = (bus.cfg.max_buffer_seconds * 32_000.0) as u64 * channels.max(1);
-        let batchers = record
+        let cap_bytes =
+            (bus.cfg.max_buffer_seconds * f64::from(BYTES_PER_SECOND)) as u64 * channels.max(1);
+        let audio = record
             .audio
             .iter()
             .enumerate()
             .map(|(i, w)| {
                 let (seq, from) = cont.audio.get(i).copied().unwrap_or((0, 0));
-                Batcher {
+                AudioChannel {
                     channel: i,
                     name: w.name.clone(),
-                    batch_samples: w.batch_samples().unwrap_or(0) as usize,
-                    batch: Vec::new(),
-                    batch_start: from,
+                    batcher: Batcher::new(w.batch_samples().unwrap_or(0) as usize),
                     seq,
                     published_to: from,
                 }
             })
             .collect();
         let ended = Arc::new(AtomicBool::new(false));
-        let key = subjects.record_key();
-        let task = tokio::spawn(
-            Publisher {
-                ended: ended.clone(),
-                record: record.clone(),
-                key,
-                bus,
-                subjects,
-                session_id: record.session_id.clone(),
-                stats: stats.clone(),
-                batchers,
-                notifier: notifier.clone(),
-                persisted: cont.samples(),
-                failing: false,
-            }
-            .run(rx, started),
-        );
+        let publisher = Publisher {
+            ended: ended.clone(),
+            record: record.clone(),
+            key: subjects.record_key(),
+            bus,
+            subjects,
+            session_id: record.session_id.clone(),
+            stats: stats.clone(),
+            audio,
+            notifier: notifier.clone(),
+            persisted: cont.samples(),
+            failing: false,
+        };
         Self {
-            tx: Some(tx),
-            stats,
+            queue: QueueHandle::spawn(stats, QUEUE_ITEMS, cap_bytes, move |rx| {
+                publisher.run(rx, started)
+            }),
             session_id: record.session_id.clone(),
             transcript_seq: record
                 .transcripts
@@ -168,27 +159,56 @@ impl BusPublisher {
                 .map(|(i, _)| cont.transcripts.get(i).copied().unwrap_or(0))
                 .collect(),
             record,
-            cap_bytes,
-            dropping: false,
             warned_slow: false,
             close_requested: false,
             notifier,
             ended,
-            task,
         }
     }
 
     fn send(&mut self, out: Outgoing) {
         let bytes = out.payload.len() as u64;
-        let sent = self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.try_send(Item::Message(Box::new(out))).is_ok());
-        if !sent {
-            self.stats.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
-            dropped(KIND, "queue_full", bytes);
+        if self.queue.send(Item::Message(Box::new(out))).is_err() {
+            self.queue
+                .stats()
+                .count_dropped(DropReason::QueueFull, bytes);
             warn!(session = %self.session_id, "bus queue full; message dropped");
         }
+    }
+
+    /// Past half the cap the client is warned (`bus_slow`) once, until it drains below half.
+    fn warn_if_slow(&mut self, held: u64) {
+        if held <= self.queue.cap_bytes() / 2 {
+            self.warned_slow = false;
+        } else if !self.warned_slow {
+            // Not sent (the session's notice queue is full): tried again next chunk.
+            self.warned_slow = self
+                .notifier
+                .try_send(ServerEvent::warning(
+                    "bus_slow",
+                    "the delivery bus is not keeping up; audio is being held",
+                ))
+                .is_ok();
+        }
+    }
+
+    /// The final transcript message of backend channel `ch`: the in-process transcript
+    /// webhook's document and key.
+    fn transcript(&mut self, ch: usize, event: &ServerEvent) -> Option<Outgoing> {
+        let seq = self.transcript_seq[ch];
+        let doc = transcript_doc(&self.session_id, &self.record.uid, seq, event)?;
+        self.transcript_seq[ch] += 1;
+        let backend = &self.record.transcripts[ch].backend;
+        let mut headers = HeaderMap::new();
+        headers.insert(H_SEQUENCE, seq.to_string().as_str());
+        headers.insert(H_SESSION, self.session_id.as_str());
+        Some(Outgoing {
+            kind: Kind::Transcript,
+            channel: ch,
+            id: idempotency_key(&self.session_id, backend, seq),
+            headers,
+            payload: Bytes::from(doc.to_string()),
+        })
     }
 }
 
@@ -205,37 +225,12 @@ impl Consumer for BusPublisher {
             return Offer::Accepted;
         }
         let bytes = chunk.pcm.len() as u64 * 2 * channels;
-        let held = self.stats.held_bytes.load(Ordering::Relaxed);
-        if held + bytes <= self.cap_bytes {
-            if let Some(Ok(())) = self
-                .tx
-                .as_ref()
-                .map(|tx| tx.try_send(Item::Audio(chunk.clone())))
-            {
-                self.stats.held_bytes.fetch_add(bytes, Ordering::Relaxed);
-                buffered(KIND, bytes as i64);
-                self.dropping = false;
-                if held + bytes > self.cap_bytes / 2 {
-                    if !self.warned_slow {
-                        // Not sent (the session's notice queue is full): tried again next chunk.
-                        self.warned_slow = self
-                            .notifier
-                            .try_send(ServerEvent::warning(
-                                "bus_slow",
-                                "the delivery bus is not keeping up; audio is being held",
-                            ))
-                            .is_ok();
-                    }
-                } else {
-                    self.warned_slow = false;
-                }
-                return Offer::Accepted;
-            }
+        let held = self.queue.stats().held();
+        if self.queue.offer(Item::Audio(chunk.clone()), bytes).is_ok() {
+            self.warn_if_slow(held + bytes);
+            return Offer::Accepted;
         }
-        self.stats.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
-        dropped(KIND, "bus_full", bytes);
-        let first = !self.dropping;
-        self.dropping = true;
+        let first = self.queue.dropped(DropReason::BusFull, bytes);
         if first {
             warn!(session = %self.session_id, held, "bus buffer full; dropping audio and closing");
         }
@@ -268,78 +263,60 @@ impl Consumer for BusPublisher {
                 self.send(out);
             }
             ServerEvent::Transcript {
-                utterance,
-                text,
                 is_final: true,
                 backend,
-                start,
-                end,
+                ..
             } => {
-                let Some(ch) = self
+                let channel = self
                     .record
                     .transcripts
                     .iter()
-                    .position(|t| &t.backend == backend)
-                else {
-                    return;
-                };
-                let seq = self.transcript_seq[ch];
-                self.transcript_seq[ch] += 1;
-                // The in-process transcript webhook's document and key.
-                let doc = serde_json::json!({
-                    "session_id": self.session_id,
-                    "uid": self.record.uid,
-                    "backend": backend,
-                    "sequence": seq,
-                    "utterance": utterance,
-                    "text": text,
-                    "is_final": true,
-                    "start": start,
-                    "end": end,
-                });
-                let mut headers = HeaderMap::new();
-                headers.insert(H_SEQUENCE, seq.to_string().as_str());
-                headers.insert(H_SESSION, self.session_id.as_str());
-                let out = Outgoing {
-                    kind: Kind::Transcript,
-                    channel: ch,
-                    id: format!("{}:{backend}:{seq}", self.session_id),
-                    headers,
-                    payload: Bytes::from(doc.to_string()),
-                };
-                self.send(out);
+                    .position(|t| &t.backend == backend);
+                if let Some(out) = channel.and_then(|ch| self.transcript(ch, event)) {
+                    self.send(out);
+                }
             }
             _ => {}
         }
     }
     fn on_close(&mut self, code: u16) {
-        self.ended
-            .store(!matches!(code, 1001 | 1013), Ordering::Relaxed);
+        // A drain (1001) or a bus overflow (1013) leaves the session to continue elsewhere.
+        let continues = [CloseCode::GoingAway, CloseCode::TryAgainLater]
+            .iter()
+            .any(|c| c.as_u16() == code);
+        self.ended.store(!continues, Ordering::Relaxed);
     }
     fn finish(
         mut self: Box<Self>,
         deadline: Instant,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ConsumerSummary> + Send>> {
         Box::pin(async move {
-            self.tx.take();
-            if !join_until(&mut self.task, deadline).await {
-                let held = self.stats.drop_held(KIND, "close_timeout");
-                warn!(session = %self.session_id, held, "bus publish did not finish before the deadline; the rest is dropped");
+            let done = self.queue.finish(deadline).await;
+            if !done.in_time {
+                warn!(session = %self.session_id, held = done.dropped, "bus publish did not finish before the deadline; the rest is dropped");
             }
-            self.stats.summary("bus", KIND)
+            self.queue.summary("bus")
         })
     }
 }
 
-struct Batcher {
+/// One audio webhook of the session's record: its batches and where they stand.
+struct AudioChannel {
     channel: usize,
     name: String,
-    batch_samples: usize,
-    batch: Vec<i16>,
-    batch_start: u64,
+    batcher: Batcher,
     seq: u64,
     /// First sample not yet published: audio below it (resent after a failover) is skipped.
     published_to: u64,
+}
+
+/// Why one publish attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum PublishFailure {
+    #[error("{0}")]
+    Nats(#[from] PublishError),
+    #[error("publish acknowledgment timed out")]
+    AckTimeout,
 }
 
 struct Publisher {
@@ -350,7 +327,7 @@ struct Publisher {
     subjects: Subjects,
     session_id: String,
     stats: Arc<ConsumerStats>,
-    batchers: Vec<Batcher>,
+    audio: Vec<AudioChannel>,
     notifier: Notifier,
     /// Samples every audio channel has published (reported to the client as `Persisted`).
     persisted: u64,
@@ -382,12 +359,9 @@ impl Publisher {
             }
         }
         // Close: the partial rest of each batch is sent, as in-process.
-        for i in 0..self.batchers.len() {
-            let b = &mut self.batchers[i];
-            if !b.batch.is_empty() {
-                let pcm = std::mem::take(&mut b.batch);
-                let start = b.batch_start;
-                self.publish_batch(i, start, pcm).await;
+        for i in 0..self.audio.len() {
+            if let Some(rest) = self.audio[i].batcher.finish() {
+                self.publish_batch(i, rest).await;
             }
         }
         self.report_persisted(true);
@@ -395,7 +369,12 @@ impl Publisher {
             info!(session = %self.session_id, "bus session left open: it may continue on another gateway");
             return;
         }
-        let ends: Vec<u64> = self.batchers.iter().map(|b| b.published_to).collect();
+        self.end().await;
+    }
+
+    /// The session ended here: its end event, and its record marked ended.
+    async fn end(&mut self) {
+        let ends: Vec<u64> = self.audio.iter().map(|c| c.published_to).collect();
         let payload = Bytes::from(
             serde_json::json!({"session_id": self.session_id, "event": "end", "audio_end_samples": ends})
                 .to_string(),
@@ -417,100 +396,57 @@ impl Publisher {
 
     async fn audio(&mut self, chunk: &AudioChunk) {
         let len = chunk.pcm.len() as u64;
-        for i in 0..self.batchers.len() {
+        for i in 0..self.audio.len() {
             // Skip what an earlier gateway already published (a client resending after failover).
-            let skip = {
-                let b = &self.batchers[i];
-                if b.batch.is_empty() {
-                    b.published_to.saturating_sub(chunk.start).min(len)
-                } else {
-                    0
-                }
+            let c = &self.audio[i];
+            let skip = if c.batcher.is_empty() {
+                c.published_to.saturating_sub(chunk.start).min(len)
+            } else {
+                0
             };
-            if skip > 0 {
-                self.release(skip * 2);
-            }
+            self.stats.release(skip * 2);
             if skip == len {
                 continue;
             }
-            let pcm = &chunk.pcm[skip as usize..];
-            let start = chunk.start + skip;
-            if self.batchers[i].batch_samples == 0 {
-                self.publish_batch(i, start, pcm.to_vec()).await;
-                continue;
-            }
-            let ready = {
-                let b = &mut self.batchers[i];
-                let mut ready = Vec::new();
-                // A gap (audio dropped upstream) ends the batch: batches stay contiguous.
-                if !b.batch.is_empty() && start != b.batch_start + b.batch.len() as u64 {
-                    ready.push((b.batch_start, std::mem::take(&mut b.batch)));
-                }
-                if b.batch.is_empty() {
-                    b.batch_start = start;
-                }
-                b.batch.extend_from_slice(pcm);
-                while b.batch.len() >= b.batch_samples {
-                    let rest = b.batch.split_off(b.batch_samples);
-                    let full = std::mem::replace(&mut b.batch, rest);
-                    ready.push((b.batch_start, full));
-                    b.batch_start += b.batch_samples as u64;
-                }
-                ready
-            };
-            for (start, pcm) in ready {
-                self.publish_batch(i, start, pcm).await;
+            let ready = self.audio[i]
+                .batcher
+                .push(chunk.start + skip, &chunk.pcm[skip as usize..]);
+            for batch in ready {
+                self.publish_batch(i, batch).await;
             }
         }
     }
 
-    fn release(&self, bytes: u64) {
-        self.stats.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        buffered(KIND, -(bytes as i64));
-    }
-
-    async fn publish_batch(&mut self, i: usize, start: u64, pcm: Vec<i16>) {
-        let b = &mut self.batchers[i];
-        let seq = b.seq;
-        b.seq += 1;
-        let id = format!("{}:{}:{seq}", self.session_id, b.name);
-        let channel = b.channel;
+    async fn publish_batch(&mut self, i: usize, batch: Batch) {
+        let c = &mut self.audio[i];
+        let seq = c.seq;
+        c.seq += 1;
+        let id = idempotency_key(&self.session_id, &c.name, seq);
+        let channel = c.channel;
         let mut headers = HeaderMap::new();
         headers.insert(H_SEQUENCE, seq.to_string().as_str());
-        headers.insert(H_START_SAMPLE, start.to_string().as_str());
+        headers.insert(H_START_SAMPLE, batch.start.to_string().as_str());
         headers.insert(H_SESSION, self.session_id.as_str());
-        let bytes = pcm.len() as u64 * 2;
-        let end = start + pcm.len() as u64;
+        let bytes = batch.pcm.len() as u64 * 2;
+        let end = batch.start + batch.pcm.len() as u64;
+        let payload = Bytes::from(pcm_bytes(&batch.pcm));
         let stored = self
-            .publish(
-                Kind::Audio,
-                channel,
-                id,
-                headers,
-                Bytes::from(pcm_bytes(&pcm)),
-            )
+            .publish(Kind::Audio, channel, id, headers, payload)
             .await;
-        self.batchers[i].published_to = end;
-        self.release(bytes);
-        self.stats.next_seq.store(seq + 1, Ordering::Relaxed);
+        self.audio[i].published_to = end;
+        self.stats.release(bytes);
+        self.stats.set_next_seq(seq + 1);
         if stored {
-            self.stats
-                .delivered_bytes
-                .fetch_add(bytes, Ordering::Relaxed);
-            counter!(DELIVERED_BYTES, "consumer" => KIND).increment(bytes);
+            self.stats.delivered(bytes);
         }
         self.report_persisted(false);
     }
 
     fn report_persisted(&mut self, last: bool) {
-        let now = self
-            .batchers
-            .iter()
-            .map(|b| b.published_to)
-            .min()
-            .unwrap_or(0);
+        let now = self.audio.iter().map(|c| c.published_to).min().unwrap_or(0);
         if now > self.persisted && (last || now >= self.persisted + PERSISTED_EVERY) {
             self.persisted = now;
+            // Progress only: a later report (at the latest the last one) says as much.
             let _ = self
                 .notifier
                 .try_send(ServerEvent::Persisted { samples: now });
@@ -529,22 +465,12 @@ impl Publisher {
         payload: Bytes,
     ) -> bool {
         let subject = self.subjects.subject(kind, channel);
-        let timeout = self.bus.cfg.publish_timeout();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = super::retry_backoff();
         let mut tries = 0u32;
         loop {
             tries += 1;
-            let msg = PublishMessage::build()
-                .headers(headers.clone())
-                .message_id(&id)
-                .payload(payload.clone());
-            let result = tokio::time::timeout(timeout, async {
-                let ack = self.bus.js.send_publish(subject.clone(), msg).await?;
-                ack.await
-            })
-            .await;
-            let error = match result {
-                Ok(Ok(ack)) => {
+            let error = match self.try_publish(&subject, &id, &headers, &payload).await {
+                Ok(ack) => {
                     let outcome = if ack.duplicate { "duplicate" } else { "ok" };
                     counter!(BUS_PUBLISHES, "outcome" => outcome).increment(1);
                     if self.failing {
@@ -553,27 +479,44 @@ impl Publisher {
                     }
                     return true;
                 }
-                Ok(Err(e)) => {
-                    if e.kind() == PublishErrorKind::MaxPayloadExceeded {
-                        counter!(BUS_PUBLISHES, "outcome" => "too_large").increment(1);
-                        warn!(session = %self.session_id, %id, "bus message over the server's max payload; dropped");
-                        self.stats
-                            .dropped_bytes
-                            .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                        dropped(KIND, "too_large", payload.len() as u64);
-                        return false;
-                    }
-                    e.to_string()
+                Err(PublishFailure::Nats(e))
+                    if e.kind() == PublishErrorKind::MaxPayloadExceeded =>
+                {
+                    counter!(BUS_PUBLISHES, "outcome" => "too_large").increment(1);
+                    warn!(session = %self.session_id, %id, "bus message over the server's max payload; dropped");
+                    self.stats
+                        .count_dropped(DropReason::TooLarge, payload.len() as u64);
+                    return false;
                 }
-                Err(_) => "publish acknowledgment timed out".to_owned(),
+                Err(e) => e,
             };
             counter!(BUS_PUBLISHES, "outcome" => "error").increment(1);
             if !self.failing {
                 self.failing = true;
                 warn!(session = %self.session_id, %id, %error, "bus publish failed; retrying with the same message id");
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(backoff.delay()).await;
         }
+    }
+
+    /// One publish and its acknowledgment, within `publish_timeout_ms`.
+    async fn try_publish(
+        &self,
+        subject: &str,
+        id: &str,
+        headers: &HeaderMap,
+        payload: &Bytes,
+    ) -> Result<PublishAck, PublishFailure> {
+        let msg = PublishMessage::build()
+            .headers(headers.clone())
+            .message_id(id)
+            .payload(payload.clone());
+        let attempt = async {
+            let ack = self.bus.js.send_publish(subject.to_owned(), msg).await?;
+            Ok(ack.await?)
+        };
+        tokio::time::timeout(self.bus.cfg.publish_timeout(), attempt)
+            .await
+            .map_err(|_| PublishFailure::AckTimeout)?
     }
 }

@@ -20,7 +20,9 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::fanout::webhook::sign;
+use crate::fanout::contract::{
+    sign, H_IDEMPOTENCY_KEY, H_SAMPLES, H_SEQUENCE, H_SESSION_ID, H_SIGNATURE, H_START_SAMPLE,
+};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SinkArgs {
@@ -198,22 +200,22 @@ impl Sink {
             self.inner.lock().expect("not poisoned").failed_on_purpose += 1;
             return StatusCode::SERVICE_UNAVAILABLE;
         }
-        let key = h("idempotency-key").unwrap_or("");
+        let key = h(H_IDEMPOTENCY_KEY).unwrap_or("");
         if let Some(secret) = &self.cfg.secret {
             let expected = sign(secret, key, body);
-            if h("x-voxgate-signature") != Some(expected.as_str()) {
+            if h(H_SIGNATURE) != Some(expected.as_str()) {
                 self.inner.lock().expect("not poisoned").bad_signature += 1;
                 return StatusCode::UNAUTHORIZED;
             }
         }
-        let session = h("x-voxgate-session-id")
+        let session = h(H_SESSION_ID)
             .map(str::to_owned)
             .or_else(|| query.get("session_id").cloned());
         let (Some(session), Some(seq), Some(start), Some(samples)) = (
             session,
-            num("x-voxgate-sequence"),
-            num("x-voxgate-start-sample"),
-            num("x-voxgate-samples"),
+            num(H_SEQUENCE),
+            num(H_START_SAMPLE),
+            num(H_SAMPLES),
         ) else {
             self.inner.lock().expect("not poisoned").bad_request += 1;
             return StatusCode::BAD_REQUEST;

@@ -2,24 +2,19 @@
 //! backoff and jitter, the endpoint's circuit breaker, counted drops. What it posts and when is
 //! decided by a `Selector` over session events.
 
-use crate::fanout::join_until;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::counter;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::warn;
 use voxgate_session::{AudioChunk, ConsumerSummary, ServerEvent};
 
-use super::retry::{with_retries, Attempt, RetryPolicy};
-use super::webhook::{http_attempt, sign, Breaker};
-use super::{Consumer, ConsumerStats, Notifier, Offer};
-use crate::metrics::{dropped, WEBHOOK_REQUESTS};
-
-const KIND: &str = "json_webhook";
+use super::contract::{idempotency_key, json_request};
+use super::http::{webhook_attempt, Breaker, BreakerPolicy, HttpError};
+use super::queue::{ConsumerStats, QueueHandle};
+use super::retry::{with_retries, RetryPolicy};
+use super::{Consumer, ConsumerKind, DropReason, Notifier, Offer};
 
 /// Turns a session event into a document to post (or nothing).
 pub type Selector = Box<dyn Fn(&ServerEvent) -> Option<Post> + Send + Sync>;
@@ -43,6 +38,8 @@ pub struct JsonWebhookConfig {
     pub max_retries: u32,
     /// Documents queued; beyond it new ones are dropped (counted). Default 256.
     pub queue: usize,
+    /// The endpoint's breaker (shared with every consumer posting to the same URL).
+    pub breaker: BreakerPolicy,
 }
 
 impl JsonWebhookConfig {
@@ -55,17 +52,17 @@ impl JsonWebhookConfig {
             timeout: Duration::from_secs(5),
             max_retries: 3,
             queue: 256,
+            breaker: BreakerPolicy::default(),
         }
     }
 }
 
+/// The ingest side of one JSON webhook of one session.
 pub struct JsonWebhook {
     name: String,
     select: Selector,
-    tx: Option<mpsc::Sender<Post>>,
-    stats: Arc<ConsumerStats>,
+    queue: QueueHandle<Post>,
     notifier: Notifier,
-    task: JoinHandle<()>,
 }
 
 impl JsonWebhook {
@@ -77,25 +74,23 @@ impl JsonWebhook {
         notifier: Notifier,
         session_id: String,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
-        let stats = Arc::new(ConsumerStats::default());
+        let stats = Arc::new(ConsumerStats::new(ConsumerKind::JsonWebhook));
         let name = cfg.name.clone();
-        let task = tokio::spawn(run(
+        let items = cfg.queue;
+        let worker = Worker {
             cfg,
-            rx,
             client,
             breaker,
-            stats.clone(),
-            notifier.clone(),
+            stats: stats.clone(),
+            notifier: notifier.clone(),
             session_id,
-        ));
+        };
         Self {
             name,
             select,
-            tx: Some(tx),
-            stats,
+            // Documents are bounded by count, not bytes.
+            queue: QueueHandle::spawn(stats, items, u64::MAX, |rx| worker.run(rx)),
             notifier,
-            task,
         }
     }
 }
@@ -116,19 +111,17 @@ impl Consumer for JsonWebhook {
         };
         let bytes = post.body.to_string().len() as u64;
         let reply = post.reply.clone();
-        let sent = match &self.tx {
-            Some(tx) => tx.try_send(post).is_ok(),
-            None => false,
-        };
-        if !sent {
-            self.stats.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
-            dropped(KIND, "queue_full", bytes);
-            warn!(webhook = %self.name, "JSON webhook queue full; document dropped");
-            if let Some(reply) = reply {
-                let _ = self
-                    .notifier
-                    .try_send(with_success(reply, false, "queue full"));
-            }
+        if self.queue.send(post).is_ok() {
+            return;
+        }
+        self.queue
+            .stats()
+            .count_dropped(DropReason::QueueFull, bytes);
+        warn!(webhook = %self.name, "JSON webhook queue full; document dropped");
+        if let Some(reply) = reply {
+            let _ = self
+                .notifier
+                .try_send(with_success(reply, false, "queue full"));
         }
     }
     fn finish(
@@ -136,11 +129,10 @@ impl Consumer for JsonWebhook {
         deadline: Instant,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ConsumerSummary> + Send>> {
         Box::pin(async move {
-            self.tx.take();
-            if !join_until(&mut self.task, deadline).await {
+            if !self.queue.finish(deadline).await.in_time {
                 warn!(webhook = %self.name, "JSON webhook flush timed out");
             }
-            self.stats.summary(&self.name, KIND)
+            self.queue.summary(&self.name)
         })
     }
 }
@@ -156,76 +148,63 @@ fn with_success(mut reply: ServerEvent, success: bool, error: &str) -> ServerEve
     reply
 }
 
-async fn run(
+/// Posts a session's documents one after another.
+struct Worker {
     cfg: JsonWebhookConfig,
-    mut rx: mpsc::Receiver<Post>,
     client: reqwest::Client,
     breaker: Arc<Breaker>,
     stats: Arc<ConsumerStats>,
     notifier: Notifier,
     session_id: String,
-) {
-    let mut seq = 0u64;
-    while let Some(post) = rx.recv().await {
-        let body = post.body.to_string();
-        let bytes = body.len() as u64;
-        let key = format!("{session_id}:{}:{seq}", cfg.name);
-        seq += 1;
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::Receiver<Post>) {
+        let mut seq = 0u64;
+        while let Some(post) = rx.recv().await {
+            let body = bytes::Bytes::from(post.body.to_string());
+            let bytes = body.len() as u64;
+            let key = idempotency_key(&self.session_id, &self.cfg.name, seq);
+            seq += 1;
+            let outcome = self.post(&key, body).await;
+            match &outcome {
+                Ok(()) => self.stats.delivered(bytes),
+                Err(e) => {
+                    let reason = e.drop_reason();
+                    warn!(webhook = %self.cfg.name, %reason, "JSON webhook document given up");
+                    self.stats.count_dropped(reason, bytes);
+                }
+            }
+            if let Some(reply) = post.reply {
+                let reply = match outcome {
+                    Ok(()) => with_success(reply, true, ""),
+                    Err(e) => with_success(reply, false, e.drop_reason().as_str()),
+                };
+                let _ = self.notifier.try_send(reply);
+            }
+        }
+    }
+
+    /// One document with retries through the endpoint's breaker.
+    async fn post(&self, key: &str, body: bytes::Bytes) -> Result<(), HttpError> {
         let policy = RetryPolicy {
-            max_retries: cfg.max_retries,
+            max_retries: self.cfg.max_retries,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
         };
-        let result = with_retries(&policy, |_| {
-            let request = breaker.allow().then(|| {
-                stats.requests.fetch_add(1, Ordering::Relaxed);
-                let mut req = client
-                    .post(&cfg.url)
-                    .query(&cfg.query)
-                    .timeout(cfg.timeout)
-                    .header("content-type", "application/json")
-                    .header("idempotency-key", key.as_str());
-                if let Some(secret) = &cfg.secret {
-                    req = req.header("x-voxgate-signature", sign(secret, &key, body.as_bytes()));
-                }
-                req.body(body.clone())
-            });
-            let breaker = &breaker;
-            async move {
-                match request {
-                    None => {
-                        counter!(WEBHOOK_REQUESTS, "outcome" => "circuit_open").increment(1);
-                        Attempt::Fatal("circuit_open".into())
-                    }
-                    Some(req) => http_attempt(req.send().await, breaker, |b| {
-                        b.failure(5, Duration::from_secs(10))
-                    }),
-                }
-            }
-        })
-        .await;
-        let outcome: Result<(), &'static str> = match result {
-            Ok(()) => Ok(()),
-            Err(e) if e == "circuit_open" => Err("circuit_open"),
-            Err(e) if e == "rejected" => Err("rejected"),
-            Err(_) => Err("gave_up"),
-        };
-        match outcome {
-            Ok(()) => {
-                stats.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
-            }
-            Err(reason) => {
-                warn!(webhook = %cfg.name, reason, "JSON webhook document given up");
-                stats.dropped_bytes.fetch_add(bytes, Ordering::Relaxed);
-                dropped(KIND, reason, bytes);
-            }
-        }
-        if let Some(reply) = post.reply {
-            let (ok, err) = match outcome {
-                Ok(()) => (true, ""),
-                Err(reason) => (false, reason),
+        let body = &body;
+        with_retries(&policy, move |_| {
+            let request = move || {
+                self.stats.request();
+                let req = self
+                    .client
+                    .post(&self.cfg.url)
+                    .query(&self.cfg.query)
+                    .timeout(self.cfg.timeout);
+                json_request(req, key, self.cfg.secret.as_deref(), body.clone())
             };
-            let _ = notifier.try_send(with_success(reply, ok, err));
-        }
+            webhook_attempt(&self.breaker, self.cfg.breaker, request)
+        })
+        .await
     }
 }

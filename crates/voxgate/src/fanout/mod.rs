@@ -1,7 +1,17 @@
-//! Consumers: each owns its bounded queue, its overflow policy and its counters. A session builds
-//! only the consumers it has, so a session without any holds no audio for them.
+//! The fan-out layer: a session's consumers. Each owns its bounded queue, its overflow policy
+//! and its counters (`queue.rs`); a session builds only the consumers it has, so a session
+//! without any holds no audio for them.
+//!
+//! Shared parts: `queue` (the handle every consumer keeps), `batch` (audio batches), `http`
+//! (outcome classification and circuit breakers), `retry` (the retry loop and backoff),
+//! `contract` (what webhooks receive) and `labels` (consumer kinds and drop reasons).
 
+pub mod batch;
+pub mod contract;
+pub mod http;
 pub mod json_webhook;
+pub mod labels;
+pub mod queue;
 pub mod registry;
 pub mod retry;
 pub mod stt;
@@ -10,10 +20,13 @@ pub mod webhook;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::time::Instant;
 use voxgate_session::{AudioChunk, ConsumerSummary, ServerEvent};
+
+pub use contract::pcm_bytes;
+pub use labels::{ConsumerKind, DropReason};
+pub use queue::ConsumerStats;
 
 /// A session's consumer. The connection task calls these without awaiting (ingest never waits
 /// for a consumer); each consumer owns a bounded queue and counts what it drops.
@@ -50,43 +63,6 @@ pub async fn join_until(task: &mut tokio::task::JoinHandle<()>, deadline: Instan
 /// Events a consumer sends back to its session (e.g. transcripts, backend warnings).
 pub type Notifier = tokio::sync::mpsc::Sender<ServerEvent>;
 
-/// Counters shared between a consumer's handle (ingest side) and its task.
-#[derive(Debug, Default)]
-pub struct ConsumerStats {
-    pub delivered_bytes: AtomicU64,
-    pub dropped_bytes: AtomicU64,
-    pub requests: AtomicU64,
-    /// Bytes accepted and not yet delivered or dropped.
-    pub held_bytes: AtomicU64,
-    /// Next request sequence number (webhooks).
-    pub next_seq: AtomicU64,
-}
-
-impl ConsumerStats {
-    /// At a close that timed out: counts every byte still held as dropped (`reason`) and takes
-    /// it off the `voxgate_buffered_bytes` gauge. Returns the bytes.
-    pub fn drop_held(&self, kind: &'static str, reason: &'static str) -> u64 {
-        let held = self.held_bytes.swap(0, Ordering::Relaxed);
-        if held > 0 {
-            self.dropped_bytes.fetch_add(held, Ordering::Relaxed);
-            crate::metrics::dropped(kind, reason, held);
-            crate::metrics::buffered(kind, -(held as i64));
-        }
-        held
-    }
-
-    pub fn summary(&self, name: &str, kind: &str) -> ConsumerSummary {
-        ConsumerSummary {
-            name: name.to_owned(),
-            kind: kind.to_owned(),
-            delivered_bytes: self.delivered_bytes.load(Ordering::Relaxed),
-            dropped_bytes: self.dropped_bytes.load(Ordering::Relaxed),
-            requests: self.requests.load(Ordering::Relaxed),
-            next_seq: self.next_seq.load(Ordering::Relaxed),
-        }
-    }
-}
-
 /// What happened to an offered item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -96,13 +72,4 @@ pub enum Offer {
     Dropped {
         first: bool,
     },
-}
-
-/// PCM16 samples as little-endian bytes.
-pub fn pcm_bytes(pcm: &[i16]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(pcm.len() * 2);
-    for s in pcm {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out
 }

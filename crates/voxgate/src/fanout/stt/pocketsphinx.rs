@@ -24,7 +24,41 @@ const MODEL_DIR: &str = "/usr/share/pocketsphinx/model/en-us";
 
 struct Job {
     pcm: Arc<[i16]>,
-    reply: oneshot::Sender<Result<String, String>>,
+    reply: oneshot::Sender<Result<String, SphinxError>>,
+}
+
+/// Why PocketSphinx gave no text (the text is what `stt_unavailable` and `/readyz` say).
+#[derive(Debug, thiserror::Error)]
+pub enum SphinxError {
+    #[error("decoder queue full")]
+    QueueFull,
+    #[error("decoder threads are gone")]
+    ThreadsGone,
+    #[error("decoding timed out")]
+    Timeout,
+    #[error("decoder thread failed")]
+    ThreadFailed,
+    #[error("PocketSphinx {what} {path} does not exist (install pocketsphinx-en-us)")]
+    MissingModel { what: &'static str, path: String },
+    #[error("PocketSphinx rejected its configuration")]
+    Config,
+    #[error("PocketSphinx could not load its model")]
+    Load,
+    /// One of the decoder calls (`start_utt`, `process_raw`, `end_utt`).
+    #[error("{0} failed")]
+    Decode(&'static str),
+}
+
+impl SphinxError {
+    /// The `outcome` label of `voxgate_stt_requests_total`.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::ThreadsGone | Self::ThreadFailed => "unavailable",
+            Self::Timeout => "timeout",
+            _ => "error",
+        }
+    }
 }
 
 /// Decoder threads of one backend and their bounded queue.
@@ -73,28 +107,25 @@ impl Pool {
     }
 
     /// Decodes one utterance on a decoder thread, within the backend's timeout.
-    pub async fn recognize(&self, cfg: &SttConfig, pcm: Arc<[i16]>) -> Result<String, String> {
+    pub async fn recognize(&self, cfg: &SttConfig, pcm: Arc<[i16]>) -> Result<String, SphinxError> {
         let (reply, answer) = oneshot::channel();
         let outcome = match self.tx.try_send(Job { pcm, reply }) {
-            Err(TrySendError::Full(_)) => Err(("queue_full", "decoder queue full".to_owned())),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(("unavailable", "decoder threads are gone".to_owned()))
-            }
+            Err(TrySendError::Full(_)) => Err(SphinxError::QueueFull),
+            Err(TrySendError::Disconnected(_)) => Err(SphinxError::ThreadsGone),
             Ok(()) => {
                 match tokio::time::timeout(Duration::from_millis(cfg.timeout_ms), answer).await {
-                    Err(_) => Err(("timeout", "decoding timed out".to_owned())),
-                    Ok(Err(_)) => Err(("unavailable", "decoder thread failed".to_owned())),
-                    Ok(Ok(Err(e))) => Err(("error", e)),
-                    Ok(Ok(Ok(text))) => Ok(text),
+                    Err(_) => Err(SphinxError::Timeout),
+                    Ok(Err(_)) => Err(SphinxError::ThreadFailed),
+                    Ok(Ok(result)) => result,
                 }
             }
         };
-        let label: &'static str = match &outcome {
+        let label = match &outcome {
             Ok(_) => "success",
-            Err((label, _)) => label,
+            Err(e) => e.label(),
         };
         counter!(STT_REQUESTS, "backend" => cfg.name.clone(), "outcome" => label).increment(1);
-        outcome.map_err(|(_, e)| e)
+        outcome
     }
 }
 
@@ -129,12 +160,13 @@ fn decode_loop(name: &str, rx: &Mutex<Receiver<Job>>, models: &Models) {
     }
 }
 
-fn load(m: &Models) -> Result<pocketsphinx::PsDecoder, String> {
+fn load(m: &Models) -> Result<pocketsphinx::PsDecoder, SphinxError> {
     for (what, path) in [("hmm", &m.hmm), ("lm", &m.lm), ("dict", &m.dict)] {
         if !Path::new(path).exists() {
-            return Err(format!(
-                "PocketSphinx {what} {path} does not exist (install pocketsphinx-en-us)"
-            ));
+            return Err(SphinxError::MissingModel {
+                what,
+                path: path.clone(),
+            });
         }
     }
     let args = [
@@ -148,20 +180,19 @@ fn load(m: &Models) -> Result<pocketsphinx::PsDecoder, String> {
         "-logfn",
         "/dev/null",
     ];
-    let config = pocketsphinx::CmdLn::init(true, &args)
-        .map_err(|_| "PocketSphinx rejected its configuration".to_owned())?;
+    let config = pocketsphinx::CmdLn::init(true, &args).map_err(|_| SphinxError::Config)?;
     // `PsDecoder::init` asserts on a model it cannot load; keep that panic on this thread.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         pocketsphinx::PsDecoder::init(config)
     }))
-    .map_err(|_| "PocketSphinx could not load its model".to_owned())
+    .map_err(|_| SphinxError::Load)
 }
 
-fn decode(d: &pocketsphinx::PsDecoder, pcm: &[i16]) -> Result<String, String> {
+fn decode(d: &pocketsphinx::PsDecoder, pcm: &[i16]) -> Result<String, SphinxError> {
     d.start_utt(None)
-        .map_err(|_| "start_utt failed".to_owned())?;
+        .map_err(|_| SphinxError::Decode("start_utt"))?;
     d.process_raw(pcm, false, true)
-        .map_err(|_| "process_raw failed".to_owned())?;
-    d.end_utt().map_err(|_| "end_utt failed".to_owned())?;
+        .map_err(|_| SphinxError::Decode("process_raw"))?;
+    d.end_utt().map_err(|_| SphinxError::Decode("end_utt"))?;
     Ok(d.get_hyp().map(|(text, _, _)| text).unwrap_or_default())
 }

@@ -10,68 +10,35 @@
 //! lookback is kept. Everything held is capped by `max_buffer_seconds`: audio already sent is
 //! forgotten first; audio that cannot be sent (backend away) is dropped newest-first, counted.
 
-use crate::fanout::join_until;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+mod conn;
+
+use futures_util::SinkExt;
 use metrics::counter;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, warn};
 use voxgate_session::{seconds, AudioChunk, ConsumerSummary, ServerEvent};
 
-use super::{Backoff, Ctx, Poster, KIND};
+use self::conn::{next_frame, send_text, Conn, Results};
+use super::{sample_at, Ctx, Poster};
 use crate::config::SttConfig;
-use crate::fanout::{pcm_bytes, Consumer, Offer};
-use crate::metrics::{buffered, STT_REQUESTS};
+use crate::fanout::queue::{QueueHandle, Refused};
+use crate::fanout::retry::Backoff;
+use crate::fanout::{pcm_bytes, Consumer, DropReason, Offer};
+use crate::metrics::STT_REQUESTS;
 
 /// Items queued from ingest to the connection task (the byte cap is the real bound).
 const QUEUE_ITEMS: usize = 4096;
 /// Utterances remembered to attribute results to.
 const UTTERANCES_KEPT: usize = 32;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// The listen URL for a base URL (`http(s)` becomes `ws(s)`; a URL ending in `/v1/listen` is
-/// kept as it is).
-pub fn listen_url(cfg: &SttConfig) -> Result<url::Url, String> {
-    let mut url = url::Url::parse(&cfg.url).map_err(|e| e.to_string())?;
-    let scheme = match url.scheme() {
-        "http" => "ws",
-        "https" => "wss",
-        s => s,
-    }
-    .to_owned();
-    url.set_scheme(&scheme)
-        .map_err(|()| format!("cannot use scheme {scheme}"))?;
-    if !url.path().trim_end_matches('/').ends_with("/v1/listen") {
-        let path = format!("{}/v1/listen", url.path().trim_end_matches('/'));
-        url.set_path(&path);
-    }
-    {
-        let mut q = url.query_pairs_mut();
-        q.append_pair("encoding", "linear16")
-            .append_pair("sample_rate", "16000")
-            .append_pair("channels", "1")
-            .append_pair("interim_results", "true");
-        if let Some(m) = &cfg.model {
-            q.append_pair("model", m);
-        }
-        if let Some(l) = &cfg.language {
-            q.append_pair("language", l);
-        }
-    }
-    Ok(url)
-}
+pub use self::conn::{listen_url, DeepgramError};
 
 enum In {
     Audio(AudioChunk),
@@ -82,17 +49,13 @@ enum In {
 /// The ingest side of a Deepgram-compatible backend for one session.
 pub struct DeepgramHandle {
     ctx: Ctx,
-    tx: Option<mpsc::Sender<In>>,
+    queue: QueueHandle<In>,
     /// Bytes accepted and never sent (dropped if the task is cut off).
     unsent: Arc<AtomicU64>,
-    cap_bytes: u64,
-    dropping: bool,
-    task: JoinHandle<()>,
 }
 
 impl DeepgramHandle {
     pub(crate) fn spawn(ctx: Ctx, lookback_samples: u64) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE_ITEMS);
         let unsent = Arc::new(AtomicU64::new(0));
         let cap_bytes = ctx.backend.cfg.max_buffer_bytes() as u64;
         let worker = Worker {
@@ -109,19 +72,10 @@ impl DeepgramHandle {
             seq: 0,
             poster: Poster::spawn(&ctx),
         };
-        let task = tokio::spawn(worker.run(rx));
-        Self {
-            ctx,
-            tx: Some(tx),
-            unsent,
-            cap_bytes,
-            dropping: false,
-            task,
-        }
-    }
-
-    fn send(&mut self, item: In) -> bool {
-        matches!(self.tx.as_ref().map(|tx| tx.try_send(item)), Some(Ok(())))
+        let queue = QueueHandle::spawn(ctx.stats.clone(), QUEUE_ITEMS, cap_bytes, |rx| {
+            worker.run(rx)
+        });
+        Self { ctx, queue, unsent }
     }
 }
 
@@ -132,28 +86,17 @@ impl Consumer for DeepgramHandle {
 
     fn on_audio(&mut self, chunk: &AudioChunk) -> Offer {
         let bytes = chunk.pcm.len() as u64 * 2;
-        let held = self.ctx.stats.held_bytes.load(Ordering::Relaxed);
-        let reason = if held + bytes > self.cap_bytes {
-            "buffer_full"
-        } else if self.send(In::Audio(chunk.clone())) {
-            self.ctx.hold(bytes);
-            self.unsent.fetch_add(bytes, Ordering::Relaxed);
-            self.dropping = false;
-            return Offer::Accepted;
-        } else {
-            "queue_full"
+        let reason = match self.queue.offer(In::Audio(chunk.clone()), bytes) {
+            Ok(()) => {
+                self.unsent.fetch_add(bytes, Ordering::Relaxed);
+                return Offer::Accepted;
+            }
+            Err(Refused::OverCap) => DropReason::BufferFull,
+            Err(Refused::Full | Refused::Closed) => DropReason::QueueFull,
         };
-        self.ctx.dropped(reason, bytes);
-        if !self.dropping {
-            self.dropping = true;
-            warn!(stt = %self.ctx.name(), session = %self.ctx.target.session_id, reason, "streaming speech-to-text dropping audio");
-            let _ = self.ctx.notifier.try_send(ServerEvent::warning(
-                "stt_dropping",
-                format!(
-                    "speech-to-text backend {:?} is not keeping up ({reason}); audio is being dropped",
-                    self.ctx.name()
-                ),
-            ));
+        if self.queue.dropped(reason, bytes) {
+            warn!(stt = %self.ctx.name(), session = %self.ctx.target.session_id, %reason, "streaming speech-to-text dropping audio");
+            self.ctx.warn_dropping(reason);
         }
         Offer::Dropped { first: false }
     }
@@ -165,15 +108,15 @@ impl Consumer for DeepgramHandle {
                 timestamp,
             } => In::Started {
                 utterance,
-                start: (timestamp * 16_000.0).round() as u64,
+                start: sample_at(timestamp),
             },
             ServerEvent::UtteranceEnd { utterance, end, .. } => In::Ended {
                 utterance,
-                end: (end * 16_000.0).round() as u64,
+                end: sample_at(end),
             },
             _ => return,
         };
-        if !self.send(item) {
+        if self.queue.send(item).is_err() {
             warn!(stt = %self.ctx.name(), "streaming speech-to-text queue full; utterance boundary lost");
         }
     }
@@ -183,17 +126,18 @@ impl Consumer for DeepgramHandle {
         deadline: Instant,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ConsumerSummary> + Send>> {
         Box::pin(async move {
-            self.tx.take();
-            if !join_until(&mut self.task, deadline).await {
+            if !self.queue.close(deadline).await {
+                // Only what was never sent is lost; what was sent is off the gauge either way.
                 let unsent = self.unsent.swap(0, Ordering::Relaxed);
                 if unsent > 0 {
                     warn!(stt = %self.ctx.name(), unsent, "streaming speech-to-text flush timed out; audio dropped");
-                    self.ctx.dropped("close_timeout", unsent);
+                    self.ctx
+                        .stats
+                        .count_dropped(DropReason::CloseTimeout, unsent);
                 }
-                let held = self.ctx.stats.held_bytes.swap(0, Ordering::Relaxed);
-                buffered(KIND, -(held as i64));
+                self.ctx.stats.forget_held();
             }
-            self.ctx.stats.summary(self.ctx.name(), KIND)
+            self.queue.summary(self.ctx.name())
         })
     }
 }
@@ -210,60 +154,6 @@ struct Pending {
     utterance: u64,
     end: u64,
     at: Instant,
-}
-
-/// One live connection.
-struct Conn {
-    sink: SplitSink<Ws, Message>,
-    stream: SplitStream<Ws>,
-    /// (connection sample, session sample) where sent audio jumped; maps result times back.
-    map: Vec<(u64, u64)>,
-    /// Samples sent on this connection.
-    pos: u64,
-    next_session: Option<u64>,
-    /// Session sample up to which retained audio was sent on this connection.
-    sent_until: u64,
-    last_send: Instant,
-    close_sent: bool,
-}
-
-impl Conn {
-    fn to_session(&self, t: f64) -> u64 {
-        let s = (t.max(0.0) * 16_000.0).round() as u64;
-        match self.map.iter().rev().find(|(c, _)| *c <= s) {
-            Some((c, sess)) => sess + (s - c),
-            None => s,
-        }
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct Results {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    start: f64,
-    #[serde(default)]
-    duration: f64,
-    #[serde(default)]
-    is_final: bool,
-    #[serde(default)]
-    speech_final: bool,
-    #[serde(default)]
-    from_finalize: bool,
-    #[serde(default)]
-    channel: Option<Channel>,
-}
-
-#[derive(serde::Deserialize)]
-struct Channel {
-    alternatives: Vec<Alternative>,
-}
-
-#[derive(serde::Deserialize)]
-struct Alternative {
-    #[serde(default)]
-    transcript: String,
 }
 
 struct Worker {
@@ -313,7 +203,7 @@ impl Worker {
                     }
                     Err(e) => {
                         counter!(STT_REQUESTS, "backend" => self.cfg.name.clone(), "outcome" => "connect_error").increment(1);
-                        self.trouble(&e);
+                        self.trouble(e);
                         next_attempt = Instant::now() + backoff.delay();
                     }
                 }
@@ -392,44 +282,19 @@ impl Worker {
             .sum();
         self.retained.clear();
         self.unsent.fetch_sub(unsent, Ordering::Relaxed);
-        self.ctx.dropped("not_sent", unsent);
-        self.ctx.release(held);
+        self.ctx.stats.count_dropped(DropReason::NotSent, unsent);
+        self.ctx.stats.release(held);
         if let Some(p) = self.poster.take() {
             p.close().await;
         }
     }
 
-    async fn connect(&self) -> Result<Conn, String> {
-        let url = listen_url(&self.cfg)?;
-        let mut req = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| e.to_string())?;
-        if let Some(key) = &self.cfg.api_key {
-            let value = format!("Token {key}")
-                .parse()
-                .map_err(|_| "api_key is not a valid header value".to_owned())?;
-            req.headers_mut().insert("authorization", value);
-        }
-        let timeout = Duration::from_millis(self.cfg.timeout_ms);
-        let (ws, _) = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req))
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| format!("connect failed: {e}"))?;
+    async fn connect(&self) -> Result<Conn, DeepgramError> {
+        let conn = Conn::open(&self.cfg).await?;
         counter!(STT_REQUESTS, "backend" => self.cfg.name.clone(), "outcome" => "connected")
             .increment(1);
         info!(stt = %self.cfg.name, session = %self.ctx.target.session_id, "streaming speech-to-text connected");
-        let (sink, stream) = ws.split();
-        Ok(Conn {
-            sink,
-            stream,
-            map: Vec::new(),
-            pos: 0,
-            next_session: None,
-            sent_until: 0,
-            last_send: Instant::now(),
-            close_sent: false,
-        })
+        Ok(conn)
     }
 
     /// Sends everything retained (unacknowledged) on a new connection, then the Finalize of
@@ -465,7 +330,7 @@ impl Worker {
             held.sent = true;
             let bytes = chunk.pcm.len() as u64 * 2;
             self.unsent.fetch_sub(bytes, Ordering::Relaxed);
-            self.ctx.delivered(bytes);
+            self.ctx.stats.delivered(bytes);
         }
         Ok(())
     }
@@ -528,9 +393,11 @@ impl Worker {
             let bytes = len * 2;
             if !h.sent {
                 self.unsent.fetch_sub(bytes, Ordering::Relaxed);
-                self.ctx.dropped("backend_unavailable", bytes);
+                self.ctx
+                    .stats
+                    .count_dropped(DropReason::BackendUnavailable, bytes);
             }
-            self.ctx.release(bytes);
+            self.ctx.stats.release(bytes);
         }
     }
 
@@ -541,7 +408,7 @@ impl Worker {
                 break;
             }
             let h = self.retained.pop_front().expect("front exists");
-            self.ctx.release(h.chunk.pcm.len() as u64 * 2);
+            self.ctx.stats.release(h.chunk.pcm.len() as u64 * 2);
         }
     }
 
@@ -610,11 +477,12 @@ impl Worker {
     }
 
     /// A connection problem: counted, warned once per outage.
-    fn trouble(&mut self, error: &str) {
-        self.ctx.backend.failure(error);
+    fn trouble(&mut self, error: impl std::fmt::Display) {
+        let error = error.to_string();
+        self.ctx.backend.failure(&error);
         if !self.failing {
             self.failing = true;
-            warn!(stt = %self.cfg.name, session = %self.ctx.target.session_id, error, "streaming speech-to-text unavailable; reconnecting");
+            warn!(stt = %self.cfg.name, session = %self.ctx.target.session_id, %error, "streaming speech-to-text unavailable; reconnecting");
             let _ = self.ctx.notifier.try_send(ServerEvent::warning(
                 "stt_unavailable",
                 format!(
@@ -623,22 +491,5 @@ impl Worker {
                 ),
             ));
         }
-    }
-}
-
-async fn send_text(c: &mut Conn, text: &'static str) -> Result<(), ()> {
-    c.last_send = Instant::now();
-    c.sink
-        .send(Message::Text(text.into()))
-        .await
-        .map_err(|_| ())
-}
-
-async fn next_frame(
-    conn: &mut Option<Conn>,
-) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
-    match conn {
-        Some(c) => c.stream.next().await,
-        None => std::future::pending().await,
     }
 }
