@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod ingest;
 pub mod metrics;
 pub mod policy;
+pub mod sessions;
 pub mod shared;
 pub mod shutdown;
 pub mod subscribe;

@@ -11,8 +11,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::fanout::webhook::Breakers;
-use crate::ingest::registry::{ResumableRegistry, SessionRegistry};
 use crate::metrics as m;
+use crate::sessions::{ResumableRegistry, SessionRegistry};
 
 /// State shared by every connection of the instance.
 pub struct Shared {

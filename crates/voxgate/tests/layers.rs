@@ -34,10 +34,19 @@ fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// The code of a file without its `#[cfg(test)] mod tests` (tests may reach anywhere).
-fn non_test_code(text: &str) -> &str {
-    text.find("#[cfg(test)]\nmod tests")
-        .map_or(text, |i| &text[..i])
+/// The code of a file without comments and without its `#[cfg(test)] mod tests` (tests may
+/// reach anywhere).
+fn non_test_code(text: &str) -> String {
+    let code = text
+        .find("#[cfg(test)]\nmod tests")
+        .map_or(text, |i| &text[..i]);
+    code.lines()
+        .map(|line| match line.find("//") {
+            Some(i) if !line[..i].ends_with(':') => &line[..i], // not a URL's `://`
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Paths written as `crate::a::b` or `super::a` (also inside `use crate::{a, b}` groups).
@@ -81,7 +90,7 @@ fn referenced_paths(module: &str, code: &str) -> Vec<Vec<String>> {
         // `use crate::x::{a, b::c}`: each group member is a path under `x`.
         if rest[end..].starts_with('{') {
             let group_end = rest[end..].find('}').map_or(rest.len(), |i| end + i);
-            let prefix = out.last().cloned().unwrap_or_default();
+            let prefix = out.pop().unwrap_or_default(); // the group's members, not its prefix
             for member in rest[end + 1..group_end].split(',') {
                 let member = member.trim().split(' ').next().unwrap_or("");
                 let mut p = prefix.clone();
@@ -120,14 +129,14 @@ fn graph() -> Graph {
         let text = std::fs::read_to_string(file).unwrap();
         let code = non_test_code(&text);
         let deps = g.entry(module.clone()).or_default();
-        for path in referenced_paths(&module, code) {
+        for path in referenced_paths(&module, &code) {
             if let Some(target) = resolve(&modules, &path) {
                 if target != module && !target.is_empty() {
                     deps.insert(target);
                 }
             }
         }
-        deps.extend(children_used(&modules, &module, code));
+        deps.extend(children_used(&modules, &module, &code));
     }
     g
 }
@@ -146,7 +155,6 @@ fn children_used(modules: &BTreeSet<String>, module: &str, code: &str) -> Vec<St
         .filter(|l| {
             !(l.starts_with("pub mod") || l.starts_with("mod ") || l.starts_with("pub use"))
         })
-        .filter(|l| !l.starts_with("//"))
         .collect();
     children
         .filter(|child| {

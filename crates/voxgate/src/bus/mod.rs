@@ -15,7 +15,6 @@
 //! `<tenant>.<session>`; workers read it from there, and a gateway that picks the session up
 //! after another one died continues from it and from the last message of each channel.
 
-pub mod config;
 pub mod deliver;
 pub mod publish;
 pub mod session;
@@ -30,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::WebhookConfig;
 use crate::fanout::retry::{Backoff, Jitter};
 
-pub use config::{BusConfig, MAX_BATCH_SECONDS};
+pub use crate::config::{BusConfig, MAX_BATCH_SECONDS};
 
 /// A speech-to-text backend's transcript webhook, frozen with its session.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

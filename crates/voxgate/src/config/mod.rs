@@ -2,11 +2,12 @@
 //! variables (nested keys joined with `__`, e.g. `VOXGATE_SERVER__LISTEN`). Validated once at
 //! start with every error reported, each with its path. No `std::env::var` outside this folder.
 //!
-//! One file per section (`server`, `webhook`, `stt`, `omi`, `hook`); `[auth]`, `[webhook_policy]`
-//! and `[bus]` live with their components. Each section checks itself; the rules that span
+//! One file per section (`server`, `webhook`, `stt`, `omi`, `hook`, `bus`); `[auth]` and
+//! `[webhook_policy]` live with their components. Each section checks itself; the rules that span
 //! sections (unique names, a webhook batch within one bus message) are checked here.
 //! `memory` derives the per-session memory bound from the whole tree.
 
+mod bus;
 mod hook;
 mod memory;
 mod omi;
@@ -25,8 +26,7 @@ use serde::{Deserialize, Serialize};
 use voxgate_media::Limits;
 use voxgate_session::SegmenterConfig;
 
-use crate::bus::config::{BusConfig, MAX_BATCH_SECONDS};
-
+pub use bus::{BusConfig, MAX_BATCH_SECONDS};
 pub use hook::OnConnectConfig;
 pub use omi::OmiConfig;
 pub use outbound::Retry;

@@ -23,13 +23,13 @@ use voxgate_session::{CloseCode, CloseSummary, Input, Output, ServerEvent, Sessi
 use super::client::ClientIo;
 use super::frontends::{Action, Frontend};
 use super::handoff::HandoffState;
-use super::registry::{ResumableEntry, SessionEntry};
 use super::request::Endpoint;
 use super::resume::{Reattach, ResumeCursor, ResumeFrom, ResumeSlot};
 use crate::auth::{TokenBucket, UserSlot};
 use crate::fanout::registry::{Consumers, Finished};
 use crate::fanout::subscribers::Hub;
 use crate::metrics as m;
+use crate::sessions::{ResumableEntry, SessionEntry};
 use crate::shared::Shared;
 
 /// What a connection holds only while it lives: released in `close` at fixed points (the id when

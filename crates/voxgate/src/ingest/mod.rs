@@ -16,7 +16,6 @@ pub mod identity;
 pub mod plan;
 pub mod prepare;
 pub mod refusal;
-pub mod registry;
 pub mod request;
 pub mod resume;
 pub mod session_config;

@@ -66,7 +66,7 @@ pub async fn choose(
         Some(names) => shared.stt.select(Some(&names.join(","))),
         None => shared.stt.select(req.stt.as_ref()),
     }
-    .map_err(|e| Refusal::new(RefuseReason::UnknownStt, e))?;
+    .map_err(|e| Refusal::new(RefuseReason::UnknownStt, e.to_string()))?;
     Ok(ConsumerPlan {
         webhooks,
         stt,

@@ -4,36 +4,15 @@
 //! whether the first message after a resume starts a new recorder.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::ws::WebSocket;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
 
 use super::refusal::{refuse, Refusal, RefuseReason};
 use super::request::ReattachRequest;
 use crate::shared::Shared;
 
-/// A reconnecting client's socket and the stream byte its first message starts at (`None`:
-/// where the server is, as `Resumed` says).
-pub type Reattach = (WebSocket, Option<u64>);
-
-/// A resumable session's token, grace period and the channel that brings it a new socket.
-pub struct ResumeSlot {
-    pub token: String,
-    pub grace: Duration,
-    pub rx: mpsc::Receiver<Reattach>,
-}
-
-impl ResumeSlot {
-    /// The next reconnecting client (pends forever without a slot).
-    pub async fn recv(slot: &mut Option<Self>) -> Option<Reattach> {
-        match slot {
-            Some(r) => r.rx.recv().await,
-            None => std::future::pending().await,
-        }
-    }
-}
+pub use crate::sessions::{Reattach, ResumeSlot};
 
 /// Where a resumed client's stream stands against what the session already has.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

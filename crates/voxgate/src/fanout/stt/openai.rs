@@ -10,7 +10,7 @@ use metrics::counter;
 use reqwest::multipart::{Form, Part};
 use tracing::debug;
 
-use super::SttError;
+use super::error::SttError;
 use crate::config::SttConfig;
 use crate::fanout::contract::wav_bytes;
 use crate::fanout::http::{classify_status, no_answer, HttpOutcome, NoAnswer};

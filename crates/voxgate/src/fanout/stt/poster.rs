@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 use voxgate_session::ServerEvent;
 
-use super::Ctx;
+use super::ctx::Ctx;
 use crate::config::SttConfig;
 use crate::fanout::contract::{idempotency_key, json_request, transcript_doc};
 use crate::fanout::http::{classify, HttpError};

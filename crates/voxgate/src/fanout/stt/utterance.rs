@@ -11,7 +11,8 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 use voxgate_session::{AudioChunk, ConsumerSummary, ServerEvent};
 
-use super::{sample_at, Ctx, Poster};
+use super::ctx::{sample_at, Ctx};
+use super::poster::Poster;
 use crate::fanout::queue::QueueHandle;
 use crate::fanout::{Consumer, DropReason, Offer};
 

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use voxgate_session::SAMPLE_RATE;
 
-use super::super::sample_at;
+use super::super::ctx::sample_at;
 use crate::config::SttConfig;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;

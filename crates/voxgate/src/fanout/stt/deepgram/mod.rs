@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 use voxgate_session::{seconds, AudioChunk, ConsumerSummary, ServerEvent};
 
 use self::conn::{next_frame, send_text, Conn, Results};
-use super::{sample_at, Ctx, Poster};
+use super::ctx::{sample_at, Ctx};
+use super::poster::Poster;
 use crate::config::SttConfig;
 use crate::fanout::queue::{QueueHandle, Refused};
 use crate::fanout::retry::Backoff;

@@ -1,9 +1,8 @@
 //! `[bus]`: where delivery runs when it does not run in-process, its checks, and its values as
 //! `Duration`s and byte caps.
 //!
-//! This module checks the bus section alone and imports nothing from `crate::config`; the rule
-//! that also needs the webhooks (a batch must fit in one bus message, `MAX_BATCH_SECONDS`) is
-//! checked by `Config::validate`.
+//! It checks the bus section alone; the rule that also needs the webhooks (a batch must fit in
+//! one bus message, `MAX_BATCH_SECONDS`) is checked by `Config::validate`.
 
 use std::time::Duration;
 

@@ -1,14 +1,36 @@
-//! The instance's maps of live sessions: session id -> subscriber hub (for `subscribe` and to
+//! The instance's live sessions: session id -> subscriber hub (for `subscribe` and to
 //! refuse a second session with the same id), and session id -> resume token and reattach channel.
 //! Entries are released by guards on drop; the driver drops them at exact points of its close.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use axum::extract::ws::WebSocket;
 use tokio::sync::mpsc;
 
-use super::resume::{Reattach, ResumeSlot};
 use crate::fanout::subscribers::Hub;
+
+/// A reconnecting client's socket and the stream byte its first message starts at (`None`:
+/// where the server is, as `Resumed` says).
+pub type Reattach = (WebSocket, Option<u64>);
+
+/// A resumable session's token, grace period and the channel that brings it a new socket.
+pub struct ResumeSlot {
+    pub token: String,
+    pub grace: Duration,
+    pub rx: mpsc::Receiver<Reattach>,
+}
+
+impl ResumeSlot {
+    /// The next reconnecting client (pends forever without a slot).
+    pub async fn recv(slot: &mut Option<Self>) -> Option<Reattach> {
+        match slot {
+            Some(r) => r.rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
 
 /// Live sessions by id (one entry per live session; bounded by `server.max_sessions` permits).
 #[derive(Default)]
@@ -71,7 +93,7 @@ pub struct ResumableEntry {
 
 impl ResumableRegistry {
     /// Registers a resumable session with a fresh token; the slot receives reconnecting clients.
-    pub fn register(&self, id: &str, grace: std::time::Duration) -> (ResumableEntry, ResumeSlot) {
+    pub fn register(&self, id: &str, grace: Duration) -> (ResumableEntry, ResumeSlot) {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let (tx, rx) = mpsc::channel(1);
         self.map
@@ -130,7 +152,7 @@ mod tests {
     #[test]
     fn only_the_right_token_reaches_a_resumable_session() {
         let reg = ResumableRegistry::default();
-        let (entry, slot) = reg.register("a", std::time::Duration::from_secs(1));
+        let (entry, slot) = reg.register("a", Duration::from_secs(1));
         assert!(reg.sender("a", &slot.token).is_some());
         assert!(reg.sender("a", "wrong").is_none());
         assert!(reg.sender("b", &slot.token).is_none());

@@ -1,0 +1,87 @@
+//! What every speech-to-text consumer of a session shares with its task, and the sample
+//! arithmetic of session events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::histogram;
+use tokio::time::Instant;
+use tracing::warn;
+use voxgate_session::{ServerEvent, SAMPLE_RATE};
+
+use super::backend::Backend;
+use crate::fanout::contract::Target;
+use crate::fanout::queue::ConsumerStats;
+use crate::fanout::{DropReason, Notifier};
+use crate::metrics::STT_LATENCY;
+
+/// How long a worker waits for room in the session's notice queue before giving up an event.
+const NOTIFY_WAIT: Duration = Duration::from_secs(2);
+
+/// The session sample at `seconds` of media time (session events carry seconds).
+pub(crate) fn sample_at(seconds: f64) -> u64 {
+    (seconds * f64::from(SAMPLE_RATE)).round() as u64
+}
+
+/// What every STT consumer of a session shares with its task.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    /// The bus publishes final transcripts for `voxgate deliver`; no in-process poster.
+    pub transcripts_via_bus: bool,
+    pub backend: Arc<Backend>,
+    pub http: reqwest::Client,
+    pub target: Target,
+    pub notifier: Notifier,
+    pub stats: Arc<ConsumerStats>,
+}
+
+impl Ctx {
+    pub fn name(&self) -> &str {
+        &self.backend.cfg.name
+    }
+
+    /// Sends an event to the session from a task (waits briefly for room, never forever).
+    pub async fn notify(&self, event: ServerEvent) {
+        if tokio::time::timeout(NOTIFY_WAIT, self.notifier.send(event))
+            .await
+            .is_err()
+        {
+            warn!(stt = %self.name(), "session notice queue full; event dropped");
+        }
+    }
+
+    pub fn transcript(
+        &self,
+        utterance: u64,
+        text: String,
+        is_final: bool,
+        start: f64,
+        end: f64,
+    ) -> ServerEvent {
+        ServerEvent::Transcript {
+            utterance,
+            text,
+            is_final,
+            backend: self.name().to_owned(),
+            start,
+            end,
+        }
+    }
+
+    /// Tells the client that this backend is dropping audio (`stt_dropping`); called once per
+    /// drop episode. A full notice queue loses the warning: the drops themselves are counted.
+    pub fn warn_dropping(&self, reason: DropReason) {
+        let _ = self.notifier.try_send(ServerEvent::warning(
+            "stt_dropping",
+            format!(
+                "speech-to-text backend {:?} is not keeping up ({reason}); audio is being dropped",
+                self.name()
+            ),
+        ));
+    }
+
+    pub fn observe_latency(&self, since: Instant) {
+        histogram!(STT_LATENCY, "backend" => self.name().to_owned())
+            .record(since.elapsed().as_secs_f64());
+    }
+}
