@@ -30,6 +30,7 @@ pub const TRANSCRIPT_DELIVERIES: &str = "voxgate_transcript_webhook_total";
 pub const BUS_PUBLISHES: &str = "voxgate_bus_publishes_total";
 pub const BUS_DELIVERIES: &str = "voxgate_bus_deliveries_total";
 pub const BUS_CONNECTED: &str = "voxgate_bus_connected";
+pub const NOTICES_DROPPED: &str = "voxgate_notices_dropped_total";
 
 /// Consumer kinds (the `consumer` label).
 pub const CONSUMER_KINDS: [&str; 4] = ["webhook", "subscriber", "stt", "bus"];
@@ -63,6 +64,10 @@ fn describe() {
     describe_gauge!(SESSIONS_ACTIVE, "Live ingest sessions");
     describe_counter!(SESSIONS_TOTAL, "Sessions accepted, by endpoint");
     describe_counter!(SESSIONS_REJECTED, "Connections refused, by reason");
+    describe_counter!(
+        NOTICES_DROPPED,
+        "Consumer notices (events, close requests) dropped because the session queue was full"
+    );
     describe_gauge!(
         BUFFERED_BYTES,
         "Audio bytes held by consumers over all sessions (queues, batches, in flight)"

@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use metrics::{counter, gauge};
 use tracing::warn;
+use voxgate_session::CloseCode;
 
 use crate::auth::bearer;
 use crate::fanout::subscribers::{SubMessage, Subscription};
@@ -81,14 +82,14 @@ async fn run_subscriber(mut socket: WebSocket, mut sub: Subscription, queue: usi
                     }
                 }
                 None if sub.kicked.is_cancelled() => {
-                    break (Some(1008), "subscriber lagging: queue full; disconnected");
+                    break (Some(CloseCode::Policy), "subscriber lagging: queue full; disconnected");
                 }
-                None => break (Some(1000), "session ended"),
+                None => break (Some(CloseCode::Normal), "session ended"),
             },
             () = sub.kicked.cancelled() => {
-                counter!(m::CLOSES, "code" => "1008").increment(1);
+                counter!(m::CLOSES, "code" => CloseCode::Policy.as_u16().to_string()).increment(1);
                 warn!(queue, "disconnecting lagging subscriber");
-                break (Some(1008), "subscriber lagging: queue full; disconnected");
+                break (Some(CloseCode::Policy), "subscriber lagging: queue full; disconnected");
             }
             incoming = socket.recv() => if matches!(incoming, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
                 break (None, "");
@@ -99,7 +100,7 @@ async fn run_subscriber(mut socket: WebSocket, mut sub: Subscription, queue: usi
     if let Some(code) = code {
         let _ = socket
             .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                code,
+                code: code.as_u16(),
                 reason: reason.into(),
             })))
             .await;

@@ -182,13 +182,10 @@ impl BusPublisher {
             self.warned_slow = false;
         } else if !self.warned_slow {
             // Not sent (the session's notice queue is full): tried again next chunk.
-            self.warned_slow = self
-                .notifier
-                .try_send(ServerEvent::warning(
-                    "bus_slow",
-                    "the delivery bus is not keeping up; audio is being held",
-                ))
-                .is_ok();
+            self.warned_slow = self.notifier.offer(ServerEvent::warning(
+                "bus_slow",
+                "the delivery bus is not keeping up; audio is being held",
+            ));
         }
     }
 
@@ -237,13 +234,11 @@ impl Consumer for BusPublisher {
         // The session closes with 1013 (the client should retry later). A request that finds
         // the session's notice queue full is made again with the next dropped chunk.
         if !self.close_requested {
-            self.close_requested = self
-                .notifier
-                .try_send(ServerEvent::error(
-                    "bus_unavailable",
-                    "the delivery bus is unavailable and this session's buffer is full; retry later",
-                ))
-                .is_ok();
+            self.close_requested = self.notifier.close(
+                CloseCode::TryAgainLater,
+                "bus_unavailable",
+                "the delivery bus is unavailable and this session's buffer is full; retry later",
+            );
         }
         Offer::Dropped { first }
     }
@@ -279,11 +274,9 @@ impl Consumer for BusPublisher {
             _ => {}
         }
     }
-    fn on_close(&mut self, code: u16) {
+    fn on_close(&mut self, code: CloseCode) {
         // A drain (1001) or a bus overflow (1013) leaves the session to continue elsewhere.
-        let continues = [CloseCode::GoingAway, CloseCode::TryAgainLater]
-            .iter()
-            .any(|c| c.as_u16() == code);
+        let continues = matches!(code, CloseCode::GoingAway | CloseCode::TryAgainLater);
         self.ended.store(!continues, Ordering::Relaxed);
     }
     fn finish(
@@ -447,9 +440,7 @@ impl Publisher {
         if now > self.persisted && (last || now >= self.persisted + PERSISTED_EVERY) {
             self.persisted = now;
             // Progress only: a later report (at the latest the last one) says as much.
-            let _ = self
-                .notifier
-                .try_send(ServerEvent::Persisted { samples: now });
+            self.notifier.offer(ServerEvent::Persisted { samples: now });
         }
     }
 

@@ -347,12 +347,7 @@ pub async fn run(args: &SinkArgs) -> anyhow::Result<SinkStats> {
     });
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     eprintln!("voxgate sink listening on {}", listener.local_addr()?);
-    let stop = CancellationToken::new();
-    let signal = stop.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        signal.cancel();
-    });
+    let stop = crate::shutdown::on_signal("the sink");
     if args.report_every > 0.0 {
         let sink = sink.clone();
         let stop = stop.clone();
@@ -378,23 +373,4 @@ pub async fn run(args: &SinkArgs) -> anyhow::Result<SinkStats> {
     let s = sink.stats(false);
     eprintln!("{}", summary_line(&s));
     Ok(s)
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            let _ = ctrl_c.await;
-            return;
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

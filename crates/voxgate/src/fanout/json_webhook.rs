@@ -119,9 +119,8 @@ impl Consumer for JsonWebhook {
             .count_dropped(DropReason::QueueFull, bytes);
         warn!(webhook = %self.name, "JSON webhook queue full; document dropped");
         if let Some(reply) = reply {
-            let _ = self
-                .notifier
-                .try_send(with_success(reply, false, "queue full"));
+            self.notifier
+                .offer(with_success(reply, false, "queue full"));
         }
     }
     fn finish(
@@ -180,7 +179,7 @@ impl Worker {
                     Ok(()) => with_success(reply, true, ""),
                     Err(e) => with_success(reply, false, e.drop_reason().as_str()),
                 };
-                let _ = self.notifier.try_send(reply);
+                self.notifier.offer(reply);
             }
         }
     }

@@ -11,6 +11,7 @@ pub mod contract;
 pub mod http;
 pub mod json_webhook;
 pub mod labels;
+pub mod notice;
 pub mod queue;
 pub mod registry;
 pub mod retry;
@@ -22,7 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use tokio::time::Instant;
-use voxgate_session::{AudioChunk, ConsumerSummary, ServerEvent};
+use voxgate_session::{AudioChunk, CloseCode, ConsumerSummary, ServerEvent};
 
 pub use contract::pcm_bytes;
 pub use labels::{ConsumerKind, DropReason};
@@ -40,8 +41,8 @@ pub trait Consumer: Send + Sync {
     fn on_audio(&mut self, chunk: &AudioChunk) -> Offer;
     /// Sees every session event (utterance boundaries drive per-utterance consumers).
     fn on_event(&mut self, _event: &ServerEvent) {}
-    /// The session closed with this WebSocket close code (called before `finish`).
-    fn on_close(&mut self, _code: u16) {}
+    /// The session closed with this close code (called before `finish`).
+    fn on_close(&mut self, _code: CloseCode) {}
     /// Closes the queue and flushes until `deadline`; what is left is counted as dropped.
     fn finish(
         self: Box<Self>,
@@ -60,8 +61,7 @@ pub async fn join_until(task: &mut tokio::task::JoinHandle<()>, deadline: Instan
     false
 }
 
-/// Events a consumer sends back to its session (e.g. transcripts, backend warnings).
-pub type Notifier = tokio::sync::mpsc::Sender<ServerEvent>;
+pub use notice::{Notice, NoticeRx, Notifier};
 
 /// What happened to an offered item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,13 +6,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use voxgate_session::{AudioChunk, CloseCode, ConsumerSummary, ServerEvent};
 
 use super::subscribers::Hub;
 use super::webhook::{Breakers, Target};
-use super::{Consumer, Notifier, Offer};
+use super::{Consumer, NoticeRx, Notifier, Offer};
 use crate::config::Config;
 
 /// What building a consumer may need.
@@ -111,7 +110,7 @@ impl Consumers {
         self,
         code: CloseCode,
         deadline: Instant,
-        notices: &mut mpsc::Receiver<ServerEvent>,
+        notices: &mut NoticeRx,
     ) -> Finished {
         let mut pending: VecDeque<Box<dyn Consumer>> = self.ordered.into();
         pending.extend(self.last);
@@ -120,9 +119,11 @@ impl Consumers {
             last_words: Vec::new(),
         };
         while let Some(mut c) = pending.pop_front() {
-            c.on_close(code.as_u16());
+            c.on_close(code);
             finished.summaries.push(c.finish(deadline).await);
-            while let Ok(event) = notices.try_recv() {
+            while let Ok(notice) = notices.try_recv() {
+                // The session is already closing: a close request is only news now.
+                let event = notice.into_event();
                 for rest in pending.iter_mut() {
                     rest.on_event(&event);
                 }
@@ -144,7 +145,7 @@ mod tests {
     struct Probe {
         name: &'static str,
         log: Arc<Mutex<Vec<String>>>,
-        says: Option<(mpsc::Sender<ServerEvent>, ServerEvent)>,
+        says: Option<(Notifier, ServerEvent)>,
     }
 
     impl Consumer for Probe {
@@ -172,7 +173,7 @@ mod tests {
                 .unwrap()
                 .push(format!("{} finished", self.name));
             if let Some((tx, event)) = &self.says {
-                tx.try_send(event.clone()).unwrap();
+                assert!(tx.offer(event.clone()));
             }
             let name = self.name.to_owned();
             Box::pin(async move {
@@ -191,7 +192,7 @@ mod tests {
     #[tokio::test]
     async fn the_last_consumer_finishes_last_and_hears_the_others_last_words() {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, mut rx) = Notifier::channel(4);
         let probe = |name, says| {
             Box::new(Probe {
                 name,

@@ -14,7 +14,6 @@ use axum::extract::ws::Message;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use metrics::{counter, gauge};
-use tokio::sync::mpsc;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -28,6 +27,7 @@ use super::resume::{Reattach, ResumeCursor, ResumeFrom, ResumeSlot};
 use crate::auth::{TokenBucket, UserSlot};
 use crate::fanout::registry::{Consumers, Finished};
 use crate::fanout::subscribers::Hub;
+use crate::fanout::{Notice, NoticeRx};
 use crate::metrics as m;
 use crate::sessions::{ResumableEntry, SessionEntry};
 use crate::shared::Shared;
@@ -51,8 +51,8 @@ pub struct Connection {
     frontend: Box<dyn Frontend>,
     consumers: Consumers,
     client: ClientIo,
-    /// Events consumers send back (transcripts, backend trouble), bounded.
-    notices: mpsc::Receiver<ServerEvent>,
+    /// What consumers send back (transcripts, backend trouble, close requests), bounded.
+    notices: NoticeRx,
     resume: Option<ResumeSlot>,
     cursor: ResumeCursor,
     /// Message flood guard: one token bucket per connection.
@@ -68,7 +68,7 @@ pub struct Parts {
     pub session: Session,
     pub frontend: Box<dyn Frontend>,
     pub consumers: Consumers,
-    pub notices: mpsc::Receiver<ServerEvent>,
+    pub notices: NoticeRx,
     pub resume: Option<ResumeSlot>,
     pub guards: Guards,
 }
@@ -98,7 +98,7 @@ enum Wake {
     Broken(axum::Error),
     Timeout,
     Shutdown,
-    Notice(ServerEvent),
+    Notice(Notice),
     Reattach(Box<Reattach>),
     /// Messages arrive faster than `server.max_messages_per_second`.
     Flood,
@@ -368,20 +368,22 @@ impl Connection {
         })
     }
 
-    fn on_notice(&mut self, event: ServerEvent) -> Result<(), SessionError> {
-        match event {
-            // The bus consumer's buffer overflowed: close with 1013 so the client retries.
-            ServerEvent::Error { code, message } if code == "bus_unavailable" => {
-                self.session.handle_input(Input::Violation {
-                    code: CloseCode::TryAgainLater,
-                    error: "bus_unavailable",
-                    message: &message,
-                })
-            }
-            event => {
+    fn on_notice(&mut self, notice: Notice) -> Result<(), SessionError> {
+        match notice {
+            Notice::Event(event) => {
                 self.actions.push(Action::Notice(event));
                 Ok(())
             }
+            // e.g. the bus consumer's buffer overflowed: close with 1013 so the client retries.
+            Notice::Close {
+                code,
+                error,
+                message,
+            } => self.session.handle_input(Input::Violation {
+                code,
+                error,
+                message: &message,
+            }),
         }
     }
 

@@ -98,7 +98,7 @@ impl HandoffState {
             webhooks: summary
                 .consumers
                 .iter()
-                .filter(|c| c.kind == "webhook")
+                .filter(|c| c.kind == crate::fanout::ConsumerKind::Webhook.as_str())
                 .map(|c| (c.name.clone(), c.next_seq))
                 .collect(),
             expires: 0,

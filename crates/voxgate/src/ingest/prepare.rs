@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-use voxgate_session::{ServerEvent, Session};
+use voxgate_session::Session;
 
 use super::driver::{Guards, Parts};
 use super::frontends::Frontend;
@@ -19,6 +18,7 @@ use crate::config::Config;
 use crate::fanout::registry::{BuildCtx, Consumers};
 use crate::fanout::subscribers::Hub;
 use crate::fanout::webhook::{Target, WebhookHandle};
+use crate::fanout::Notifier;
 use crate::shared::Shared;
 
 /// Events consumers may queue for their session before further ones are dropped (counted).
@@ -81,7 +81,7 @@ pub async fn prepare(
         session_id: id.clone(),
         uid,
     };
-    let (notifier, notices) = mpsc::channel::<ServerEvent>(NOTICE_QUEUE);
+    let (notifier, notices) = Notifier::channel(NOTICE_QUEUE);
     let consumers = {
         let ctx = BuildCtx {
             cfg,

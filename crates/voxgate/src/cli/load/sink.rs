@@ -19,10 +19,10 @@ use tokio_util::sync::CancellationToken;
 use super::report::Latency;
 
 /// The audio webhook's headers the receiver reads.
-const SESSION_ID: &str = "x-voxgate-session-id";
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
-const START_SAMPLE: &str = "x-voxgate-start-sample";
-const SAMPLES: &str = "x-voxgate-samples";
+use crate::fanout::contract::{
+    H_IDEMPOTENCY_KEY as IDEMPOTENCY_KEY, H_SAMPLES as SAMPLES, H_SESSION_ID as SESSION_ID,
+    H_START_SAMPLE as START_SAMPLE,
+};
 
 /// What the embedded webhook receiver saw of one connection (session).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]

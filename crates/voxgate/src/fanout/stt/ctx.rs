@@ -42,11 +42,8 @@ impl Ctx {
 
     /// Sends an event to the session from a task (waits briefly for room, never forever).
     pub async fn notify(&self, event: ServerEvent) {
-        if tokio::time::timeout(NOTIFY_WAIT, self.notifier.send(event))
-            .await
-            .is_err()
-        {
-            warn!(stt = %self.name(), "session notice queue full; event dropped");
+        if !self.notifier.send_within(event, NOTIFY_WAIT).await {
+            warn!(stt = %self.name(), "transcript event not delivered to the session");
         }
     }
 
@@ -71,7 +68,7 @@ impl Ctx {
     /// Tells the client that this backend is dropping audio (`stt_dropping`); called once per
     /// drop episode. A full notice queue loses the warning: the drops themselves are counted.
     pub fn warn_dropping(&self, reason: DropReason) {
-        let _ = self.notifier.try_send(ServerEvent::warning(
+        self.notifier.offer(ServerEvent::warning(
             "stt_dropping",
             format!(
                 "speech-to-text backend {:?} is not keeping up ({reason}); audio is being dropped",

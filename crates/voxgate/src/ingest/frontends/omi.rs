@@ -14,7 +14,7 @@ use super::{Accept, Action, Frontend};
 use crate::config::{Config, WebhookConfig};
 use crate::fanout::json_webhook::{JsonWebhook, JsonWebhookConfig, Post, Selector};
 use crate::fanout::registry::BuildCtx;
-use crate::fanout::{Consumer, Notifier, Offer};
+use crate::fanout::{Consumer, ConsumerKind, Notifier, Offer};
 use crate::ingest::hook::HookAnswer;
 use crate::ingest::refusal::{Refusal, RefuseReason};
 use crate::ingest::request::ConnectRequest;
@@ -324,7 +324,7 @@ impl Consumer for AutoReply {
         } = event
         {
             if event == "finalize" {
-                let _ = self.notifier.try_send(finalize_result(conversation_id));
+                self.notifier.offer(finalize_result(conversation_id));
             }
         }
     }
@@ -336,12 +336,137 @@ impl Consumer for AutoReply {
         Box::pin(async {
             voxgate_session::ConsumerSummary {
                 name: "finalize_reply".into(),
-                kind: "reply".into(),
+                kind: ConsumerKind::Reply.as_str().into(),
                 delivered_bytes: 0,
                 dropped_bytes: 0,
                 requests: 0,
                 next_seq: 0,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(op: u32, payload: &[u8]) -> Bytes {
+        let mut v = op.to_le_bytes().to_vec();
+        v.extend_from_slice(payload);
+        Bytes::from(v)
+    }
+
+    fn audio(ts: f64, samples: usize) -> Bytes {
+        let mut p = ts.to_le_bytes().to_vec();
+        p.extend(std::iter::repeat_n(0u8, samples * 2));
+        frame(101, &p)
+    }
+
+    fn violation(out: &[Action]) -> Option<&'static str> {
+        out.iter().find_map(|a| match a {
+            Action::Violation { error, .. } => Some(*error),
+            _ => None,
+        })
+    }
+
+    fn request(pairs: &[(&str, &str)]) -> ConnectRequest {
+        let q = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let endpoint = crate::ingest::request::Endpoint::Omi;
+        ConnectRequest::parse(endpoint, "127.0.0.1:9".parse().unwrap(), None, q)
+    }
+
+    #[test]
+    fn accept_needs_a_uid_and_a_sane_rate() {
+        assert!(
+            matches!(accept(request(&[("uid", "u")])), Accept::Session(r, _)
+            if matches!(r.source, Ok(voxgate_media::SourceFormat::Linear16 { sample_rate: 8000, channels: 1 })))
+        );
+        assert!(
+            matches!(accept(request(&[])), Accept::Refuse(_, r) if r.reason == RefuseReason::MissingUid)
+        );
+        assert!(
+            matches!(accept(request(&[("uid", "u"), ("sample_rate", "4000")])),
+            Accept::Refuse(_, r) if r.reason == RefuseReason::InvalidSampleRate)
+        );
+    }
+
+    #[test]
+    fn audio_frames_carry_pcm_and_late_capture_times_fill_gaps() {
+        let mut omi = Omi::new(16_000);
+        let mut out = Vec::new();
+        omi.on_binary(audio(100.0, 1600), &mut out); // 0.1 s
+        omi.on_binary(audio(100.1, 1600), &mut out); // on time
+        omi.on_binary(audio(101.2, 1600), &mut out); // 1 s late
+        let pcm: Vec<_> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Audio(b) => Some(b.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pcm, [3200, 3200, 3200]);
+        let filled: u64 = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Silence(n) => Some(*n),
+                _ => None,
+            })
+            .sum();
+        assert!((15_900..=16_100).contains(&filled), "{filled}");
+    }
+
+    #[test]
+    fn control_and_conversation_opcodes() {
+        let mut omi = Omi::new(8000);
+        let mut out = Vec::new();
+        omi.on_binary(frame(100, b""), &mut out);
+        omi.on_binary(frame(103, b"conv-1"), &mut out);
+        omi.on_binary(frame(104, br#"{"x":1}"#), &mut out);
+        assert!(matches!(out[0], Action::Control(ClientControl::KeepAlive)));
+        assert!(
+            matches!(&out[2], Action::Notice(ServerEvent::Conversation { event, conversation_id, .. })
+            if event == "finalize" && conversation_id.as_deref() == Some("conv-1"))
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_violations() {
+        for (bytes, error) in [
+            (Bytes::from_static(b"\x01"), "malformed_frame"),
+            (frame(101, b"\x00\x01"), "malformed_frame"),
+            (frame(101, &[0u8; 9]), "malformed_frame"),
+            (frame(102, b"{not json"), "malformed_frame"),
+            (frame(103, b""), "malformed_frame"),
+            (frame(999, b""), "unknown_opcode"),
+        ] {
+            let mut out = Vec::new();
+            Omi::new(8000).on_binary(bytes, &mut out);
+            assert_eq!(violation(&out), Some(error));
+        }
+        let mut out = Vec::new();
+        Omi::new(8000).on_text("hi", &mut out);
+        assert_eq!(violation(&out), Some("malformed_frame"));
+    }
+
+    #[test]
+    fn the_hook_answer_names_the_users_targets() {
+        let cfg = Config::default();
+        let answer: HookAnswer = serde_json::from_value(serde_json::json!({
+            "allow": true, "audio_apps": ["http://a/1", "http://a/2"],
+            "transcript_webhook": "http://t"
+        }))
+        .unwrap();
+        let mut omi = Omi::new(8000);
+        let apps = omi.hook_webhooks(&answer, &cfg);
+        let names: Vec<_> = apps.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["audio_app_0", "audio_app_1"]);
+        assert_eq!(
+            omi.targets.as_ref().unwrap().transcript_webhook.as_deref(),
+            Some("http://t")
+        );
+        assert!(omi.config_webhooks(&cfg).is_empty());
     }
 }

@@ -306,3 +306,118 @@ impl Frontend for Twilio {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn start() -> TwilioStart {
+        TwilioStart::parse(&json!({
+            "event": "start",
+            "start": {
+                "streamSid": "MZ1", "callSid": "CA1",
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": {"consumers": "a", "n": 5}
+            }
+        }))
+        .unwrap()
+    }
+
+    fn media(ts: u64, payload: &[u8]) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(payload);
+        json!({"event": "media", "media": {"track": "inbound", "timestamp": ts.to_string(), "payload": b64}})
+            .to_string()
+    }
+
+    fn warnings(out: &[Action]) -> Vec<&str> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Notice(ServerEvent::Warning { code, .. }) => Some(code.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn start_gives_the_stream_and_its_string_parameters() {
+        let s = start();
+        assert_eq!((s.stream_sid.as_str(), s.call_sid.as_str()), ("MZ1", "CA1"));
+        assert_eq!(s.custom.get("consumers").map(String::as_str), Some("a"));
+        assert!(!s.custom.contains_key("n"), "only string parameters");
+        let err = TwilioStart::parse(&json!({"event": "start", "start": {
+            "mediaFormat": {"encoding": "audio/x-l16", "sampleRate": 16000, "channels": 1}}}))
+        .unwrap_err();
+        assert!(err.contains("unsupported mediaFormat"), "{err}");
+        assert!(TwilioStart::parse(&json!({"event": "start"})).is_err());
+    }
+
+    #[test]
+    fn media_is_decoded_and_timestamp_gaps_are_filled() {
+        let mut t = Twilio::new(start());
+        let mut out = Vec::new();
+        t.on_text(&media(0, &[0xFF; 160]), &mut out); // 20 ms
+        t.on_text(&media(20, &[0xFF; 160]), &mut out); // on time
+        t.on_text(&media(140, &[0xFF; 160]), &mut out); // 100 ms late
+        let audio = out
+            .iter()
+            .filter(|a| matches!(a, Action::Audio(b) if b.len() == 160));
+        assert_eq!(audio.count(), 3);
+        // 100 ms at 8 kHz = 800 samples, 1,600 at 16 kHz.
+        assert!(
+            out.iter().any(|a| matches!(a, Action::Silence(1600))),
+            "{out:?}"
+        );
+        assert_eq!(warnings(&out), ["media_gap"]);
+    }
+
+    #[test]
+    fn events_map_to_controls_telephony_and_warnings() {
+        let mut t = Twilio::new(start());
+        let mut out = Vec::new();
+        t.on_text(r#"{"event":"connected"}"#, &mut out);
+        t.on_text(r#"{"event":"dtmf","dtmf":{"digit":"5"}}"#, &mut out);
+        t.on_text(
+            r#"{"event":"media","media":{"track":"outbound","payload":"AA=="}}"#,
+            &mut out,
+        );
+        t.on_text(r#"{"event":"media","media":{"payload":"%%%"}}"#, &mut out);
+        t.on_text("not json", &mut out);
+        t.on_text(r#"{"event":"start"}"#, &mut out);
+        t.on_text(r#"{"event":"nope"}"#, &mut out);
+        t.on_text(r#"{"event":"stop","stop":{}}"#, &mut out);
+        assert!(matches!(out[0], Action::Control(ClientControl::KeepAlive)));
+        assert!(
+            matches!(&out[1], Action::Notice(ServerEvent::Telephony { event, detail }) if event == "dtmf" && detail["digit"] == "5")
+        );
+        assert!(
+            matches!(out[2], Action::Control(ClientControl::KeepAlive)),
+            "outbound track skipped"
+        );
+        assert_eq!(
+            warnings(&out),
+            [
+                "bad_payload",
+                "bad_message",
+                "duplicate_start",
+                "unknown_event"
+            ]
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Action::Control(ClientControl::CloseStream))
+        ));
+    }
+
+    #[test]
+    fn only_problems_and_the_summary_are_rendered_for_twilio() {
+        let t = Twilio::new(start());
+        assert!(t.render(&ServerEvent::warning("w", "m")).is_some());
+        assert!(t
+            .render(&ServerEvent::Telephony {
+                event: "mark".into(),
+                detail: json!({})
+            })
+            .is_none());
+    }
+}

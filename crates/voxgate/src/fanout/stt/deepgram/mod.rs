@@ -484,7 +484,7 @@ impl Worker {
         if !self.failing {
             self.failing = true;
             warn!(stt = %self.cfg.name, session = %self.ctx.target.session_id, %error, "streaming speech-to-text unavailable; reconnecting");
-            let _ = self.ctx.notifier.try_send(ServerEvent::warning(
+            self.ctx.notifier.offer(ServerEvent::warning(
                 "stt_unavailable",
                 format!(
                     "speech-to-text backend {:?} unavailable ({error}); reconnecting, unacknowledged audio will be resent",
