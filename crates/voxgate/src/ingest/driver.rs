@@ -492,13 +492,7 @@ impl Connection {
             dispatch(&hub, &*frontend, &mut client, event);
         }
         summary.consumers = summaries;
-        // A drained resumable session can continue on another instance of the deployment.
-        let resume_state = match (&server.resume_secret, &resume) {
-            (Some(secret), Some(r)) if code == CloseCode::GoingAway => {
-                Some(HandoffState::from_summary(&id, hub.owner(), &summary, r.grace).sign(secret))
-            }
-            _ => None,
-        };
+        let resume_state = handoff(&shared, code, resume.as_ref(), &id, &hub, &summary);
         let closed = ServerEvent::Closed {
             session_id: id.clone(),
             code: code.as_u16(),
@@ -520,6 +514,24 @@ impl Connection {
         info!(session = %id, code = code.as_u16(), %reason, seconds = summary.seconds_decoded,
             decode_errors = summary.decode_errors, resyncs = summary.resyncs, "session closed");
         drop((guards.user_slot, guards.permit));
+    }
+}
+
+/// A drained resumable session can continue on another instance of the deployment: its signed
+/// state for `Closed`.
+fn handoff(
+    shared: &Shared,
+    code: CloseCode,
+    resume: Option<&ResumeSlot>,
+    id: &str,
+    hub: &Hub,
+    summary: &CloseSummary,
+) -> Option<String> {
+    match (&shared.cfg.server.resume_secret, resume) {
+        (Some(secret), Some(r)) if code == CloseCode::GoingAway => {
+            Some(HandoffState::from_summary(id, hub.owner(), summary, r.grace).sign(secret))
+        }
+        _ => None,
     }
 }
 

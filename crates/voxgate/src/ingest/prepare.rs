@@ -19,6 +19,7 @@ use crate::fanout::registry::{BuildCtx, Consumers};
 use crate::fanout::subscribers::Hub;
 use crate::fanout::webhook::{Target, WebhookHandle};
 use crate::fanout::Notifier;
+use crate::sessions::{ResumableEntry, ResumeSlot, SessionEntry};
 use crate::shared::Shared;
 
 /// Events consumers may queue for their session before further ones are dropped (counted).
@@ -41,11 +42,9 @@ pub async fn prepare(
     let who = identity::resolve(req, principal, handoff.as_ref())?;
     let user_slot = identity::user_slot(&shared.users, principal, cfg.auth.max_sessions_per_user)?;
     let plan = plan::choose(shared, req, principal, handoff.as_ref(), &mut *frontend).await?;
-    let mut uid = plan.hook_uid.clone().unwrap_or(who.uid);
+    let uid = plan.hook_uid.clone().unwrap_or(who.uid);
     let bus = open_bus(shared, &who.session_id, &uid, principal.is_some(), &plan).await?;
-    if let Some(b) = &bus {
-        uid = b.record.uid.clone();
-    }
+    let uid = bus.as_ref().map_or(uid, |b| b.record.uid.clone());
     let session_cfg = session_config::build(
         cfg,
         req,
@@ -57,62 +56,79 @@ pub async fn prepare(
     );
     let session = Session::new(session_cfg.clone())
         .map_err(|e| Refusal::new(RefuseReason::InvalidParameters, e.to_string()))?;
-
-    let hub = Arc::new(Hub::new(
-        cfg.subscribers.max_per_session,
-        cfg.subscribers.queue_messages,
-        uid.clone(),
-    ));
-    let id = &who.session_id;
-    let entry = shared.sessions.register(id, hub.clone()).ok_or_else(|| {
-        Refusal::new(
-            RefuseReason::SessionIdInUse,
-            format!("session {id:?} is already live"),
-        )
-    })?;
-    let (resumable, resume) = match cfg.server.resume_grace().filter(|_| session_cfg.ack) {
-        Some(grace) => {
-            let (entry, slot) = shared.resumable.register(id, grace);
-            (Some(entry), Some(slot))
-        }
-        None => (None, None),
-    };
+    let live = register(shared, &who.session_id, &uid, session_cfg.ack)?;
     let target = Target {
-        session_id: id.clone(),
+        session_id: who.session_id,
         uid,
     };
     let (notifier, notices) = Notifier::channel(NOTICE_QUEUE);
-    let consumers = {
-        let ctx = BuildCtx {
-            cfg,
-            target: &target,
-            notifier: &notifier,
-            client: shared.webhook_client(plan.from_hook),
-            breakers: &shared.breakers,
-        };
-        build_consumers(
-            shared,
-            &ctx,
-            plan,
-            &mut *frontend,
-            bus,
-            handoff.as_ref(),
-            hub,
-        )
+    let ctx = BuildCtx {
+        cfg,
+        target: &target,
+        notifier: &notifier,
+        client: shared.webhook_client(plan.from_hook),
+        breakers: &shared.breakers,
     };
+    let consumers = build_consumers(
+        shared,
+        &ctx,
+        plan,
+        &mut *frontend,
+        bus,
+        handoff.as_ref(),
+        live.hub,
+    );
     frontend.on_registered(consumers.hub());
     Ok(Parts {
         session,
         frontend,
         consumers,
         notices,
-        resume,
+        resume: live.resume,
         guards: Guards {
-            session: entry,
-            resumable,
+            session: live.entry,
+            resumable: live.resumable,
             user_slot,
             permit: admitted.permit,
         },
+    })
+}
+
+/// A session registered with the instance: its hub (for subscribers), its entry in the session
+/// map, and with acks its resume slot.
+struct Live {
+    hub: Arc<Hub>,
+    entry: SessionEntry,
+    resumable: Option<ResumableEntry>,
+    resume: Option<ResumeSlot>,
+}
+
+/// Registers the session id (refused when it is live already) and, with acks, its resume slot.
+fn register(shared: &Shared, id: &str, uid: &str, ack: bool) -> Result<Live, Refusal> {
+    let subs = &shared.cfg.subscribers;
+    let hub = Arc::new(Hub::new(
+        subs.max_per_session,
+        subs.queue_messages,
+        uid.to_owned(),
+    ));
+    let entry = shared.sessions.register(id, hub.clone()).ok_or_else(|| {
+        Refusal::new(
+            RefuseReason::SessionIdInUse,
+            format!("session {id:?} is already live"),
+        )
+    })?;
+    let (resumable, resume) = match shared.cfg.server.resume_grace().filter(|_| ack) {
+        Some(grace) => {
+            let (entry, slot) = shared.resumable.register(id, grace);
+            (Some(entry), Some(slot))
+        }
+        None => (None, None),
+    };
+    Ok(Live {
+        hub,
+        entry,
+        resumable,
+        resume,
     })
 }
 

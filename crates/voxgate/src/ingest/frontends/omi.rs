@@ -12,6 +12,7 @@ use voxgate_session::{ClientControl, CloseCode, ServerEvent, SAMPLE_RATE};
 
 use super::{Accept, Action, Frontend};
 use crate::config::{Config, WebhookConfig};
+use crate::fanout::contract::Target;
 use crate::fanout::json_webhook::{JsonWebhook, JsonWebhookConfig, Post, Selector};
 use crate::fanout::registry::BuildCtx;
 use crate::fanout::{Consumer, ConsumerKind, Notifier, Offer};
@@ -114,6 +115,47 @@ impl Omi {
     }
 }
 
+impl Omi {
+    /// Opcode 101: an 8-byte capture time, then PCM16; a late capture time is a gap.
+    fn on_audio(&mut self, payload: &Bytes, out: &mut Vec<Action>) {
+        if payload.len() < 8 {
+            out.push(Self::malformed(
+                "opcode 101: audio frame shorter than its 8-byte timestamp".into(),
+            ));
+            return;
+        }
+        let ts = f64::from_le_bytes(payload[..8].try_into().expect("8 bytes checked"));
+        let pcm = payload.slice(8..);
+        if !pcm.len().is_multiple_of(2) {
+            out.push(Self::malformed(format!(
+                "opcode 101: PCM16 payload of odd length {}",
+                pcm.len()
+            )));
+            return;
+        }
+        let rate = f64::from(self.rate);
+        match self.first_ts {
+            None if ts.is_finite() => self.first_ts = Some(ts),
+            Some(first) if ts.is_finite() => {
+                let expected = first + self.samples_in as f64 / rate;
+                let gap = ts - expected;
+                if gap > OMI_GAP_TOLERANCE {
+                    let gap_samples = (gap * rate) as u64;
+                    self.samples_in += gap_samples;
+                    out.push(Action::Silence((gap * f64::from(SAMPLE_RATE)) as u64));
+                    out.push(Action::Notice(ServerEvent::warning(
+                        "media_gap",
+                        format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
+                    )));
+                }
+            }
+            _ => {}
+        }
+        self.samples_in += pcm.len() as u64 / 2;
+        out.push(Action::Audio(pcm));
+    }
+}
+
 impl Frontend for Omi {
     fn on_binary(&mut self, data: Bytes, out: &mut Vec<Action>) {
         if data.len() < 4 {
@@ -127,43 +169,7 @@ impl Frontend for Omi {
         let payload = data.slice(4..);
         match op {
             100 => out.push(Action::Control(ClientControl::KeepAlive)),
-            101 => {
-                if payload.len() < 8 {
-                    out.push(Self::malformed(
-                        "opcode 101: audio frame shorter than its 8-byte timestamp".into(),
-                    ));
-                    return;
-                }
-                let ts = f64::from_le_bytes(payload[..8].try_into().expect("8 bytes checked"));
-                let pcm = payload.slice(8..);
-                if !pcm.len().is_multiple_of(2) {
-                    out.push(Self::malformed(format!(
-                        "opcode 101: PCM16 payload of odd length {}",
-                        pcm.len()
-                    )));
-                    return;
-                }
-                let rate = f64::from(self.rate);
-                match self.first_ts {
-                    None if ts.is_finite() => self.first_ts = Some(ts),
-                    Some(first) if ts.is_finite() => {
-                        let expected = first + self.samples_in as f64 / rate;
-                        let gap = ts - expected;
-                        if gap > OMI_GAP_TOLERANCE {
-                            let gap_samples = (gap * rate) as u64;
-                            self.samples_in += gap_samples;
-                            out.push(Action::Silence((gap * f64::from(SAMPLE_RATE)) as u64));
-                            out.push(Action::Notice(ServerEvent::warning(
-                                "media_gap",
-                                format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
-                            )));
-                        }
-                    }
-                    _ => {}
-                }
-                self.samples_in += pcm.len() as u64 / 2;
-                out.push(Action::Audio(pcm));
-            }
+            101 => self.on_audio(&payload, out),
             102 => out.push(self.json(op, "transcript", &payload)),
             103 => match std::str::from_utf8(&payload) {
                 Ok(id) if !id.is_empty() && id.len() <= 256 => {
@@ -247,50 +253,56 @@ fn consumers(ctx: &BuildCtx<'_>, targets: OmiTargets) -> Vec<Box<dyn Consumer>> 
         ))
     };
     if let Some(url) = targets.transcript_webhook {
-        let session_id = target.session_id.clone();
-        let select = Box::new(move |e: &ServerEvent| match e {
-            ServerEvent::Conversation {
-                event,
-                conversation_id,
-                data,
-            } if event == "transcript" => Some(Post {
-                body: serde_json::json!({
-                    "segments": data.get("segments").cloned().unwrap_or_default(),
-                    "memory_id": data.get("memory_id").cloned().unwrap_or_default(),
-                    "session_id": session_id,
-                    "conversation_id": conversation_id,
-                }),
-                reply: None,
-            }),
-            _ => None,
-        });
-        out.push(spawn("transcript_webhook", &url, select));
+        out.push(spawn("transcript_webhook", &url, transcripts(target)));
     }
     match targets.conversation_webhook {
-        Some(url) => {
-            let session_id = target.session_id.clone();
-            let uid = target.uid.clone();
-            let select = Box::new(move |e: &ServerEvent| match e {
-                ServerEvent::Conversation {
-                    event,
-                    conversation_id,
-                    data,
-                } if event == "finalize" || event == "speaker_sample" => Some(Post {
-                    body: serde_json::json!({
-                        "event": event, "uid": uid, "session_id": session_id,
-                        "conversation_id": conversation_id, "data": data,
-                    }),
-                    reply: (event == "finalize").then(|| finalize_result(conversation_id)),
-                }),
-                _ => None,
-            });
-            out.push(spawn("conversation_webhook", &url, select));
-        }
+        Some(url) => out.push(spawn("conversation_webhook", &url, conversation(target))),
         None => out.push(Box::new(AutoReply {
             notifier: notifier.clone(),
         })),
     }
     out
+}
+
+/// `102` transcripts as Omi's realtime transcript webhook document.
+fn transcripts(target: &Target) -> Selector {
+    let session_id = target.session_id.clone();
+    Box::new(move |e: &ServerEvent| match e {
+        ServerEvent::Conversation {
+            event,
+            conversation_id,
+            data,
+        } if event == "transcript" => Some(Post {
+            body: serde_json::json!({
+                "segments": data.get("segments").cloned().unwrap_or_default(),
+                "memory_id": data.get("memory_id").cloned().unwrap_or_default(),
+                "session_id": session_id,
+                "conversation_id": conversation_id,
+            }),
+            reply: None,
+        }),
+        _ => None,
+    })
+}
+
+/// `104` finalize (answered with `201` once delivered) and `105` speaker samples.
+fn conversation(target: &Target) -> Selector {
+    let session_id = target.session_id.clone();
+    let uid = target.uid.clone();
+    Box::new(move |e: &ServerEvent| match e {
+        ServerEvent::Conversation {
+            event,
+            conversation_id,
+            data,
+        } if event == "finalize" || event == "speaker_sample" => Some(Post {
+            body: serde_json::json!({
+                "event": event, "uid": uid, "session_id": session_id,
+                "conversation_id": conversation_id, "data": data,
+            }),
+            reply: (event == "finalize").then(|| finalize_result(conversation_id)),
+        }),
+        _ => None,
+    })
 }
 
 fn finalize_result(conversation_id: &Option<String>) -> ServerEvent {

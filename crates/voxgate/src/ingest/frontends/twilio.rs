@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use metrics::counter;
 use tracing::warn;
-use voxgate_session::{ClientControl, ServerEvent};
+use voxgate_session::{ClientControl, CloseCode, ServerEvent};
 
 use super::{Accept, Action, Frontend};
 use crate::fanout::subscribers::Hub;
@@ -65,61 +65,79 @@ async fn wait_for_start(
             Err(_) => {
                 let _ = sink
                     .send(Message::Close(Some(CloseFrame {
-                        code: voxgate_session::CloseCode::Policy.as_u16(),
+                        code: CloseCode::Policy.as_u16(),
                         reason: "idle timeout: no start event".into(),
                     })))
                     .await;
                 return Ok(None);
             }
         };
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Close(_) => return Ok(None),
-            Message::Binary(_) => {
-                let w = warning(
-                    "unexpected_binary",
-                    "Twilio Media Streams send JSON text; ignored".into(),
-                );
-                let _ = sink.send(w).await;
-                continue;
-            }
-            _ => continue,
-        };
-        let v: serde_json::Value = match serde_json::from_str(text.as_str()) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = sink
-                    .send(warning("bad_message", format!("not JSON: {e}; ignored")))
-                    .await;
-                continue;
-            }
-        };
-        match v["event"].as_str().unwrap_or_default() {
-            "connected" => {}
-            "start" => {
-                return TwilioStart::parse(&v)
-                    .map(Some)
-                    .map_err(|message| Refusal::new(RefuseReason::UnsupportedFormat, message))
-            }
-            "media" => {
-                counter!(m::DROPPED_BYTES, "consumer" => "session", "reason" => "media_before_start")
-                    .increment(1);
-                let _ = sink
-                    .send(warning(
-                        "media_before_start",
-                        "media event before start; dropped".into(),
-                    ))
-                    .await;
-            }
-            "stop" => return Ok(None),
-            other => {
-                let _ = sink
-                    .send(warning(
-                        "unknown_event",
-                        format!("unknown Twilio event {other:?}; ignored"),
-                    ))
-                    .await;
-            }
+        let (step, reply) = before_start(msg);
+        if let Some(reply) = reply {
+            let _ = sink.send(reply).await;
+        }
+        match step {
+            BeforeStart::Wait => {}
+            BeforeStart::Started(start) => return start.map(Some),
+            BeforeStart::Left => return Ok(None),
+        }
+    }
+}
+
+/// What a message before `start` means.
+enum BeforeStart {
+    /// Keep waiting.
+    Wait,
+    /// `start` arrived (or was refused).
+    Started(Result<TwilioStart, Refusal>),
+    /// The client closed or stopped.
+    Left,
+}
+
+/// Handles one message before `start`, with the warning (if any) to send back.
+fn before_start(msg: Message) -> (BeforeStart, Option<Message>) {
+    let text = match msg {
+        Message::Text(t) => t,
+        Message::Close(_) => return (BeforeStart::Left, None),
+        Message::Binary(_) => {
+            let w = warning(
+                "unexpected_binary",
+                "Twilio Media Streams send JSON text; ignored".into(),
+            );
+            return (BeforeStart::Wait, Some(w));
+        }
+        _ => return (BeforeStart::Wait, None),
+    };
+    let v: serde_json::Value = match serde_json::from_str(text.as_str()) {
+        Ok(v) => v,
+        Err(e) => {
+            let w = warning("bad_message", format!("not JSON: {e}; ignored"));
+            return (BeforeStart::Wait, Some(w));
+        }
+    };
+    match v["event"].as_str().unwrap_or_default() {
+        "connected" => (BeforeStart::Wait, None),
+        "start" => {
+            let start = TwilioStart::parse(&v)
+                .map_err(|message| Refusal::new(RefuseReason::UnsupportedFormat, message));
+            (BeforeStart::Started(start), None)
+        }
+        "media" => {
+            counter!(m::DROPPED_BYTES, "consumer" => "session", "reason" => "media_before_start")
+                .increment(1);
+            let w = warning(
+                "media_before_start",
+                "media event before start; dropped".into(),
+            );
+            (BeforeStart::Wait, Some(w))
+        }
+        "stop" => (BeforeStart::Left, None),
+        other => {
+            let w = warning(
+                "unknown_event",
+                format!("unknown Twilio event {other:?}; ignored"),
+            );
+            (BeforeStart::Wait, Some(w))
         }
     }
 }
@@ -191,6 +209,56 @@ impl TwilioStart {
     }
 }
 
+impl Twilio {
+    /// A `media` event: base64 mu-law of the inbound track; timestamps reveal gaps.
+    fn on_media(&mut self, media: &serde_json::Value, out: &mut Vec<Action>) {
+        let track = media["track"].as_str().unwrap_or("inbound");
+        if track != "inbound" && track != "inbound_track" {
+            out.push(Action::Control(ClientControl::KeepAlive));
+            return;
+        }
+        let Some(payload) = media["payload"].as_str() else {
+            out.push(Action::Notice(ServerEvent::warning(
+                "bad_media",
+                "media event without a payload; ignored",
+            )));
+            return;
+        };
+        let bytes = match base64::engine::general_purpose::STANDARD.decode(payload) {
+            Ok(b) => b,
+            Err(e) => {
+                out.push(Action::Notice(ServerEvent::warning(
+                    "bad_payload",
+                    format!("media payload is not base64 ({e}); chunk dropped"),
+                )));
+                return;
+            }
+        };
+        // Timestamps (ms since the stream started) reveal gaps; they never place audio.
+        let ts = media["timestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<u64>().ok())
+            .or_else(|| media["timestamp"].as_u64());
+        if let Some(ts) = ts {
+            let expected_ms = self.received_8k / 8;
+            if ts > expected_ms + 40 {
+                let gap_8k = (ts - expected_ms) * 8;
+                self.received_8k += gap_8k;
+                out.push(Action::Silence(gap_8k * 2));
+                out.push(Action::Notice(ServerEvent::warning(
+                    "media_gap",
+                    format!(
+                        "{} ms of audio missing before timestamp {ts}; filled with silence",
+                        ts - expected_ms
+                    ),
+                )));
+            }
+        }
+        self.received_8k += bytes.len() as u64;
+        out.push(Action::Audio(Bytes::from(bytes)));
+    }
+}
+
 impl Frontend for Twilio {
     fn on_binary(&mut self, _data: Bytes, out: &mut Vec<Action>) {
         out.push(Action::Notice(ServerEvent::warning(
@@ -217,53 +285,7 @@ impl Frontend for Twilio {
                 "duplicate_start",
                 "a second start event was ignored",
             ))),
-            "media" => {
-                let media = &v["media"];
-                let track = media["track"].as_str().unwrap_or("inbound");
-                if track != "inbound" && track != "inbound_track" {
-                    out.push(Action::Control(ClientControl::KeepAlive));
-                    return;
-                }
-                let Some(payload) = media["payload"].as_str() else {
-                    out.push(Action::Notice(ServerEvent::warning(
-                        "bad_media",
-                        "media event without a payload; ignored",
-                    )));
-                    return;
-                };
-                let bytes = match base64::engine::general_purpose::STANDARD.decode(payload) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        out.push(Action::Notice(ServerEvent::warning(
-                            "bad_payload",
-                            format!("media payload is not base64 ({e}); chunk dropped"),
-                        )));
-                        return;
-                    }
-                };
-                // Timestamps (ms since the stream started) reveal gaps; they never place audio.
-                let ts = media["timestamp"]
-                    .as_str()
-                    .and_then(|t| t.parse::<u64>().ok())
-                    .or_else(|| media["timestamp"].as_u64());
-                if let Some(ts) = ts {
-                    let expected_ms = self.received_8k / 8;
-                    if ts > expected_ms + 40 {
-                        let gap_8k = (ts - expected_ms) * 8;
-                        self.received_8k += gap_8k;
-                        out.push(Action::Silence(gap_8k * 2));
-                        out.push(Action::Notice(ServerEvent::warning(
-                            "media_gap",
-                            format!(
-                                "{} ms of audio missing before timestamp {ts}; filled with silence",
-                                ts - expected_ms
-                            ),
-                        )));
-                    }
-                }
-                self.received_8k += bytes.len() as u64;
-                out.push(Action::Audio(Bytes::from(bytes)));
-            }
+            "media" => self.on_media(&v["media"], out),
             "mark" | "dtmf" => out.push(Action::Notice(ServerEvent::Telephony {
                 event: event.to_owned(),
                 detail: v.get(event).cloned().unwrap_or_default(),
