@@ -26,5 +26,5 @@ pub enum SttError {
     NotPerUtterance(&'static str),
     #[cfg(feature = "pocketsphinx")]
     #[error(transparent)]
-    Sphinx(#[from] pocketsphinx::SphinxError),
+    Sphinx(#[from] super::pocketsphinx::SphinxError),
 }
