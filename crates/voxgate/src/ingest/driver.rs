@@ -229,11 +229,12 @@ impl Connection {
         self.client.slow = false;
         self.client.gone = true;
         warn!(session = %self.id, "client is not reading its events; closing");
-        let _ = self.session.handle_input(Input::Violation {
-            code: CloseCode::Policy,
-            error: "client_too_slow",
-            message: "client did not read its events; closing",
-        });
+        let result = self.violate(
+            CloseCode::Policy,
+            "client_too_slow",
+            "client did not read its events; closing",
+        );
+        self.refused(result);
     }
 
     async fn next_wake(&mut self) -> Wake {
@@ -313,16 +314,21 @@ impl Connection {
         }
     }
 
+    /// Tells the client `error`, flushes what was received, and closes with `code`.
+    fn violate(&mut self, code: CloseCode, error: &str, message: &str) -> Result<(), SessionError> {
+        self.session.handle_input(Input::Violation {
+            code,
+            error,
+            message,
+        })
+    }
+
     fn on_flood(&mut self) -> Result<(), SessionError> {
         let message = format!(
             "more than {} messages per second (server.max_messages_per_second)",
             self.shared.cfg.server.max_messages_per_second
         );
-        self.session.handle_input(Input::Violation {
-            code: CloseCode::Policy,
-            error: "message_flood",
-            message: &message,
-        })
+        self.violate(CloseCode::Policy, "message_flood", &message)
     }
 
     fn on_binary(&mut self, mut data: Bytes) {
@@ -361,11 +367,7 @@ impl Connection {
                 format!("WebSocket protocol error: {text}"),
             ),
         };
-        self.session.handle_input(Input::Violation {
-            code,
-            error,
-            message: &message,
-        })
+        self.violate(code, error, &message)
     }
 
     fn on_notice(&mut self, notice: Notice) -> Result<(), SessionError> {
@@ -379,11 +381,7 @@ impl Connection {
                 code,
                 error,
                 message,
-            } => self.session.handle_input(Input::Violation {
-                code,
-                error,
-                message: &message,
-            }),
+            } => self.violate(code, error, &message),
         }
     }
 
@@ -449,11 +447,7 @@ impl Connection {
                 code,
                 error,
                 message,
-            } => self.session.handle_input(Input::Violation {
-                code,
-                error,
-                message: &message,
-            }),
+            } => self.violate(code, error, &message),
         }
     }
 

@@ -70,11 +70,7 @@ mod tests {
     use crate::ingest::request::Endpoint;
 
     fn req(pairs: &[(&str, &str)]) -> ConnectRequest {
-        let q = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        ConnectRequest::parse(Endpoint::Listen, "127.0.0.1:9".parse().unwrap(), None, q)
+        ConnectRequest::from_pairs(Endpoint::Listen, pairs)
     }
 
     fn principal(user: &str, session: Option<&str>) -> Principal {

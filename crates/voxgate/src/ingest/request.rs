@@ -104,6 +104,21 @@ impl ConnectRequest {
         }
     }
 
+    /// A request from `pairs` of query parameters, from a loopback peer without a token.
+    #[cfg(test)]
+    pub fn from_pairs(endpoint: Endpoint, pairs: &[(&str, &str)]) -> Self {
+        let query = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::parse(
+            endpoint,
+            "127.0.0.1:9".parse().expect("an address"),
+            None,
+            query,
+        )
+    }
+
     /// Sets the source format a frontend's protocol fixes, mirrored in the raw query.
     pub fn set_source(&mut self, encoding: &str, sample_rate: u32) {
         for (k, v) in [

@@ -382,12 +382,7 @@ mod tests {
     }
 
     fn request(pairs: &[(&str, &str)]) -> ConnectRequest {
-        let q = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let endpoint = crate::ingest::request::Endpoint::Omi;
-        ConnectRequest::parse(endpoint, "127.0.0.1:9".parse().unwrap(), None, q)
+        ConnectRequest::from_pairs(crate::ingest::request::Endpoint::Omi, pairs)
     }
 
     #[test]
