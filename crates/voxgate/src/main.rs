@@ -77,7 +77,11 @@ fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let served = runtime().block_on(async move {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail("", e.into(), ExitCode::FAILURE),
+    };
+    let served = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&cfg.server.listen).await?;
         info!(
             session_memory_bound = cfg.session_memory_bound(),
@@ -85,7 +89,7 @@ fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             webhooks = cfg.webhooks.len(),
             "config loaded"
         );
-        let shutdown = voxgate::shutdown::on_signal("the gateway");
+        let shutdown = voxgate::shutdown::on_signal("signal received; shutting down");
         voxgate::app::run(cfg, listener, shutdown).await
     });
     match served {
@@ -111,7 +115,7 @@ fn load_config(
 fn deliver(args: cli::deliver::DeliverArgs) -> ExitCode {
     init_tracing();
     let done = runtime().block_on(async move {
-        let shutdown = voxgate::shutdown::on_signal("the deliver worker");
+        let shutdown = voxgate::shutdown::on_signal("signal received; stopping the deliver worker");
         cli::deliver::run(&args, shutdown).await
     });
     match done {

@@ -24,13 +24,13 @@ pub async fn signal() {
     let _ = ctrl_c.await;
 }
 
-/// A token cancelled at the first signal (`what` is logged: what is stopping).
-pub fn on_signal(what: &'static str) -> CancellationToken {
+/// A token cancelled at the first signal, which is logged with `message`.
+pub fn on_signal(message: &'static str) -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
         signal().await;
-        info!("signal received; stopping {what}");
+        info!("{message}");
         cancel.cancel();
     });
     token

@@ -347,7 +347,7 @@ pub async fn run(args: &SinkArgs) -> anyhow::Result<SinkStats> {
     });
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     eprintln!("voxgate sink listening on {}", listener.local_addr()?);
-    let stop = crate::shutdown::on_signal("the sink");
+    let stop = crate::shutdown::on_signal("signal received; stopping the sink");
     if args.report_every > 0.0 {
         let sink = sink.clone();
         let stop = stop.clone();

@@ -3,10 +3,11 @@
 //! closes it); a client that went away is marked gone (nothing more is written to it). A resumed
 //! session hands the writer the new socket's sink.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use metrics::counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -14,8 +15,16 @@ use tracing::warn;
 
 use crate::metrics as m;
 
-pub type WsSink = futures_util::stream::SplitSink<WebSocket, Message>;
-pub type WsStream = futures_util::stream::SplitStream<WebSocket>;
+/// The write half of a client socket (a WebSocket's, or a test's channel).
+pub type WsSink = Pin<Box<dyn Sink<Message, Error = axum::Error> + Send>>;
+/// The read half of a client socket.
+pub type WsStream = Pin<Box<dyn Stream<Item = Result<Message, axum::Error>> + Send>>;
+
+/// Splits an upgraded socket into its halves.
+pub fn split(socket: WebSocket) -> (WsSink, WsStream) {
+    let (sink, stream) = socket.split();
+    (Box::pin(sink), Box::pin(stream))
+}
 
 /// How long the close waits for the writer to send what is queued.
 const WRITER_JOIN: Duration = Duration::from_secs(5);
@@ -57,7 +66,7 @@ impl ClientIo {
 
     /// Takes a reconnected client's socket: reads from it, and the writer writes to it.
     pub async fn reattach(&mut self, socket: WebSocket) -> bool {
-        let (sink, stream) = socket.split();
+        let (sink, stream) = split(socket);
         self.stream = stream;
         self.gone = false;
         self.sink_tx.send(sink).await.is_ok()
@@ -71,7 +80,7 @@ impl ClientIo {
                 if self.out_tx.try_send(msg).is_err() {
                     counter!(m::CLIENT_ERRORS, "code" => "closed_undelivered").increment(1);
                     warn!(
-                        session,
+                        session = %session,
                         "client event queue full; Closed not delivered to the client"
                     );
                 }

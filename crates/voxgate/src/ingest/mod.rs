@@ -30,7 +30,6 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use futures_util::StreamExt;
 
 use self::client::ClientIo;
 use self::driver::Connection;
@@ -93,7 +92,7 @@ async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, mut req: Conne
             return resume::reattach(&shared, socket, req.peer, ask).await;
         }
     }
-    let (mut sink, mut stream) = socket.split();
+    let (mut sink, mut stream) = client::split(socket);
     let accepted = match req.endpoint {
         Endpoint::Listen => {
             let frontend = Box::new(Listen::new(&req.raw_query));

@@ -6,8 +6,8 @@
 use std::net::SocketAddr;
 
 use axum::extract::ws::WebSocket;
-use futures_util::StreamExt;
 
+use super::client::split;
 use super::refusal::{refuse, Refusal, RefuseReason};
 use super::request::ReattachRequest;
 use crate::shared::Shared;
@@ -66,7 +66,7 @@ impl ResumeCursor {
 /// `/v1/listen?resume=...`: hands the socket to the live session, or refuses it.
 pub async fn reattach(shared: &Shared, socket: WebSocket, peer: SocketAddr, ask: ReattachRequest) {
     let Some(tx) = shared.resumable.sender(&ask.session_id, &ask.token) else {
-        let (sink, stream) = socket.split();
+        let (sink, stream) = split(socket);
         let refusal = Refusal::new(
             RefuseReason::ResumeFailed,
             format!(
@@ -77,7 +77,7 @@ pub async fn reattach(shared: &Shared, socket: WebSocket, peer: SocketAddr, ask:
         return refuse(sink, stream, peer, refusal).await;
     };
     if let Err(e) = tx.send((socket, ask.from)).await {
-        let (sink, stream) = (e.0).0.split();
+        let (sink, stream) = split((e.0).0);
         let refusal = Refusal::new(
             RefuseReason::ResumeFailed,
             "the session ended while resuming",
