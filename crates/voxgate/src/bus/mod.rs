@@ -15,6 +15,7 @@
 //! `<tenant>.<session>`; workers read it from there, and a gateway that picks the session up
 //! after another one died continues from it and from the last message of each channel.
 
+mod attempt;
 pub mod deliver;
 pub mod publish;
 pub mod session;
