@@ -28,11 +28,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{header_u64, parse_subject, Bus, Kind, SessionRecord, H_SEQUENCE, H_START_SAMPLE};
+use super::attempt::{dead, deliver, msg_u64, Shared, Step};
+use super::{parse_subject, Bus, Kind, SessionRecord, H_SEQUENCE};
 use crate::config::Config;
-use crate::fanout::contract::{audio_body, audio_request, json_request, AudioBatchInfo, Target};
-use crate::fanout::http::{BreakerPolicy, Breakers, HttpOutcome};
-use crate::fanout::retry::{Backoff, Jitter};
 use crate::metrics::BUS_DELIVERIES;
 
 /// Messages queued per session task; the partition loop waits when it is full (bounded by
@@ -69,79 +67,17 @@ pub async fn run(
     Ok(())
 }
 
-struct Shared {
-    bus: Bus,
-    http: reqwest::Client,
-    http_guarded: reqwest::Client,
-    breakers: Breakers,
-    /// The breakers' limits (the gateway's JSON webhooks use the same defaults).
-    breaker_policy: BreakerPolicy,
-    /// Redelivery delays: `backoff_initial_ms` doubling to `backoff_max_ms`, equal jitter.
-    backoff: Backoff,
-}
-
-impl Shared {
-    fn new(cfg: &Config, bus: Bus) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
-        let http_guarded = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(crate::policy::GuardedResolver {
-                policy: Arc::new(cfg.webhook_policy.clone()),
-            }))
-            .build()?;
-        let backoff = Backoff::with(
-            Duration::from_millis(cfg.bus.backoff_initial_ms),
-            Duration::from_millis(cfg.bus.backoff_max_ms),
-            Jitter::Equal,
-        );
-        Ok(Self {
-            bus,
-            http,
-            http_guarded,
-            breakers: Breakers::default(),
-            breaker_policy: BreakerPolicy::default(),
-            backoff,
-        })
-    }
-}
-
+/// Reads one partition until shutdown, subscribing anew whenever its message stream fails or
+/// ends (the session tasks it started live on across subscriptions).
 async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: CancellationToken) {
-    let cfg = shared.bus.cfg.clone();
-    let name = format!("deliver-{partition}");
-    let mut sessions: HashMap<String, mpsc::Sender<jetstream::Message>> = HashMap::new();
-    let mut handled = 0u64;
-    'outer: while !shutdown.is_cancelled() {
-        let consumer = async {
-            let stream = shared.bus.js.get_stream_no_info(&cfg.stream).await?;
-            let consumer: jetstream::consumer::PullConsumer = stream
-                .get_or_create_consumer(
-                    &name,
-                    pull::Config {
-                        durable_name: Some(name.clone()),
-                        filter_subject: format!("{}.{partition}.>", cfg.subject_prefix),
-                        ack_policy: AckPolicy::Explicit,
-                        ack_wait: Duration::from_secs_f64(cfg.ack_wait_seconds),
-                        // Attempts are bounded by the worker (`bus.max_deliver` real POSTs of
-                        // the message at the head of its channel): messages NAKed while they
-                        // wait behind it must not run out of deliveries and leave a hole.
-                        max_deliver: -1,
-                        max_ack_pending: cfg.max_ack_pending,
-                        num_replicas: cfg.replicas,
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            consumer
-                .messages()
-                .await
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
-        }
-        .await;
-        let mut messages = match consumer {
+    let mut worker = Partition {
+        shared,
+        number: partition,
+        sessions: HashMap::new(),
+        handled: 0,
+    };
+    while !shutdown.is_cancelled() {
+        let messages = match worker.subscribe().await {
             Ok(m) => m,
             Err(e) => {
                 warn!(partition, error = %e, "deliver: consumer not ready; retrying");
@@ -152,10 +88,69 @@ async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: Cancellat
             }
         };
         info!(partition, "deliver: consuming");
+        if let Consumed::Stopped = worker.consume(messages, &shutdown).await {
+            break;
+        }
+    }
+    info!(partition, "deliver: stopped");
+}
+
+/// Why a partition stopped reading its message stream.
+enum Consumed {
+    /// The stream failed or ended: subscribe anew.
+    Resubscribe,
+    /// Shutdown.
+    Stopped,
+}
+
+/// One partition's worker: its durable consumer and the session tasks it feeds.
+struct Partition {
+    shared: Arc<Shared>,
+    number: u32,
+    /// Queues of the session tasks, by `<tenant>.<token>`.
+    sessions: HashMap<String, mpsc::Sender<jetstream::Message>>,
+    /// Messages handed to session tasks (closed queues are swept every 1024).
+    handled: u64,
+}
+
+impl Partition {
+    /// Creates (or finds) the partition's durable consumer and subscribes to its messages.
+    async fn subscribe(&self) -> Result<pull::Stream, Box<dyn std::error::Error + Send + Sync>> {
+        let cfg = &self.shared.bus.cfg;
+        let name = format!("deliver-{}", self.number);
+        let stream = self.shared.bus.js.get_stream_no_info(&cfg.stream).await?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("{}.{}.>", cfg.subject_prefix, self.number),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs_f64(cfg.ack_wait_seconds),
+                    // Attempts are bounded by the worker (`bus.max_deliver` real POSTs of the
+                    // message at the head of its channel): messages NAKed while they wait
+                    // behind it must not run out of deliveries and leave a hole.
+                    max_deliver: -1,
+                    max_ack_pending: cfg.max_ack_pending,
+                    num_replicas: cfg.replicas,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(consumer.messages().await?)
+    }
+
+    /// Hands each message to its session's task until the stream fails or ends, or shutdown.
+    async fn consume(
+        &mut self,
+        mut messages: pull::Stream,
+        shutdown: &CancellationToken,
+    ) -> Consumed {
+        let partition = self.number;
         loop {
             let next = tokio::select! {
                 m = messages.next() => m,
-                () = shutdown.cancelled() => break 'outer,
+                () = shutdown.cancelled() => return Consumed::Stopped,
             };
             let msg = match next {
                 Some(Ok(m)) => m,
@@ -165,13 +160,13 @@ async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: Cancellat
                     // anew. Unacked messages are redelivered, so nothing is skipped.
                     warn!(partition, error = %e, "deliver: message stream error; re-subscribing");
                     tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(250)) => continue 'outer,
-                        () = shutdown.cancelled() => break 'outer,
+                        () = tokio::time::sleep(Duration::from_millis(250)) => return Consumed::Resubscribe,
+                        () = shutdown.cancelled() => return Consumed::Stopped,
                     }
                 }
                 None => {
                     warn!(partition, "deliver: message stream ended; re-subscribing");
-                    continue 'outer;
+                    return Consumed::Resubscribe;
                 }
             };
             let Some(parsed) = parse_subject(&msg.subject) else {
@@ -180,39 +175,42 @@ async fn partition_loop(shared: Arc<Shared>, partition: u32, shutdown: Cancellat
                 continue;
             };
             let key = format!("{}.{}", parsed.tenant, parsed.token);
-            let mut msg = msg;
-            loop {
-                let tx = sessions.entry(key.clone()).or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-                    tokio::spawn(session_task(shared.clone(), key.clone(), rx));
-                    tx
-                });
-                match tx.try_send(msg) {
-                    Ok(()) => break,
-                    Err(mpsc::error::TrySendError::Closed(back)) => {
-                        // The task ended while idle: start a new one.
-                        sessions.remove(&key);
-                        msg = back;
-                    }
-                    Err(mpsc::error::TrySendError::Full(back)) => {
-                        // One slow sink must not stall the partition: this session's message
-                        // comes back later (its order is kept by the session's cursor).
-                        counter!(BUS_DELIVERIES, "kind" => "any", "outcome" => "session_busy")
-                            .increment(1);
-                        let _ = back
-                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                            .await;
-                        break;
-                    }
-                }
-            }
-            handled += 1;
-            if handled.is_multiple_of(1024) {
-                sessions.retain(|_, tx| !tx.is_closed());
-            }
+            self.dispatch(key, msg).await;
         }
     }
-    info!(partition, "deliver: stopped");
+
+    /// Queues a message on its session's task, starting one if there is none.
+    async fn dispatch(&mut self, key: String, mut msg: jetstream::Message) {
+        loop {
+            let tx = self.sessions.entry(key.clone()).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+                tokio::spawn(session_task(self.shared.clone(), key.clone(), rx));
+                tx
+            });
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(mpsc::error::TrySendError::Closed(back)) => {
+                    // The task ended while idle: start a new one.
+                    self.sessions.remove(&key);
+                    msg = back;
+                }
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    // One slow sink must not stall the partition: this session's message
+                    // comes back later (its order is kept by the session's cursor).
+                    counter!(BUS_DELIVERIES, "kind" => "any", "outcome" => "session_busy")
+                        .increment(1);
+                    let _ = back
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    break;
+                }
+            }
+        }
+        self.handled += 1;
+        if self.handled.is_multiple_of(1024) {
+            self.sessions.retain(|_, tx| !tx.is_closed());
+        }
+    }
 }
 
 /// Ordering state of one session channel.
@@ -223,93 +221,181 @@ struct Channel {
     attempts: u32,
 }
 
+/// Delivers one session's messages in order until its queue closes or it is idle for
+/// `SESSION_IDLE`.
 async fn session_task(
     shared: Arc<Shared>,
     key: String,
     mut rx: mpsc::Receiver<jetstream::Message>,
 ) {
-    let mut record: Option<Arc<SessionRecord>> = None;
-    let mut channels: HashMap<(Kind, usize), Channel> = HashMap::new();
-    loop {
-        let msg = match tokio::time::timeout(SESSION_IDLE, rx.recv()).await {
-            Ok(Some(m)) => m,
-            Ok(None) | Err(_) => break,
-        };
+    let mut session = Session {
+        shared,
+        key,
+        record: None,
+        channels: HashMap::new(),
+    };
+    while let Ok(Some(msg)) = tokio::time::timeout(SESSION_IDLE, rx.recv()).await {
+        session.handle(msg).await;
+    }
+    // Held messages are not acked: JetStream redelivers them after ack_wait.
+    debug!(session = %session.key, "deliver: session task idle; ending");
+}
+
+/// One session's delivery state: its record (loaded once) and its channels' ordering.
+struct Session {
+    shared: Arc<Shared>,
+    /// `<tenant>.<token>`, the record's KV key.
+    key: String,
+    record: Option<Arc<SessionRecord>>,
+    channels: HashMap<(Kind, usize), Channel>,
+}
+
+impl Session {
+    /// Delivers, holds, acks or dead-letters one message of the session.
+    async fn handle(&mut self, msg: jetstream::Message) {
         let Some(parsed) = parse_subject(&msg.subject) else {
-            continue;
+            return;
         };
         let (kind, channel) = (parsed.kind, parsed.channel);
         if !matches!(kind, Kind::Audio | Kind::Transcript) {
             // Start, utterance and end events are for other bus readers; nothing to send.
             counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => "no_sink").increment(1);
             let _ = msg.ack().await;
-            continue;
+            return;
         }
-        if record.is_none() {
-            match shared.bus.record(&key).await {
-                Ok(Some(r)) => record = Some(Arc::new(r)),
-                Ok(None) => {
-                    dead(&shared, &msg, "no_session_record", None).await;
-                    continue;
-                }
-                Err(e) => {
-                    warn!(session = %key, error = %e, "deliver: session record unavailable");
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                    continue;
-                }
-            }
-        }
-        let rec = record.clone().expect("loaded above");
-        let Some(seq) = msg_u64(&msg, H_SEQUENCE) else {
-            dead(&shared, &msg, "malformed", None).await;
-            continue;
+        let Some(rec) = self.record(&msg).await else {
+            return;
         };
-        let ch = match channels.entry((kind, channel)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                match load_cursor(&shared.bus, &cursor_key(&key, kind, channel)).await {
-                    Ok(next) => v.insert(Channel {
-                        next,
-                        attempts: 0,
-                        held: BTreeMap::new(),
-                    }),
-                    Err(e) => {
-                        warn!(session = %key, error = %e, "deliver: cursor unavailable");
-                        let _ = msg
-                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                            .await;
-                        continue;
-                    }
-                }
-            }
+        let Some(seq) = msg_u64(&msg, H_SEQUENCE) else {
+            dead(&self.shared, &msg, "malformed", None).await;
+            return;
+        };
+        let Some(ch) = open_channel(
+            &mut self.channels,
+            &self.shared.bus,
+            &self.key,
+            (kind, channel),
+            &msg,
+        )
+        .await
+        else {
+            return;
         };
         if seq < ch.next {
             counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => "duplicate")
                 .increment(1);
             let _ = msg.ack().await;
-            continue;
+            return;
         }
         if seq > ch.next {
             counter!(BUS_DELIVERIES, "kind" => kind.as_str(), "outcome" => "held").increment(1);
-            if let Some(old) = ch.held.insert(seq, msg) {
-                let _ = old.ack_with(AckKind::Progress).await; // a redelivered copy replaces it
-            }
-            if ch.held.len() > shared.bus.cfg.reorder_window {
-                if let Some((_, newest)) = ch.held.pop_last() {
-                    let _ = newest
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                }
-            }
-            continue;
+            ch.hold(seq, msg, self.shared.bus.cfg.reorder_window).await;
+            return;
         }
         // seq == next: deliver it and whatever waited behind it.
-        let ckey = cursor_key(&key, kind, channel);
+        let lane = Lane {
+            shared: &self.shared,
+            key: &self.key,
+            rec: &rec,
+            kind,
+            channel,
+        };
+        lane.deliver_in_order(ch, msg).await;
+    }
+
+    /// The session's record, loaded on first use; `None` when the message was dealt with
+    /// (dead-lettered without a record, NAKed while the bucket is unavailable).
+    async fn record(&mut self, msg: &jetstream::Message) -> Option<Arc<SessionRecord>> {
+        if let Some(rec) = &self.record {
+            return Some(rec.clone());
+        }
+        match self.shared.bus.record(&self.key).await {
+            Ok(Some(r)) => {
+                let rec = Arc::new(r);
+                self.record = Some(rec.clone());
+                Some(rec)
+            }
+            Ok(None) => {
+                dead(&self.shared, msg, "no_session_record", None).await;
+                None
+            }
+            Err(e) => {
+                warn!(session = %self.key, error = %e, "deliver: session record unavailable");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                None
+            }
+        }
+    }
+}
+
+/// A channel's ordering state, its cursor loaded from KV on first use; `None` when the cursor
+/// is unavailable (the message is then NAKed).
+async fn open_channel<'a>(
+    channels: &'a mut HashMap<(Kind, usize), Channel>,
+    bus: &Bus,
+    session_key: &str,
+    (kind, channel): (Kind, usize),
+    msg: &jetstream::Message,
+) -> Option<&'a mut Channel> {
+    match channels.entry((kind, channel)) {
+        std::collections::hash_map::Entry::Occupied(e) => Some(e.into_mut()),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            match load_cursor(bus, &cursor_key(session_key, kind, channel)).await {
+                Ok(next) => Some(v.insert(Channel {
+                    next,
+                    attempts: 0,
+                    held: BTreeMap::new(),
+                })),
+                Err(e) => {
+                    warn!(session = %session_key, error = %e, "deliver: cursor unavailable");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    None
+                }
+            }
+        }
+    }
+}
+
+impl Channel {
+    /// Keeps a message that came before its turn, within the reorder window (beyond it, the
+    /// newest held message is NAKed).
+    async fn hold(&mut self, seq: u64, msg: jetstream::Message, window: usize) {
+        if let Some(old) = self.held.insert(seq, msg) {
+            let _ = old.ack_with(AckKind::Progress).await; // a redelivered copy replaces it
+        }
+        if self.held.len() > window {
+            if let Some((_, newest)) = self.held.pop_last() {
+                let _ = newest
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+}
+
+/// One session channel's sink, as delivery sees it.
+struct Lane<'a> {
+    shared: &'a Shared,
+    /// The session's record key.
+    key: &'a str,
+    rec: &'a SessionRecord,
+    kind: Kind,
+    channel: usize,
+}
+
+impl Lane<'_> {
+    /// Delivers the message at the channel's cursor, then each held message that is next in
+    /// turn; a retry NAKs it and everything held behind it.
+    async fn deliver_in_order(&self, ch: &mut Channel, msg: jetstream::Message) {
+        let (shared, key, kind) = (self.shared, self.key, self.kind);
+        let ckey = cursor_key(key, kind, self.channel);
         let mut current = Some(msg);
         while let Some(m) = current.take() {
-            match deliver(&shared, &rec, kind, channel, &m, ch.attempts + 1).await {
+            match deliver(shared, self.rec, kind, self.channel, &m, ch.attempts + 1).await {
                 Step::Done(outcome) => {
                     ch.next += 1;
                     ch.attempts = 0;
@@ -339,158 +425,6 @@ async fn session_task(
             }
         }
     }
-    // Held messages are not acked: JetStream redelivers them after ack_wait.
-    debug!(session = %key, "deliver: session task idle; ending");
-}
-
-enum Step {
-    /// Handled (delivered, or given up and dead-lettered): the cursor moves on.
-    Done(&'static str),
-    /// Try again after this delay.
-    Retry(Duration),
-}
-
-/// Why a message stands for no webhook request.
-enum NoRequest {
-    /// The record has no sink at the message's channel.
-    UnknownChannel,
-    /// A kind no sink takes.
-    NoSink,
-}
-
-/// The webhook request a message stands for, and its URL (the breaker's key), built exactly
-/// as the gateway would have made it in-process.
-fn sink_request(
-    shared: &Shared,
-    rec: &SessionRecord,
-    kind: Kind,
-    channel: usize,
-    msg: &jetstream::Message,
-    id: &str,
-) -> Result<(String, reqwest::RequestBuilder), NoRequest> {
-    let client = if rec.from_hook {
-        &shared.http_guarded
-    } else {
-        &shared.http
-    };
-    match kind {
-        Kind::Audio => {
-            let Some(w) = rec.audio.get(channel) else {
-                return Err(NoRequest::UnknownChannel);
-            };
-            let target = Target {
-                session_id: rec.session_id.clone(),
-                uid: rec.uid.clone(),
-            };
-            let info = AudioBatchInfo {
-                target: &target,
-                idempotency_key: id,
-                sequence: msg_u64(msg, H_SEQUENCE).unwrap_or(0),
-                start_sample: msg_u64(msg, H_START_SAMPLE).unwrap_or(0),
-                samples: msg.payload.len() / 2,
-            };
-            let body = Bytes::from(audio_body(&w.body, &msg.payload));
-            Ok((w.url.clone(), audio_request(client, w, &info, body)))
-        }
-        Kind::Transcript => {
-            let Some(t) = rec.transcripts.get(channel) else {
-                return Err(NoRequest::UnknownChannel);
-            };
-            let req = client
-                .post(&t.url)
-                .timeout(Duration::from_millis(t.timeout_ms));
-            Ok((
-                t.url.clone(),
-                json_request(req, id, None, msg.payload.clone()),
-            ))
-        }
-        _ => Err(NoRequest::NoSink),
-    }
-}
-
-async fn deliver(
-    shared: &Shared,
-    rec: &SessionRecord,
-    kind: Kind,
-    channel: usize,
-    msg: &jetstream::Message,
-    attempt: u32,
-) -> Step {
-    let id = message_id(msg).unwrap_or_default();
-    let (url, request) = match sink_request(shared, rec, kind, channel, msg, &id) {
-        Ok(sink) => sink,
-        Err(NoRequest::UnknownChannel) => {
-            dead(shared, msg, "unknown_channel", None).await;
-            return Step::Done("dead");
-        }
-        Err(NoRequest::NoSink) => return Step::Done("no_sink"),
-    };
-    let breaker = shared.breakers.get(&url);
-    let last_try = i64::from(attempt) >= shared.bus.cfg.max_deliver;
-    // Retryable failures and an open breaker are retried; a rejection is final.
-    let failure = match breaker.send(shared.breaker_policy, || request).await {
-        HttpOutcome::Delivered => return Step::Done("delivered"),
-        HttpOutcome::Rejected(status) => {
-            warn!(session = %rec.session_id, %id, %status, "deliver: rejected by the sink; dead-lettered");
-            dead(shared, msg, "rejected", Some(status.as_u16())).await;
-            return Step::Done("rejected");
-        }
-        failure => failure,
-    };
-    if last_try {
-        warn!(session = %rec.session_id, %id, attempt, %failure, "deliver: out of attempts; dead-lettered");
-        dead(shared, msg, "max_deliver", None).await;
-        return Step::Done("gave_up");
-    }
-    debug!(session = %rec.session_id, %id, attempt, %failure, "deliver: will retry");
-    Step::Retry(shared.backoff.delay_for(attempt.saturating_sub(1)))
-}
-
-/// Terminates a message and records why on the dead-letter subject.
-async fn dead(shared: &Shared, msg: &jetstream::Message, reason: &str, status: Option<u16>) {
-    let id = message_id(msg);
-    let (tenant, token) = parse_subject(&msg.subject)
-        .map(|p| (p.tenant.to_owned(), p.token.to_owned()))
-        .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-    // Only a message without a JetStream reply subject has no info; its fields are then null.
-    let info = msg.info().ok();
-    let event = serde_json::json!({
-        "reason": reason,
-        "status": status,
-        "message_id": id,
-        "subject": msg.subject.as_str(),
-        "stream_sequence": info.as_ref().map(|i| i.stream_sequence),
-        "delivered": info.as_ref().map(|i| i.delivered),
-    });
-    let subject = super::dead_subject(&shared.bus.cfg.subject_prefix, &tenant, &token);
-    counter!(BUS_DELIVERIES, "kind" => "dead_letter", "outcome" => "published").increment(1);
-    match shared
-        .bus
-        .js
-        .publish(subject, Bytes::from(event.to_string()))
-        .await
-    {
-        Ok(ack) => {
-            if let Err(e) = ack.await {
-                warn!(error = %e, "deliver: dead letter not acknowledged");
-            }
-        }
-        Err(e) => warn!(error = %e, "deliver: dead letter not published"),
-    }
-    let _ = msg.ack_with(AckKind::Term).await;
-}
-
-/// A numeric header of a bus message.
-fn msg_u64(msg: &jetstream::Message, name: &str) -> Option<u64> {
-    msg.headers.as_ref().and_then(|h| header_u64(h, name))
-}
-
-/// The message's `Nats-Msg-Id` (the sink's `Idempotency-Key`).
-fn message_id(msg: &jetstream::Message) -> Option<String> {
-    msg.headers
-        .as_ref()?
-        .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|v| v.as_str().to_owned())
 }
 
 fn cursor_key(session_key: &str, kind: Kind, channel: usize) -> String {

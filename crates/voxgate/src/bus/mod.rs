@@ -15,6 +15,7 @@
 //! `<tenant>.<session>`; workers read it from there, and a gateway that picks the session up
 //! after another one died continues from it and from the last message of each channel.
 
+mod attempt;
 pub mod deliver;
 pub mod publish;
 pub mod session;
@@ -214,76 +215,91 @@ fn nats_err(e: impl std::fmt::Display) -> BusError {
     BusError::Nats(e.to_string())
 }
 
+/// The NATS client for `bus.url` (comma-separated servers), retrying its first connect and
+/// reconnecting forever with `retry_backoff`.
+async fn open_client(cfg: &BusConfig, name: &str) -> Result<async_nats::Client, BusError> {
+    let url = cfg.url.as_ref().ok_or(BusError::NotConfigured)?;
+    let addrs: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|u| u.trim().parse().map_err(nats_err))
+        .collect::<Result<_, _>>()?;
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .ping_interval(Duration::from_millis(cfg.ping_interval_ms))
+        .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+        .request_timeout(Some(cfg.publish_timeout()))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempt| {
+            retry_backoff().delay_for(u32::try_from(attempt).unwrap_or(u32::MAX))
+        })
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("bus connected"),
+                async_nats::Event::Disconnected => tracing::warn!("bus disconnected"),
+                other => tracing::debug!(event = %other, "bus event"),
+            }
+        })
+        .connect(addrs)
+        .await
+        .map_err(nats_err)
+}
+
+/// Creates the stream (or checks it is there).
+async fn ensure_stream(js: &jetstream::Context, cfg: &BusConfig) -> Result<(), BusError> {
+    let want = stream::Config {
+        name: cfg.stream.clone(),
+        subjects: vec![format!("{}.>", cfg.subject_prefix)],
+        max_age: Duration::from_secs_f64(cfg.max_age_seconds),
+        max_bytes: cfg.max_bytes,
+        discard: stream::DiscardPolicy::New,
+        duplicate_window: Duration::from_secs_f64(cfg.duplicate_window_seconds),
+        num_replicas: cfg.replicas,
+        storage: stream::StorageType::File,
+        allow_direct: true,
+        ..Default::default()
+    };
+    // The first connect may race a cluster electing its leader: retry for a while.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match js.get_or_create_stream(want.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "bus: stream not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(nats_err(e)),
+        }
+    }
+}
+
+/// The session KV bucket, created if it is not there (its entries live as long as messages).
+async fn ensure_records(js: &jetstream::Context, cfg: &BusConfig) -> Result<kv::Store, BusError> {
+    match js.get_key_value(&cfg.kv_bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: cfg.kv_bucket.clone(),
+                history: 1,
+                max_age: Duration::from_secs_f64(cfg.max_age_seconds),
+                num_replicas: cfg.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats_err),
+    }
+}
+
 impl Bus {
     /// Connects and creates (or checks) the stream and the KV bucket. Reconnects forever in the
     /// background afterwards; publishes fail fast (`publish_timeout_ms`) while it is down.
     pub async fn connect(cfg: &BusConfig, name: &str) -> Result<Self, BusError> {
-        let url = cfg.url.as_ref().ok_or(BusError::NotConfigured)?;
-        let addrs: Vec<async_nats::ServerAddr> = url
-            .split(',')
-            .map(|u| u.trim().parse().map_err(nats_err))
-            .collect::<Result<_, _>>()?;
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
-            .ping_interval(Duration::from_millis(cfg.ping_interval_ms))
-            .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .request_timeout(Some(cfg.publish_timeout()))
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .reconnect_delay_callback(|attempt| {
-                retry_backoff().delay_for(u32::try_from(attempt).unwrap_or(u32::MAX))
-            })
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("bus connected"),
-                    async_nats::Event::Disconnected => tracing::warn!("bus disconnected"),
-                    other => tracing::debug!(event = %other, "bus event"),
-                }
-            })
-            .connect(addrs)
-            .await
-            .map_err(nats_err)?;
+        let client = open_client(cfg, name).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(cfg.publish_timeout());
-        let max_age = Duration::from_secs_f64(cfg.max_age_seconds);
-        let want = stream::Config {
-            name: cfg.stream.clone(),
-            subjects: vec![format!("{}.>", cfg.subject_prefix)],
-            max_age,
-            max_bytes: cfg.max_bytes,
-            discard: stream::DiscardPolicy::New,
-            duplicate_window: Duration::from_secs_f64(cfg.duplicate_window_seconds),
-            num_replicas: cfg.replicas,
-            storage: stream::StorageType::File,
-            allow_direct: true,
-            ..Default::default()
-        };
-        // The first connect may race a cluster electing its leader: retry for a while.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match js.get_or_create_stream(want.clone()).await {
-                Ok(_) => break,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "bus: stream not ready; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(nats_err(e)),
-            }
-        }
-        let records = match js.get_key_value(&cfg.kv_bucket).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: cfg.kv_bucket.clone(),
-                    history: 1,
-                    max_age,
-                    num_replicas: cfg.replicas,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(nats_err)?,
-        };
+        ensure_stream(&js, cfg).await?;
+        let records = ensure_records(&js, cfg).await?;
         Ok(Self {
             cfg: Arc::new(cfg.clone()),
             client,

@@ -11,6 +11,7 @@
 //! forgotten first; audio that cannot be sent (backend away) is dropped newest-first, counted.
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use futures_util::SinkExt;
 use metrics::counter;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
 use voxgate_session::{seconds, AudioChunk, ConsumerSummary, ServerEvent};
 
@@ -157,6 +158,32 @@ struct Pending {
     at: Instant,
 }
 
+/// The worker's side of the backend connection: the live one, if any, and when to try the
+/// next.
+struct Link {
+    conn: Option<Conn>,
+    backoff: Backoff,
+    next_attempt: Instant,
+}
+
+impl Link {
+    /// Sends `CloseStream` once; `false` when that lost the connection.
+    async fn close_stream(&mut self) -> bool {
+        let Some(c) = self.conn.as_mut() else {
+            return true;
+        };
+        if c.close_sent {
+            return true;
+        }
+        c.close_sent = true;
+        if send_text(c, r#"{"type":"CloseStream"}"#).await.is_err() {
+            self.conn = None;
+            return false;
+        }
+        true
+    }
+}
+
 struct Worker {
     ctx: Ctx,
     cfg: Arc<SttConfig>,
@@ -178,98 +205,127 @@ impl Worker {
         let keepalive = Duration::from_secs_f64(self.cfg.keepalive_seconds);
         let mut tick = tokio::time::interval(keepalive / 4);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut backoff = Backoff::new(&self.cfg.retry_policy());
-        let mut next_attempt = Instant::now();
-        let mut conn: Option<Conn> = None;
+        let mut link = Link {
+            conn: None,
+            backoff: Backoff::new(&self.cfg.retry_policy()),
+            next_attempt: Instant::now(),
+        };
         let mut input_open = true;
         loop {
-            if !input_open
-                && conn.is_none()
-                && (self.unsent.load(Ordering::Relaxed) == 0 || self.retained.is_empty())
-                && self.pending.is_empty()
-            {
+            if !input_open && link.conn.is_none() && self.nothing_to_wait_for() {
                 break;
             }
-            if conn.is_none() && Instant::now() >= next_attempt {
-                match self.connect().await {
-                    Ok(c) => {
-                        backoff = Backoff::new(&self.cfg.retry_policy());
-                        let mut c = c;
-                        if self.resend(&mut c).await.is_ok() {
-                            conn = Some(c);
-                        } else {
-                            self.trouble("connection lost while resending");
-                            next_attempt = Instant::now() + backoff.delay();
-                        }
-                    }
-                    Err(e) => {
-                        counter!(STT_REQUESTS, "backend" => self.cfg.name.clone(), "outcome" => "connect_error").increment(1);
-                        self.trouble(e);
-                        next_attempt = Instant::now() + backoff.delay();
-                    }
-                }
+            if link.conn.is_none() && Instant::now() >= link.next_attempt {
+                self.reconnect(&mut link).await;
             }
-            if !input_open {
-                if let Some(c) = conn.as_mut() {
-                    if !c.close_sent {
-                        c.close_sent = true;
-                        if send_text(c, r#"{"type":"CloseStream"}"#).await.is_err() {
-                            conn = None;
-                            continue;
-                        }
-                    }
-                }
+            // The input ended: the backend is asked to finish; losing the connection while
+            // asking goes round again (reconnect, resend, ask again).
+            if !input_open && !link.close_stream().await {
+                continue;
             }
             tokio::select! {
                 item = rx.recv(), if input_open => match item {
                     Some(item) => {
-                        if let Err(()) = self.input(item, conn.as_mut()).await {
-                            self.trouble("connection lost while sending");
-                            conn = None;
-                            next_attempt = Instant::now() + backoff.delay();
+                        if let Err(()) = self.input(item, link.conn.as_mut()).await {
+                            self.retry_later(&mut link, "connection lost while sending");
                         }
                     }
                     None => input_open = false,
                 },
-                frame = next_frame(&mut conn) => match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        if let Some(c) = conn.as_ref() {
-                            self.on_text(c, text.as_str()).await;
-                        }
+                frame = next_frame(&mut link.conn) => {
+                    if self.on_frame(frame, &mut link).await.is_break() {
+                        break;
                     }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                        let closing = conn.as_ref().is_some_and(|c| c.close_sent);
-                        conn = None;
-                        if closing {
-                            break;
-                        }
-                        self.trouble("connection closed by the backend");
-                        next_attempt = Instant::now() + backoff.delay();
-                    }
-                    Some(Ok(_)) => {}
                 },
-                _ = tick.tick() => {
-                    if let Some(c) = conn.as_mut() {
-                        if !c.close_sent && c.last_send.elapsed() >= keepalive
-                            && send_text(c, r#"{"type":"KeepAlive"}"#).await.is_err()
-                        {
-                            conn = None;
-                            self.trouble("connection lost while idle");
-                            next_attempt = Instant::now() + backoff.delay();
-                        }
-                    }
-                    // A Finalize that never got its answer does not pin audio forever.
-                    let timeout = Duration::from_millis(self.cfg.timeout_ms);
-                    while self.pending.front().is_some_and(|p| p.at.elapsed() > timeout) {
-                        let p = self.pending.pop_front().expect("front exists");
-                        debug!(stt = %self.cfg.name, utterance = p.utterance, "no final result after Finalize");
-                    }
-                    self.trim();
-                },
-                () = tokio::time::sleep_until(next_attempt), if conn.is_none() => {}
+                _ = tick.tick() => self.on_tick(&mut link, keepalive).await,
+                () = tokio::time::sleep_until(link.next_attempt), if link.conn.is_none() => {}
             }
         }
-        // What was never sent is dropped; the rest was delivered.
+        self.wind_down().await;
+    }
+
+    /// Whether the task may end once input and connection are gone: no unsent audio (or none
+    /// retained) and no Finalize waiting for its answer.
+    fn nothing_to_wait_for(&self) -> bool {
+        (self.unsent.load(Ordering::Relaxed) == 0 || self.retained.is_empty())
+            && self.pending.is_empty()
+    }
+
+    /// Connects and resends what is retained; on failure the next attempt waits for the backoff.
+    async fn reconnect(&mut self, link: &mut Link) {
+        match self.connect().await {
+            Ok(mut c) => {
+                link.backoff = Backoff::new(&self.cfg.retry_policy());
+                if self.resend(&mut c).await.is_ok() {
+                    link.conn = Some(c);
+                } else {
+                    self.retry_later(link, "connection lost while resending");
+                }
+            }
+            Err(e) => {
+                counter!(STT_REQUESTS, "backend" => self.cfg.name.clone(), "outcome" => "connect_error").increment(1);
+                self.retry_later(link, e);
+            }
+        }
+    }
+
+    /// A frame from the backend; `Break` when the connection closed after `CloseStream` (the
+    /// backend has answered everything).
+    async fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, WsError>>,
+        link: &mut Link,
+    ) -> ControlFlow<()> {
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                if let Some(c) = link.conn.as_ref() {
+                    self.on_text(c, text.as_str()).await;
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                if link.conn.as_ref().is_some_and(|c| c.close_sent) {
+                    link.conn = None;
+                    return ControlFlow::Break(());
+                }
+                self.retry_later(link, "connection closed by the backend");
+            }
+            Some(Ok(_)) => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Periodic work: a KeepAlive on a quiet connection, Finalize answers given up on, trim.
+    async fn on_tick(&mut self, link: &mut Link, keepalive: Duration) {
+        if let Some(c) = link.conn.as_mut() {
+            if !c.close_sent
+                && c.last_send.elapsed() >= keepalive
+                && send_text(c, r#"{"type":"KeepAlive"}"#).await.is_err()
+            {
+                self.retry_later(link, "connection lost while idle");
+            }
+        }
+        // A Finalize that never got its answer does not pin audio forever.
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.at.elapsed() > timeout)
+        {
+            let p = self.pending.pop_front().expect("front exists");
+            debug!(stt = %self.cfg.name, utterance = p.utterance, "no final result after Finalize");
+        }
+        self.trim();
+    }
+
+    /// Drops the connection, reports the trouble and schedules the next attempt.
+    fn retry_later(&mut self, link: &mut Link, why: impl std::fmt::Display) {
+        link.conn = None;
+        self.trouble(why);
+        link.next_attempt = Instant::now() + link.backoff.delay();
+    }
+
+    /// At the end: what was never sent is dropped, the rest was delivered; the poster flushes.
+    async fn wind_down(mut self) {
         let unsent: u64 = self
             .retained
             .iter()
