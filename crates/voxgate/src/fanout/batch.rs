@@ -27,7 +27,9 @@ impl Batcher {
     pub fn new(size: usize) -> Self {
         Self {
             size,
-            pcm: Vec::with_capacity(size),
+            // Grows with the audio held (capped by the consumer's byte cap), never to `size`
+            // up front: a long `delay_seconds` must not cost its whole batch at session start.
+            pcm: Vec::new(),
             start: 0,
         }
     }
