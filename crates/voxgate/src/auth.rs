@@ -196,6 +196,11 @@ impl Authenticator {
     }
 }
 
+/// Compares secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The token of `Authorization: Bearer <token>`.
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
     let value = headers.get("authorization")?.to_str().ok()?;

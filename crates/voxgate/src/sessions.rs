@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::extract::ws::WebSocket;
 use tokio::sync::mpsc;
 
+use crate::auth::constant_time_eq;
 use crate::fanout::subscribers::Hub;
 
 /// A reconnecting client's socket and the stream byte its first message starts at (`None`:
@@ -127,10 +128,6 @@ impl Drop for ResumableEntry {
             .expect("resumable map lock is never poisoned")
             .remove(&self.id);
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

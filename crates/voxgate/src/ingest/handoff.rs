@@ -63,13 +63,7 @@ impl HandoffState {
         }
         let (payload, tag) = token.split_once('.').ok_or(HandoffError::Malformed)?;
         let want = mac(secret, payload);
-        let same = want.len() == tag.len()
-            && want
-                .bytes()
-                .zip(tag.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        if !crate::auth::constant_time_eq(want.as_bytes(), tag.as_bytes()) {
             return Err(HandoffError::BadSignature);
         }
         let json = base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -74,6 +74,7 @@ async fn wait_for_start(
         };
         let (step, reply) = before_start(msg);
         if let Some(reply) = reply {
+            // The warning is counted and logged already; a client gone ends the next read.
             let _ = sink.send(reply).await;
         }
         match step {
