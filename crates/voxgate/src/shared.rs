@@ -76,11 +76,7 @@ impl Shared {
                 .redirect(reqwest::redirect::Policy::none())
         };
         let http = client().build()?;
-        let http_guarded = client()
-            .dns_resolver(Arc::new(crate::policy::GuardedResolver {
-                policy: Arc::new(cfg.webhook_policy.clone()),
-            }))
-            .build()?;
+        let http_guarded = crate::policy::guarded(client(), &cfg.webhook_policy).build()?;
         Ok(Arc::new(Self {
             auth: crate::auth::Authenticator::new(&cfg.auth, &cfg.server.listen),
             rate: crate::auth::RateLimiter::new(cfg.auth.connections_per_ip_per_second),

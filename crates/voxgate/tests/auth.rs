@@ -26,6 +26,7 @@ fn token(sub: &str, sid: Option<&str>, exp_in: i64, secret: &str) -> String {
         sid: sid.map(str::to_owned),
         sessions: vec![],
         consumers: None,
+        ..Claims::default()
     };
     encode(
         &Header::default(),

@@ -790,6 +790,7 @@ async fn only_its_own_user_continues_an_open_bus_session() {
             sid: None,
             sessions: vec![],
             consumers: None,
+            ..Claims::default()
         };
         encode(
             &Header::default(),

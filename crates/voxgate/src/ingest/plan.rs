@@ -199,6 +199,7 @@ mod tests {
             session: None,
             sessions: Vec::new(),
             consumers: consumers.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            ..Principal::default()
         }
     }
 
