@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookPolicy {
     /// Allow loopback, private, link-local and other non-public addresses. Default false.
@@ -17,6 +17,19 @@ pub struct WebhookPolicy {
     pub allow_hosts: Vec<String>,
     /// Hosts always refused.
     pub deny_hosts: Vec<String>,
+    /// Webhook endpoints (URLs) whose circuit breaker is tracked. Default 10000.
+    pub max_tracked_endpoints: usize,
+}
+
+impl Default for WebhookPolicy {
+    fn default() -> Self {
+        Self {
+            allow_private: false,
+            allow_hosts: Vec::new(),
+            deny_hosts: Vec::new(),
+            max_tracked_endpoints: 10_000,
+        }
+    }
 }
 
 /// True for addresses a stranger's webhook must not reach: everything that is not global
@@ -161,8 +174,11 @@ impl WebhookPolicy {
         list.iter().filter_map(|e| HostRule::parse(e))
     }
 
-    /// Malformed `allow_hosts`/`deny_hosts` entries.
+    /// Malformed `allow_hosts`/`deny_hosts` entries, a zero cap.
     pub fn validate(&self, errors: &mut Vec<String>) {
+        if self.max_tracked_endpoints == 0 {
+            errors.push("webhook_policy.max_tracked_endpoints: must be > 0".into());
+        }
         for (key, list) in [
             ("allow_hosts", &self.allow_hosts),
             ("deny_hosts", &self.deny_hosts),
@@ -416,6 +432,7 @@ mod form_tests {
                 "Metadata.Internal.".into(),
                 "[fd00::1]".into(),
             ],
+            ..WebhookPolicy::default()
         };
         for denied in [
             "127.0.0.1",

@@ -51,7 +51,7 @@ impl Shared {
             bus,
             http,
             http_guarded,
-            breakers: Breakers::default(),
+            breakers: Breakers::new(cfg.webhook_policy.max_tracked_endpoints),
             breaker_policy: BreakerPolicy::default(),
             backoff,
         })

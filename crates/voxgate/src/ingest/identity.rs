@@ -1,10 +1,15 @@
 //! Whose session this is: its id (a drained session's, the query's, the token's, or a new UUID),
-//! its user, and the user's session slot. A token bound to a session may only create that one.
+//! its user, and the user's session slot. A token bound to a session may only create that one;
+//! a drained session's state continues only its own user's session, and only once.
 
-use super::handoff::HandoffState;
+use metrics::counter;
+
+use super::handoff::{unix_now, HandoffState};
 use super::refusal::{Refusal, RefuseReason};
 use super::request::{valid_session_id, ConnectRequest};
 use crate::auth::{Principal, UserSessions, UserSlot};
+use crate::metrics as m;
+use crate::sessions::{SpendError, SpentStates};
 
 /// The session's identity before consumers are planned (the hook or the bus may set the uid).
 #[derive(Debug)]
@@ -40,6 +45,13 @@ pub fn resolve(
                 "this token is bound to another session_id",
             ));
         }
+        if handoff.is_some_and(|h| h.uid != p.user) {
+            counter!(m::RESUME_STATES_REFUSED, "reason" => "foreign").increment(1);
+            return Err(Refusal::new(
+                RefuseReason::Forbidden,
+                "this resume_state belongs to another user",
+            ));
+        }
     }
     let uid = match (principal, handoff) {
         (Some(p), _) => p.user.clone(),
@@ -47,6 +59,19 @@ pub fn resolve(
         (None, None) => req.uid.clone().unwrap_or_default(),
     };
     Ok(Identity { session_id, uid })
+}
+
+/// Spends a drained session's state: it continues one session only.
+pub fn spend(spent: &SpentStates, handoff: Option<&HandoffState>) -> Result<(), Refusal> {
+    let Some(h) = handoff else { return Ok(()) };
+    spent.spend(&h.jti, h.expires, unix_now()).map_err(|e| {
+        let reason = match e {
+            SpendError::Replayed => "replayed",
+            SpendError::Full => "spent_set_full",
+        };
+        counter!(m::RESUME_STATES_REFUSED, "reason" => reason).increment(1);
+        Refusal::new(RefuseReason::ResumeFailed, e.to_string())
+    })
 }
 
 /// Takes one of the token user's session slots (`None` without tokens).
@@ -118,6 +143,7 @@ mod tests {
             utterances: 0,
             webhooks: Vec::new(),
             expires: 0,
+            jti: "j".into(),
         };
         let who = resolve(&req(&[("session_id", "x"), ("uid", "bob")]), None, Some(&h)).unwrap();
         assert_eq!(
