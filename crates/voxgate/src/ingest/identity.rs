@@ -153,6 +153,30 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_state_continues_only_its_own_users_session() {
+        let h = HandoffState {
+            session_id: "drained".into(),
+            uid: "carol".into(),
+            samples: 0,
+            utterances: 0,
+            webhooks: Vec::new(),
+            expires: u64::MAX,
+            jti: "j1".into(),
+        };
+        let e = resolve(&req(&[]), Some(&principal("bob", None)), Some(&h)).unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Forbidden);
+        let e = resolve(&req(&[]), Some(&principal("carol", Some("x"))), Some(&h)).unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Forbidden, "sid respected");
+        assert!(resolve(&req(&[]), Some(&principal("carol", None)), Some(&h)).is_ok());
+        let spent = SpentStates::new(4);
+        spend(&spent, Some(&h)).unwrap();
+        assert_eq!(
+            spend(&spent, Some(&h)).unwrap_err().reason,
+            RefuseReason::ResumeFailed
+        );
+    }
+
+    #[test]
     fn bad_ids_and_full_users_are_refused() {
         let e = resolve(&req(&[("session_id", "a/b")]), None, None).unwrap_err();
         assert_eq!(e.reason, RefuseReason::InvalidSessionId);
