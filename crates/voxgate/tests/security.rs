@@ -3,6 +3,7 @@
 //! Every test here attacks a real gateway over sockets on 127.0.0.1.
 
 mod common;
+mod nats_support;
 
 use std::time::Duration;
 
@@ -240,12 +241,38 @@ async fn events_until(ws: &mut Ws, until: &str) -> Vec<serde_json::Value> {
     out
 }
 
+/// Sends a second of audio on a resumable session's socket, waits until the gateway has it,
+/// drains the gateway and returns the `resume_state` of its `Closed`.
+async fn drain(gw: &Gateway, ws: Ws) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut tx, mut rx) = ws.split();
+    let audio = pcm();
+    let sent: usize = audio.iter().map(Vec::len).sum();
+    for m in audio {
+        tx.send(Message::Binary(m.into())).await.unwrap();
+    }
+    let mut acked = false;
+    while let Some(Ok(m)) = rx.next().await {
+        let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap_or("{}")).unwrap();
+        if v["type"] == "Ack" && v["bytes"] == sent as u64 && !acked {
+            acked = true;
+            gw.shutdown.cancel();
+        }
+        if v["type"] == "Closed" {
+            return v["resume_state"]
+                .as_str()
+                .expect("a resume_state")
+                .to_owned();
+        }
+    }
+    panic!("no Closed");
+}
+
 /// D5: a drained session's `resume_state` continues its own user's session once, on any
 /// instance; another user cannot use it, and subscribers never see it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_state_is_bound_to_its_user_and_used_once() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     let config = || {
         let mut cfg = auth_config();
         cfg.server.resume_secret = Some("shared-deployment-secret".into());
@@ -260,32 +287,11 @@ async fn a_drained_state_is_bound_to_its_user_and_used_once() {
     let (ws, _) = tokio_tungstenite::connect_async(a.ws(&format!("{query}&token={alice}")))
         .await
         .unwrap();
-    let (mut tx, mut rx) = ws.split();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut watcher = subscribe(&a, "alice-h", &alice)
         .await
         .expect("her own session");
-    let audio = pcm();
-    let sent: usize = audio.iter().map(Vec::len).sum();
-    for m in &audio {
-        tx.send(Message::Binary(m.clone().into())).await.unwrap();
-    }
-    while let Some(Ok(m)) = rx.next().await {
-        let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap_or("{}")).unwrap();
-        if v["type"] == "Ack" && v["bytes"] == sent as u64 {
-            break;
-        }
-    }
-    a.shutdown.cancel();
-    let mut state = None;
-    while let Some(Ok(m)) = rx.next().await {
-        let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap_or("{}")).unwrap();
-        if v["type"] == "Closed" {
-            state = v["resume_state"].as_str().map(str::to_owned);
-            break;
-        }
-    }
-    let state = state.expect("the client gets a resume_state");
+    let state = drain(&a, ws).await;
     let seen = events_until(&mut watcher, "Closed").await;
     let closed = seen.last().unwrap();
     assert_eq!(closed["type"], "Closed");
@@ -294,7 +300,6 @@ async fn a_drained_state_is_bound_to_its_user_and_used_once() {
         "subscribers never get it: {closed}"
     );
     assert!(!seen.iter().any(|e| e.to_string().contains(&state)));
-    drop((tx, rx));
 
     let cont = format!("{LISTEN}&resumable=true&resume_state={state}");
     let bob = token("bob");
@@ -574,4 +579,34 @@ async fn signed_requests_cannot_be_altered_or_replayed_late() {
     );
     assert_eq!(sink.stats(false).bad_signature, 3);
     stop.cancel();
+}
+
+/// D5 with the delivery bus: a drained state is spent deployment-wide, so a third instance with
+/// no memory of it still refuses it while the continued session runs on the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_bus_a_drained_state_is_used_once_across_instances() {
+    let nats = nats_support::NatsServer::start();
+    let config = || {
+        let mut cfg = test_config();
+        cfg.bus.url = Some(nats.url());
+        cfg.bus.partitions = 2;
+        cfg.server.resume_secret = Some("shared-deployment-secret".into());
+        cfg
+    };
+    let a = Gateway::start(config()).await;
+    let (ws, _) = tokio_tungstenite::connect_async(a.ws(&format!("{LISTEN}&resumable=true")))
+        .await
+        .unwrap();
+    let state = drain(&a, ws).await;
+    let cont = format!("{LISTEN}&resumable=true&resume_state={state}");
+    let b = Gateway::start(config()).await;
+    let (continued, _) = tokio_tungstenite::connect_async(b.ws(&cont)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = Gateway::start(config()).await;
+    assert_eq!(
+        refusal(&c, &cont, "").await.as_deref(),
+        Some("resume_failed"),
+        "spent on the bus by the second instance"
+    );
+    drop(continued);
 }

@@ -3,6 +3,7 @@
 //! a drained session's state continues only its own user's session, and only once.
 
 use metrics::counter;
+use tracing::warn;
 
 use super::handoff::{unix_now, HandoffState};
 use super::refusal::{Refusal, RefuseReason};
@@ -72,6 +73,37 @@ pub fn spend(spent: &SpentStates, handoff: Option<&HandoffState>) -> Result<(), 
         counter!(m::RESUME_STATES_REFUSED, "reason" => reason).increment(1);
         Refusal::new(RefuseReason::ResumeFailed, e.to_string())
     })
+}
+
+/// With a bus, a drained session's state is also spent deployment-wide (a key in the records
+/// bucket), so no other instance continues it again.
+pub async fn spend_on_bus(
+    bus: Option<&crate::bus::Bus>,
+    handoff: Option<&HandoffState>,
+) -> Result<(), Refusal> {
+    let (Some(bus), Some(h)) = (bus, handoff) else {
+        return Ok(());
+    };
+    match bus
+        .spend_once(&format!("_spent_resume_state.{}", h.jti))
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            counter!(m::RESUME_STATES_REFUSED, "reason" => "replayed").increment(1);
+            Err(Refusal::new(
+                RefuseReason::ResumeFailed,
+                SpendError::Replayed.to_string(),
+            ))
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot spend a resume_state on the bus");
+            Err(Refusal::new(
+                RefuseReason::BusUnavailable,
+                "the delivery bus is unavailable; retry later",
+            ))
+        }
+    }
 }
 
 /// Takes one of the token user's session slots (`None` without tokens).
