@@ -156,8 +156,9 @@ pub enum SpendError {
 /// Drained-session states already continued on this instance (by their `jti`) until they
 /// expire: each state continues one session. Bounded by `auth.spent_resume_states_max`; when
 /// full, expired entries are pruned, and if none had expired the new state is refused (fail
-/// closed: forgetting a live entry would allow its replay). Per instance: without a shared store
-/// a state could be continued once on each instance, by its owner alone when tokens are on.
+/// closed: forgetting a live entry would allow its replay). Per instance: without the bus (which
+/// also spends states deployment-wide) a state could be continued once on each instance, by its
+/// owner alone when tokens are on.
 pub struct SpentStates {
     max: usize,
     map: Mutex<HashMap<String, u64>>,
