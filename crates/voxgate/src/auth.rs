@@ -37,6 +37,15 @@ pub struct AuthConfig {
     /// New connections per second per client IP (burst twice that); beyond it, close 1013.
     /// Default 20.
     pub connections_per_ip_per_second: f64,
+    /// Required `iss` claim. Default: none (any issuer).
+    pub issuer: Option<String>,
+    /// Longest token lifetime accepted: `exp - iat`, and `exp` no further ahead than this.
+    /// Default: none (any lifetime).
+    pub max_token_lifetime_seconds: Option<u64>,
+    /// Drained-session `resume_state`s remembered as spent until they expire (single use).
+    /// Past it, expired entries are pruned and, if none expired, the continuation is refused
+    /// (`resume_failed`, fail closed) and counted. Default 100000 (about 60 s of states).
+    pub spent_resume_states_max: usize,
 }
 
 impl Default for AuthConfig {
@@ -49,6 +58,9 @@ impl Default for AuthConfig {
             leeway_seconds: 30,
             max_sessions_per_user: 20,
             connections_per_ip_per_second: 20.0,
+            issuer: None,
+            max_token_lifetime_seconds: None,
+            spent_resume_states_max: 100_000,
         }
     }
 }
@@ -94,43 +106,77 @@ impl AuthConfig {
         if self.max_sessions_per_user == 0 {
             errors.push("auth.max_sessions_per_user: must be > 0".into());
         }
+        if self.max_token_lifetime_seconds == Some(0) {
+            errors.push("auth.max_token_lifetime_seconds: must be > 0 (or absent)".into());
+        }
+        if self.issuer.as_deref() == Some("") {
+            errors.push("auth.issuer: must not be empty (or absent)".into());
+        }
+        if self.spent_resume_states_max == 0 {
+            errors.push("auth.spent_resume_states_max: must be > 0".into());
+        }
     }
 }
 
 /// What a token grants.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Claims {
-    /// The user.
+    /// The user (not empty).
     pub sub: String,
     pub exp: u64,
     #[serde(default)]
     pub aud: Option<serde_json::Value>,
+    /// Not valid before (unix seconds), checked with the leeway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Issued at (unix seconds): with `auth.max_token_lifetime_seconds`, `exp - iat` is capped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Issuer, required to equal `auth.issuer` when that is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
     /// The one session this token may create or subscribe to.
     #[serde(default)]
     pub sid: Option<String>,
     /// Sessions this token may subscribe to.
     #[serde(default)]
     pub sessions: Vec<String>,
+    /// The user who owns the sessions named in `sid` and `sessions` (absent: `sub`). Lets a
+    /// monitoring token watch another user's session; it never lets a token create one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// Named consumers this token may use (absent: any).
     #[serde(default)]
     pub consumers: Option<Vec<String>>,
 }
 
 /// A verified caller.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Principal {
     pub user: String,
     pub session: Option<String>,
     pub sessions: Vec<String>,
+    /// Owner of the sessions in `session` and `sessions` (`None`: `user`).
+    pub owner: Option<String>,
     pub consumers: Option<Vec<String>>,
 }
 
 impl Principal {
-    /// May this caller subscribe to session `id` owned by `owner`?
+    /// The owner of the sessions this token names (`sid`, `sessions`).
+    pub fn grant_owner(&self) -> &str {
+        self.owner.as_deref().unwrap_or(&self.user)
+    }
+
+    /// Whether the token names session `id` (in `sid` or `sessions`).
+    pub fn names(&self, id: &str) -> bool {
+        self.session.as_deref() == Some(id) || self.sessions.iter().any(|s| s == id)
+    }
+
+    /// May this caller subscribe to session `id` owned by `owner`? Its own user's sessions, and
+    /// those its token names when they belong to the owner the token names (its own user
+    /// unless the `owner` claim says otherwise).
     pub fn may_watch(&self, id: &str, owner: &str) -> bool {
-        self.session.as_deref() == Some(id)
-            || self.sessions.iter().any(|s| s == id)
-            || (!owner.is_empty() && self.user == owner)
+        self.user == owner || (self.names(id) && self.grant_owner() == owner)
     }
 }
 
@@ -138,6 +184,8 @@ impl Principal {
 pub struct Authenticator {
     keys: Vec<(DecodingKey, Validation)>,
     required: bool,
+    max_lifetime: Option<u64>,
+    leeway: u64,
 }
 
 impl Authenticator {
@@ -146,7 +194,14 @@ impl Authenticator {
             let mut v = Validation::new(alg);
             v.set_audience(&[cfg.audience.as_str()]);
             v.leeway = cfg.leeway_seconds;
-            v.set_required_spec_claims(&["exp", "aud", "sub"]);
+            v.validate_nbf = true;
+            match &cfg.issuer {
+                Some(iss) => {
+                    v.set_issuer(&[iss.as_str()]);
+                    v.set_required_spec_claims(&["exp", "aud", "sub", "iss"]);
+                }
+                None => v.set_required_spec_claims(&["exp", "aud", "sub"]),
+            }
             v
         };
         let mut keys = Vec::new();
@@ -164,6 +219,8 @@ impl Authenticator {
         Self {
             keys,
             required: cfg.required(listen),
+            max_lifetime: cfg.max_token_lifetime_seconds,
+            leeway: cfg.leeway_seconds,
         }
     }
 
@@ -180,19 +237,35 @@ impl Authenticator {
         let mut last = String::from("no verification key configured");
         for (key, validation) in &self.keys {
             match decode::<Claims>(token, key, validation) {
-                Ok(data) => {
-                    let c = data.claims;
-                    return Ok(Some(Principal {
-                        user: c.sub,
-                        session: c.sid,
-                        sessions: c.sessions,
-                        consumers: c.consumers,
-                    }));
-                }
+                Ok(data) => return self.admit_claims(data.claims).map(Some),
                 Err(e) => last = e.to_string(),
             }
         }
         Err(format!("invalid token: {last}"))
+    }
+
+    /// The checks `jsonwebtoken` does not make: a non-empty `sub`, the lifetime cap.
+    fn admit_claims(&self, c: Claims) -> Result<Principal, String> {
+        if c.sub.is_empty() {
+            return Err("invalid token: empty sub".into());
+        }
+        if let Some(max) = self.max_lifetime {
+            let now = jsonwebtoken::get_current_timestamp();
+            let too_far = c.exp > now.saturating_add(max).saturating_add(self.leeway);
+            let too_long = c.iat.is_some_and(|iat| c.exp.saturating_sub(iat) > max);
+            if too_far || too_long {
+                return Err(format!(
+                    "invalid token: lifetime over auth.max_token_lifetime_seconds ({max} s)"
+                ));
+            }
+        }
+        Ok(Principal {
+            user: c.sub,
+            session: c.sid,
+            sessions: c.sessions,
+            owner: c.owner,
+            consumers: c.consumers,
+        })
     }
 }
 

@@ -31,6 +31,8 @@ pub const BUS_PUBLISHES: &str = "voxgate_bus_publishes_total";
 pub const BUS_DELIVERIES: &str = "voxgate_bus_deliveries_total";
 pub const BUS_CONNECTED: &str = "voxgate_bus_connected";
 pub const NOTICES_DROPPED: &str = "voxgate_notices_dropped_total";
+pub const RESUME_STATES_REFUSED: &str = "voxgate_resume_states_refused_total";
+pub const BREAKERS_UNTRACKED: &str = "voxgate_webhook_breakers_untracked_total";
 
 /// Consumer kinds (the `consumer` label).
 pub const CONSUMER_KINDS: [&str; 4] = ["webhook", "subscriber", "stt", "bus"];
@@ -64,6 +66,14 @@ fn describe() {
     describe_gauge!(SESSIONS_ACTIVE, "Live ingest sessions");
     describe_counter!(SESSIONS_TOTAL, "Sessions accepted, by endpoint");
     describe_counter!(SESSIONS_REJECTED, "Connections refused, by reason");
+    describe_counter!(
+        RESUME_STATES_REFUSED,
+        "Drained-session states refused: foreign (another user's), replayed, spent_set_full"
+    );
+    describe_counter!(
+        BREAKERS_UNTRACKED,
+        "Webhook requests given an unshared circuit breaker because the breaker map was full"
+    );
     describe_counter!(
         NOTICES_DROPPED,
         "Consumer notices (events, close requests) dropped because the session queue was full"

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::fanout::webhook::Breakers;
 use crate::metrics as m;
-use crate::sessions::{ResumableRegistry, SessionRegistry};
+use crate::sessions::{ResumableRegistry, SessionRegistry, SpentStates};
 
 /// State shared by every connection of the instance.
 pub struct Shared {
@@ -36,6 +36,8 @@ pub struct Shared {
     pub sessions: SessionRegistry,
     /// Resumable sessions: their token and the channel that hands them a reconnecting socket.
     pub resumable: ResumableRegistry,
+    /// Drained-session states already continued here (single use, `auth.spent_resume_states_max`).
+    pub spent_states: SpentStates,
 
     // --- outbound: shared by every session's consumers ---
     /// For operator-configured URLs (config webhooks, STT backends): no redirects.
@@ -76,11 +78,7 @@ impl Shared {
                 .redirect(reqwest::redirect::Policy::none())
         };
         let http = client().build()?;
-        let http_guarded = client()
-            .dns_resolver(Arc::new(crate::policy::GuardedResolver {
-                policy: Arc::new(cfg.webhook_policy.clone()),
-            }))
-            .build()?;
+        let http_guarded = crate::policy::guarded(client(), &cfg.webhook_policy).build()?;
         Ok(Arc::new(Self {
             auth: crate::auth::Authenticator::new(&cfg.auth, &cfg.server.listen),
             rate: crate::auth::RateLimiter::new(cfg.auth.connections_per_ip_per_second),
@@ -88,10 +86,11 @@ impl Shared {
             permits: Arc::new(Semaphore::new(cfg.server.max_sessions)),
             sessions: SessionRegistry::default(),
             resumable: ResumableRegistry::default(),
+            spent_states: SpentStates::new(cfg.auth.spent_resume_states_max),
             stt: crate::fanout::stt::Registry::new(&cfg.stt),
             http,
             http_guarded,
-            breakers: Breakers::default(),
+            breakers: Breakers::new(cfg.webhook_policy.max_tracked_endpoints),
             bus,
             metrics: m::install(),
             shutdown,

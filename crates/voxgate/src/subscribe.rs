@@ -1,6 +1,7 @@
 //! `/v1/sessions/{id}/subscribe`: a realtime subscriber's WebSocket. It gets the session's events
 //! (and audio with `?audio=true`) through the session hub's bounded queue; a subscriber that lags
-//! is disconnected with 1008 and its loss counted.
+//! is disconnected with 1008 and its loss counted. Unknown sessions and sessions the token may
+//! not watch get the same 404.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,8 +14,8 @@ use metrics::{counter, gauge};
 use tracing::warn;
 use voxgate_session::CloseCode;
 
-use crate::auth::bearer;
-use crate::fanout::subscribers::{SubMessage, Subscription};
+use crate::auth::{bearer, Principal};
+use crate::fanout::subscribers::{Hub, SubMessage, Subscription};
 use crate::ingest::WS_READ_BUFFER;
 use crate::metrics::{self as m, SESSIONS_REJECTED, SUBSCRIBERS_ACTIVE};
 use crate::shared::Shared;
@@ -34,20 +35,15 @@ pub async fn subscribe(
             return (StatusCode::UNAUTHORIZED, why).into_response();
         }
     };
-    let Some(hub) = state.sessions.hub(&id) else {
+    let Some(hub) = watchable(&state, principal.as_ref(), &id) else {
+        // Unknown and forbidden sessions get the same answer: subscribe reveals no ids.
         counter!(SESSIONS_REJECTED, "reason" => "unknown_session").increment(1);
-        return (StatusCode::NOT_FOUND, format!("no live session {id:?}")).into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no live session {id:?} that this token may watch"),
+        )
+            .into_response();
     };
-    if let Some(p) = &principal {
-        if !p.may_watch(&id, hub.owner()) {
-            counter!(SESSIONS_REJECTED, "reason" => "forbidden").increment(1);
-            return (
-                StatusCode::FORBIDDEN,
-                format!("this token may not watch session {id:?}"),
-            )
-                .into_response();
-        }
-    }
     let audio = matches!(query.get("audio").map(String::as_str), Some("true" | "1"));
     let sub = match hub.subscribe(audio) {
         Ok(sub) => sub,
@@ -64,6 +60,28 @@ pub async fn subscribe(
             let tracker = state.tracker.clone();
             tracker.track_future(run_subscriber(socket, sub, queue))
         })
+}
+
+/// The hub of session `id` this caller may watch: without tokens, the one session with that id;
+/// with a token, its user's own session `id`, else the session of that id the token names
+/// (`sid`/`sessions`) in its grant owner's namespace (`owner` claim, default its user).
+fn watchable(state: &Shared, principal: Option<&Principal>, id: &str) -> Option<Arc<Hub>> {
+    let Some(p) = principal else {
+        return state.sessions.hub("", id);
+    };
+    let own = state
+        .sessions
+        .hub(&p.user, id)
+        .map(|hub| (p.user.as_str(), hub));
+    let granted = || {
+        p.names(id)
+            .then(|| state.sessions.hub(p.grant_owner(), id))
+            .flatten()
+            .map(|hub| (p.grant_owner(), hub))
+    };
+    own.or_else(granted)
+        .filter(|(owner, _)| p.may_watch(id, owner))
+        .map(|(_, hub)| hub)
 }
 
 async fn run_subscriber(mut socket: WebSocket, mut sub: Subscription, queue: usize) {

@@ -132,6 +132,7 @@ async fn batched_webhook_with_a_slow_flaky_sink_loses_nothing() {
             delay: Duration::from_millis(5),
             fail_rate: 0.05,
             secret: Some(SECRET.into()),
+            ..SinkConfig::default()
         },
         |w| {
             w.delay_seconds = Some(1.0);
@@ -171,19 +172,18 @@ async fn sink_counts_gaps_duplicates_reordering_and_bad_signatures() {
     let post = |seq: u64, start: u64, samples: u64, good_sig: bool| {
         let body = vec![0u8; samples as usize * 2];
         let key = format!("s1:sink:{seq}");
-        let sig =
-            voxgate::consumers::webhook::sign(if good_sig { SECRET } else { "wrong" }, &key, &body);
-        http.post(format!(
-            "http://{addr}/hook?sample_rate=16000&session_id=s1"
-        ))
-        .header("x-voxgate-sequence", seq)
-        .header("x-voxgate-start-sample", start)
-        .header("x-voxgate-samples", samples)
-        .header("x-voxgate-session-id", "s1")
-        .header("idempotency-key", key)
-        .header("x-voxgate-signature", sig)
-        .body(body)
-        .send()
+        let req = http
+            .post(format!(
+                "http://{addr}/hook?sample_rate=16000&session_id=s1"
+            ))
+            .header("x-voxgate-sequence", seq)
+            .header("x-voxgate-start-sample", start)
+            .header("x-voxgate-samples", samples)
+            .header("x-voxgate-session-id", "s1")
+            .header("idempotency-key", key)
+            .body(body);
+        voxgate::consumers::contract::sign_request(req, if good_sig { SECRET } else { "wrong" })
+            .send()
     };
     assert_eq!(post(0, 0, 100, true).await.unwrap().status(), 200);
     assert_eq!(post(0, 0, 100, true).await.unwrap().status(), 200); // duplicate

@@ -3,7 +3,6 @@
 //! gateway would have made it in-process), the attempt's verdict (done, or retry after a
 //! backoff delay), and dead letters.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -36,13 +35,13 @@ impl Shared {
             .connect_timeout(Duration::from_secs(5))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        let http_guarded = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(crate::policy::GuardedResolver {
-                policy: Arc::new(cfg.webhook_policy.clone()),
-            }))
-            .build()?;
+        let http_guarded = crate::policy::guarded(
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none()),
+            &cfg.webhook_policy,
+        )
+        .build()?;
         let backoff = Backoff::with(
             Duration::from_millis(cfg.bus.backoff_initial_ms),
             Duration::from_millis(cfg.bus.backoff_max_ms),
@@ -52,7 +51,7 @@ impl Shared {
             bus,
             http,
             http_guarded,
-            breakers: Breakers::default(),
+            breakers: Breakers::new(cfg.webhook_policy.max_tracked_endpoints),
             breaker_policy: BreakerPolicy::default(),
             backoff,
         })

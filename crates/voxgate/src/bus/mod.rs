@@ -329,6 +329,16 @@ impl Bus {
         }
     }
 
+    /// Marks `key` used, deployment-wide: `Ok(true)` the first time, `Ok(false)` after (the key
+    /// lives in the records bucket, so it expires with `bus.max_age_seconds`).
+    pub async fn spend_once(&self, key: &str) -> Result<bool, BusError> {
+        match self.records.create(key, Bytes::new()).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(nats_err(e)),
+        }
+    }
+
     pub async fn put_record(&self, key: &str, rec: &SessionRecord) -> Result<(), BusError> {
         let body = Bytes::from(serde_json::to_vec(rec).map_err(nats_err)?);
         self.records.put(key, body).await.map_err(nats_err)?;

@@ -1,6 +1,8 @@
 //! `voxgate sink`: an audio-bytes webhook receiver that checks what it is given.
 //!
-//! It accepts POSTs on any path, verifies `x-voxgate-signature` when it has the secret, and per
+//! It accepts POSTs on any path, verifies `x-voxgate-signature` when it has the secret (over the
+//! canonical string, in constant time, refusing timestamps more than `--max-age-seconds` from
+//! its clock), and per
 //! session and path checks that sequence numbers run 0, 1, 2, ... and that every request starts
 //! where the previous one ended (`x-voxgate-start-sample`). It counts gaps, duplicates (an
 //! `idempotency-key` seen before), out-of-order arrivals, and bytes and samples per session.
@@ -21,7 +23,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::fanout::contract::{
-    sign, H_IDEMPOTENCY_KEY, H_SAMPLES, H_SEQUENCE, H_SESSION_ID, H_SIGNATURE, H_START_SAMPLE,
+    verify, DEFAULT_MAX_SIGNATURE_AGE_SECONDS, H_IDEMPOTENCY_KEY, H_SAMPLES, H_SEQUENCE,
+    H_SESSION_ID, H_START_SAMPLE,
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +41,9 @@ pub struct SinkArgs {
     /// HMAC secret: requests without a valid signature are refused (401) and counted.
     #[arg(long)]
     pub secret: Option<String>,
+    /// Signed requests whose `x-voxgate-timestamp` is further than this from now are refused.
+    #[arg(long, default_value_t = DEFAULT_MAX_SIGNATURE_AGE_SECONDS)]
+    pub max_age_seconds: u64,
     /// Print a one-line summary every this many seconds (0 = never).
     #[arg(long, default_value_t = 0.0)]
     pub report_every: f64,
@@ -49,6 +55,8 @@ pub struct SinkConfig {
     pub delay: Duration,
     pub fail_rate: f64,
     pub secret: Option<String>,
+    /// Oldest (or furthest ahead) signature timestamp accepted, in seconds (0: the default).
+    pub max_age_seconds: u64,
 }
 
 /// One (session, path) stream of requests.
@@ -185,7 +193,7 @@ impl Sink {
     /// Records one request; returns the status to answer.
     fn record(
         &self,
-        path: &str,
+        uri: &Uri,
         query: &HashMap<String, String>,
         headers: &HeaderMap,
         body: &[u8],
@@ -201,9 +209,17 @@ impl Sink {
             return StatusCode::SERVICE_UNAVAILABLE;
         }
         let key = h(H_IDEMPOTENCY_KEY).unwrap_or("");
+        let path = uri.path();
         if let Some(secret) = &self.cfg.secret {
-            let expected = sign(secret, key, body);
-            if h(H_SIGNATURE) != Some(expected.as_str()) {
+            let max_age = match self.cfg.max_age_seconds {
+                0 => DEFAULT_MAX_SIGNATURE_AGE_SECONDS,
+                n => n,
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let request = ("POST", path, uri.query().unwrap_or(""));
+            if verify(secret, request, headers, body, now, max_age).is_err() {
                 self.inner.lock().expect("not poisoned").bad_signature += 1;
                 return StatusCode::UNAUTHORIZED;
             }
@@ -299,7 +315,7 @@ async fn receive(
     if !sink.cfg.delay.is_zero() {
         tokio::time::sleep(sink.cfg.delay).await;
     }
-    sink.record(uri.path(), &q, &headers, &body).into_response()
+    sink.record(&uri, &q, &headers, &body).into_response()
 }
 
 /// Serves `sink` on `listener` until `stop` is cancelled.
@@ -344,6 +360,7 @@ pub async fn run(args: &SinkArgs) -> anyhow::Result<SinkStats> {
         delay: Duration::from_millis(args.delay_ms),
         fail_rate: args.fail_rate,
         secret: args.secret.clone(),
+        max_age_seconds: args.max_age_seconds,
     });
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     eprintln!("voxgate sink listening on {}", listener.local_addr()?);

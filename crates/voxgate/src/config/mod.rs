@@ -119,6 +119,7 @@ impl Config {
             hook.validate(&mut errors);
         }
         self.auth.validate(&self.server.listen, &mut errors);
+        self.webhook_policy.validate(&mut errors);
         self.bus.validate(&mut errors);
         self.check_bus_batches(&mut errors);
         self.omi.validate(&mut errors);

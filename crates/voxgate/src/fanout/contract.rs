@@ -4,7 +4,9 @@
 //! - Audio-bytes webhooks: `POST url?sample_rate=16000&session_id=..&uid=..`, body PCM16 LE
 //!   (or a WAV of it), headers `x-voxgate-sequence`, `-start-sample`, `-samples`,
 //!   `-sample-rate`, `-session-id`, `idempotency-key` (`<session>:<webhook>:<sequence>`) and,
-//!   with a secret, `x-voxgate-signature` (`sha256=` HMAC of key + "." + body).
+//!   with a secret, `x-voxgate-timestamp` and `x-voxgate-signature` (`v1=` HMAC-SHA256 of the
+//!   canonical string, `canonical_string`: method, path, query, every `x-voxgate-*` header and
+//!   `idempotency-key`, body).
 //! - Transcript webhooks: one JSON document per final transcript (`transcript_doc`), with
 //!   `idempotency-key` `<session>:<backend>:<sequence>`.
 //! - JSON webhooks (Omi): a JSON body with `idempotency-key` and the optional signature.
@@ -26,6 +28,10 @@ pub const H_SAMPLE_RATE: &str = "x-voxgate-sample-rate";
 pub const H_SESSION_ID: &str = "x-voxgate-session-id";
 pub const H_SIGNATURE: &str = "x-voxgate-signature";
 pub const H_IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub const H_TIMESTAMP: &str = "x-voxgate-timestamp";
+/// Receivers should refuse signed requests whose timestamp is further than this from their
+/// clock (what `voxgate sink` does by default).
+pub const DEFAULT_MAX_SIGNATURE_AGE_SECONDS: u64 = 300;
 
 /// Bytes per second of the PCM16 mono audio voxgate sends.
 pub const BYTES_PER_SECOND: u32 = SAMPLE_RATE * 2;
@@ -66,13 +72,14 @@ pub fn audio_request(
     };
     let rate = SAMPLE_RATE.to_string();
     let t = batch.target;
+    let query = [
+        ("sample_rate", rate.as_str()),
+        ("session_id", t.session_id.as_str()),
+        ("uid", t.uid.as_str()),
+    ];
     let mut req = client
         .post(&cfg.url)
-        .query(&[
-            ("sample_rate", rate.as_str()),
-            ("session_id", t.session_id.as_str()),
-            ("uid", t.uid.as_str()),
-        ])
+        .query(&query)
         .timeout(Duration::from_millis(cfg.timeout_ms))
         .header("content-type", content_type)
         .header(H_SEQUENCE, batch.sequence.to_string())
@@ -81,10 +88,11 @@ pub fn audio_request(
         .header(H_SAMPLE_RATE, rate.as_str())
         .header(H_SESSION_ID, t.session_id.as_str())
         .header(H_IDEMPOTENCY_KEY, batch.idempotency_key);
-    if let Some(secret) = &cfg.secret {
-        req = req.header(H_SIGNATURE, sign(secret, batch.idempotency_key, &body));
+    req = req.body(body);
+    match &cfg.secret {
+        Some(secret) => sign_request(req, secret),
+        None => req,
     }
-    req.body(body)
 }
 
 /// The body of an audio webhook request for little-endian PCM16 bytes.
@@ -107,13 +115,14 @@ pub fn json_request(
     secret: Option<&str>,
     body: bytes::Bytes,
 ) -> reqwest::RequestBuilder {
-    let mut req = req
+    let req = req
         .header("content-type", "application/json")
-        .header(H_IDEMPOTENCY_KEY, idempotency_key);
-    if let Some(secret) = secret {
-        req = req.header(H_SIGNATURE, sign(secret, idempotency_key, &body));
+        .header(H_IDEMPOTENCY_KEY, idempotency_key)
+        .body(body);
+    match secret {
+        Some(secret) => sign_request(req, secret),
+        None => req,
     }
-    req.body(body)
 }
 
 /// The transcript webhook document of a final transcript (`None` for other events): the same
@@ -148,14 +157,130 @@ pub fn transcript_doc(
     }))
 }
 
-/// `sha256=<hex>` of HMAC-SHA256(secret, idempotency_key + "." + body).
-pub fn sign(secret: &str, idempotency_key: &str, body: &[u8]) -> String {
+/// Whether a header is covered by the signature: every `x-voxgate-*` header but the signature,
+/// and `idempotency-key`.
+fn signed_header(name: &str) -> bool {
+    (name.starts_with("x-voxgate-") && name != H_SIGNATURE) || name == H_IDEMPOTENCY_KEY
+}
+
+/// The string a signature covers, one item per line: `v1`, the method, the path, the query as
+/// sent (without `?`; empty if none), then each signed header as `name:value` (lowercase names,
+/// sorted by name, then by value), an empty line, and the body bytes.
+pub fn canonical_string(
+    method: &str,
+    path: &str,
+    query: &str,
+    headers: &reqwest::header::HeaderMap,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut signed: Vec<(&str, &[u8])> = headers
+        .iter()
+        .filter(|(name, _)| signed_header(name.as_str()))
+        .map(|(name, value)| (name.as_str(), value.as_bytes()))
+        .collect();
+    signed.sort();
+    let mut out = Vec::with_capacity(256 + body.len());
+    for line in ["v1", method, path, query] {
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    for (name, value) in signed {
+        out.extend_from_slice(name.as_bytes());
+        out.push(b':');
+        out.extend_from_slice(value);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out
+}
+
+/// `v1=<hex>` of HMAC-SHA256(secret, canonical string).
+pub fn sign(secret: &str, canonical: &[u8]) -> String {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
-    mac.update(idempotency_key.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    mac.update(canonical);
+    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Adds `x-voxgate-timestamp` (now) and `x-voxgate-signature` over the finished request, so
+/// every retry and every bus delivery is signed when it is sent.
+pub fn sign_request(builder: reqwest::RequestBuilder, secret: &str) -> reqwest::RequestBuilder {
+    let (client, built) = builder.build_split();
+    let mut req = match built {
+        Ok(req) => req,
+        Err(e) => {
+            // Unreachable with validated URLs; the send reports it.
+            tracing::warn!(error = %e, "webhook request could not be built for signing");
+            return client.post("");
+        }
+    };
+    let now = unix_now().to_string();
+    req.headers_mut().insert(
+        H_TIMESTAMP,
+        reqwest::header::HeaderValue::from_str(&now).expect("digits are a header value"),
+    );
+    let body = req.body().and_then(|b| b.as_bytes()).unwrap_or_default();
+    let url = req.url();
+    let canonical = canonical_string(
+        req.method().as_str(),
+        url.path(),
+        url.query().unwrap_or(""),
+        req.headers(),
+        body,
+    );
+    let signature = sign(secret, &canonical);
+    req.headers_mut().insert(
+        H_SIGNATURE,
+        reqwest::header::HeaderValue::from_str(&signature).expect("hex is a header value"),
+    );
+    reqwest::RequestBuilder::from_parts(client, req)
+}
+
+/// Why a receiver refuses a request's signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("no signature or timestamp")]
+    Missing,
+    #[error("timestamp too far from now")]
+    Stale,
+    #[error("signature does not verify")]
+    Mismatch,
+}
+
+/// A receiver's check: the signature over the canonical string, compared in constant time, and
+/// a timestamp within `max_age_seconds` of `now` (either way).
+pub fn verify(
+    secret: &str,
+    request: (&str, &str, &str),
+    headers: &reqwest::header::HeaderMap,
+    body: &[u8],
+    now: u64,
+    max_age_seconds: u64,
+) -> Result<(), VerifyError> {
+    let (method, path, query) = request;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(given), Some(ts)) = (header(H_SIGNATURE), header(H_TIMESTAMP)) else {
+        return Err(VerifyError::Missing);
+    };
+    let ts: u64 = ts.parse().map_err(|_| VerifyError::Missing)?;
+    let want = sign(
+        secret,
+        &canonical_string(method, path, query, headers, body),
+    );
+    if !crate::auth::constant_time_eq(want.as_bytes(), given.as_bytes()) {
+        return Err(VerifyError::Mismatch);
+    }
+    if ts.abs_diff(now) > max_age_seconds {
+        return Err(VerifyError::Stale);
+    }
+    Ok(())
 }
 
 /// PCM16 samples as little-endian bytes.
@@ -196,13 +321,68 @@ fn wav_header(data_len: u32) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    fn headers(pairs: &[(&'static str, &str)]) -> reqwest::header::HeaderMap {
+        let mut h = reqwest::header::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
     #[test]
-    fn sign_is_hmac_sha256_of_key_dot_body() {
-        // Computed independently (Python's hmac module) over b"sess-1:hook:0." + body.
+    fn the_canonical_string_covers_method_path_query_voxgate_headers_and_body() {
+        let h = headers(&[
+            ("x-voxgate-timestamp", "1700000000"),
+            ("content-type", "application/octet-stream"),
+            ("idempotency-key", "s:w:0"),
+            ("x-voxgate-sequence", "0"),
+            ("x-voxgate-signature", "v1=ignored"),
+        ]);
+        let c = canonical_string("POST", "/hook", "uid=u&session_id=s", &h, &[1, 0xff]);
+        let mut want = b"v1\nPOST\n/hook\nuid=u&session_id=s\nidempotency-key:s:w:0\nx-voxgate-sequence:0\nx-voxgate-timestamp:1700000000\n\n".to_vec();
+        want.extend_from_slice(&[1, 0xff]);
+        assert_eq!(c, want);
+        // Computed independently (Python's hmac module) over the same bytes.
         assert_eq!(
-            sign("topsecret", "sess-1:hook:0", &[1, 0, 0xfe, 0xff]),
-            "sha256=236278e5f8c3b2bb140d35b44d3f8ba5c74c9eca73d686432999e843735d63e5"
+            sign("topsecret", &c),
+            "v1=3e81fe3d53903f1e59e585dbf2f74755a5c292fec5397cf178207ab2fa5f31be"
         );
+    }
+
+    #[test]
+    fn receivers_refuse_changed_requests_and_stale_timestamps() {
+        let mut h = headers(&[
+            ("x-voxgate-timestamp", "1000"),
+            ("idempotency-key", "s:w:0"),
+        ]);
+        let sig = sign("k", &canonical_string("POST", "/p", "uid=a", &h, b"body"));
+        h.insert("x-voxgate-signature", sig.parse().unwrap());
+        let ok = |q: &str, h: &reqwest::header::HeaderMap, now: u64| {
+            verify("k", ("POST", "/p", q), h, b"body", now, 300)
+        };
+        assert_eq!(ok("uid=a", &h, 1100), Ok(()));
+        assert_eq!(
+            ok("uid=b", &h, 1100),
+            Err(VerifyError::Mismatch),
+            "another uid"
+        );
+        assert_eq!(ok("uid=a", &h, 1301), Err(VerifyError::Stale));
+        let mut other = h.clone();
+        other.insert("x-voxgate-samples", "5".parse().unwrap());
+        assert_eq!(
+            ok("uid=a", &other, 1100),
+            Err(VerifyError::Mismatch),
+            "added header"
+        );
+        other = h.clone();
+        other.insert("x-voxgate-timestamp", "1200".parse().unwrap());
+        assert_eq!(
+            ok("uid=a", &other, 1200),
+            Err(VerifyError::Mismatch),
+            "moved timestamp"
+        );
+        other.remove("x-voxgate-signature");
+        assert_eq!(ok("uid=a", &other, 1200), Err(VerifyError::Missing));
     }
 
     #[test]

@@ -196,16 +196,48 @@ impl From<&WebhookConfig> for BreakerPolicy {
 }
 
 /// Per-endpoint circuit breakers, shared by every session (and by every consumer posting to
-/// the same URL, each with its own policy).
-#[derive(Default)]
+/// the same URL, each with its own policy). Hook-supplied URLs would grow the map without end,
+/// so it holds at most `webhook_policy.max_tracked_endpoints`: when full, breakers no session
+/// uses and that remember no failure are pruned; if none can go, the new endpoint gets a
+/// breaker of its own that is not shared (counted in `voxgate_webhook_breakers_untracked_total`).
 pub struct Breakers {
+    max: usize,
     map: Mutex<HashMap<String, Arc<Breaker>>>,
 }
 
 impl Breakers {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
     pub fn get(&self, url: &str) -> Arc<Breaker> {
         let mut map = self.map.lock().expect("breaker map lock is never poisoned");
+        if let Some(b) = map.get(url) {
+            return b.clone();
+        }
+        if map.len() >= self.max {
+            map.retain(|_, b| Arc::strong_count(b) > 1 || b.failures.load(Ordering::Relaxed) > 0);
+        }
+        if map.len() >= self.max {
+            counter!(crate::metrics::BREAKERS_UNTRACKED).increment(1);
+            return Arc::default();
+        }
         map.entry(url.to_owned()).or_default().clone()
+    }
+
+    /// Endpoints tracked now.
+    pub fn len(&self) -> usize {
+        self.map
+            .lock()
+            .expect("breaker map lock is never poisoned")
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -272,6 +304,25 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_breaker_map_is_bounded_and_keeps_what_matters() {
+        let breakers = Breakers::new(2);
+        let held = breakers.get("http://a/");
+        let failing = breakers.get("http://b/");
+        failing.failure(BreakerPolicy::default());
+        drop(failing);
+        // Full: "a" is in use and "b" remembers a failure, so "c" is not tracked.
+        let c = breakers.get("http://c/");
+        assert_eq!(breakers.len(), 2);
+        assert!(!Arc::ptr_eq(&c, &breakers.get("http://c/")), "untracked");
+        breakers.get("http://b/").success();
+        // Now "b" can go: "d" takes its place and is shared.
+        let d = breakers.get("http://d/");
+        assert!(Arc::ptr_eq(&d, &breakers.get("http://d/")));
+        assert!(Arc::ptr_eq(&held, &breakers.get("http://a/")));
+        assert_eq!(breakers.len(), 2);
+    }
 
     fn status(code: u16) -> HttpOutcome {
         classify(Ok(StatusCode::from_u16(code).expect("a valid status")))

@@ -486,15 +486,31 @@ impl Connection {
             dispatch(&hub, &*frontend, &mut client, event);
         }
         summary.consumers = summaries;
-        let resume_state = handoff(&shared, code, resume.as_ref(), &id, &hub, &summary);
         let closed = ServerEvent::Closed {
             session_id: id.clone(),
             code: code.as_u16(),
             reason: reason.clone(),
             summary: summary.clone(),
-            resume_state,
+            resume_state: None,
         };
+        // Subscribers never get the resume state: it is the client's capability alone.
         hub.publish_event(&closed.to_json());
+        let closed = match closed {
+            ServerEvent::Closed {
+                session_id,
+                code: c,
+                reason: r,
+                summary: s,
+                ..
+            } => ServerEvent::Closed {
+                session_id,
+                code: c,
+                reason: r,
+                summary: s,
+                resume_state: handoff(&shared, code, resume.as_ref(), &id, &hub, &summary),
+            },
+            other => other,
+        };
         hub.close();
         drop(guards.session);
         let last = if client.gone {

@@ -19,6 +19,8 @@ pub struct HandoffState {
     pub webhooks: Vec<(String, u64)>,
     /// Unix seconds after which the state is refused.
     pub expires: u64,
+    /// A random id: each state continues one session (`SpentStates`).
+    pub jti: String,
 }
 
 /// Why a `resume_state` is refused (the message goes to the client with `resume_failed`).
@@ -43,7 +45,7 @@ fn mac(secret: &str, payload: &str) -> String {
     hex::encode(m.finalize().into_bytes())
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -96,6 +98,7 @@ impl HandoffState {
                 .map(|c| (c.name.clone(), c.next_seq))
                 .collect(),
             expires: 0,
+            jti: uuid::Uuid::new_v4().simple().to_string(),
         }
         .expiring_in(grace.as_secs_f64().max(60.0))
     }
@@ -119,6 +122,7 @@ mod tests {
             utterances: 1,
             webhooks: vec![("w".into(), 3)],
             expires: 0,
+            jti: "j".into(),
         }
         .expiring_in(60.0);
         let t = s.sign("0123456789abcdef");

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use super::request::ConnectRequest;
 use crate::config::{OnConnectConfig, WebhookConfig};
@@ -42,15 +43,16 @@ pub struct HookAnswer {
     pub stt: Option<Vec<String>>,
 }
 
-/// Why the hook gave no answer (the message goes to the client with `on_connect_failed`).
+/// Why the hook gave no answer (the message goes to the client with `on_connect_failed`, so it
+/// names no URL: transport details are logged by `on_connect`).
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    #[error("on_connect hook unreachable: {0}")]
-    Unreachable(reqwest::Error),
+    #[error("on_connect hook unreachable")]
+    Unreachable(#[source] reqwest::Error),
     #[error("on_connect hook answered {0}")]
     Status(reqwest::StatusCode),
-    #[error("on_connect hook body: {0}")]
-    Body(reqwest::Error),
+    #[error("on_connect hook answer unreadable")]
+    Body(#[source] reqwest::Error),
     #[error("on_connect hook answer larger than 64 KiB")]
     TooLarge,
     #[error("on_connect hook answer: {0}")]
@@ -60,8 +62,22 @@ pub enum HookError {
 /// Most bytes of a hook answer read.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Asks the hook with the connect request's endpoint, token, query and peer.
+/// Asks the hook with the connect request's endpoint, token, query and peer; a failure is
+/// logged with its details (the client is told only `HookError`'s generic text).
 pub async fn on_connect(
+    http: &reqwest::Client,
+    cfg: &OnConnectConfig,
+    req: &ConnectRequest,
+) -> Result<HookAnswer, HookError> {
+    let answer = ask(http, cfg, req).await;
+    if let Err(e) = &answer {
+        let detail = std::error::Error::source(e).map(|s| format!("{s:?}"));
+        warn!(error = %e, detail = detail.as_deref().unwrap_or(""), peer = %req.peer, "on_connect hook failed");
+    }
+    answer
+}
+
+async fn ask(
     http: &reqwest::Client,
     cfg: &OnConnectConfig,
     req: &ConnectRequest,

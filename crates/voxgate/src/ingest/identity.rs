@@ -1,10 +1,16 @@
 //! Whose session this is: its id (a drained session's, the query's, the token's, or a new UUID),
-//! its user, and the user's session slot. A token bound to a session may only create that one.
+//! its user, and the user's session slot. A token bound to a session may only create that one;
+//! a drained session's state continues only its own user's session, and only once.
 
-use super::handoff::HandoffState;
+use metrics::counter;
+use tracing::warn;
+
+use super::handoff::{unix_now, HandoffState};
 use super::refusal::{Refusal, RefuseReason};
 use super::request::{valid_session_id, ConnectRequest};
 use crate::auth::{Principal, UserSessions, UserSlot};
+use crate::metrics as m;
+use crate::sessions::{SpendError, SpentStates};
 
 /// The session's identity before consumers are planned (the hook or the bus may set the uid).
 #[derive(Debug)]
@@ -40,6 +46,13 @@ pub fn resolve(
                 "this token is bound to another session_id",
             ));
         }
+        if handoff.is_some_and(|h| h.uid != p.user) {
+            counter!(m::RESUME_STATES_REFUSED, "reason" => "foreign").increment(1);
+            return Err(Refusal::new(
+                RefuseReason::Forbidden,
+                "this resume_state belongs to another user",
+            ));
+        }
     }
     let uid = match (principal, handoff) {
         (Some(p), _) => p.user.clone(),
@@ -47,6 +60,50 @@ pub fn resolve(
         (None, None) => req.uid.clone().unwrap_or_default(),
     };
     Ok(Identity { session_id, uid })
+}
+
+/// Spends a drained session's state: it continues one session only.
+pub fn spend(spent: &SpentStates, handoff: Option<&HandoffState>) -> Result<(), Refusal> {
+    let Some(h) = handoff else { return Ok(()) };
+    spent.spend(&h.jti, h.expires, unix_now()).map_err(|e| {
+        let reason = match e {
+            SpendError::Replayed => "replayed",
+            SpendError::Full => "spent_set_full",
+        };
+        counter!(m::RESUME_STATES_REFUSED, "reason" => reason).increment(1);
+        Refusal::new(RefuseReason::ResumeFailed, e.to_string())
+    })
+}
+
+/// With a bus, a drained session's state is also spent deployment-wide (a key in the records
+/// bucket), so no other instance continues it again.
+pub async fn spend_on_bus(
+    bus: Option<&crate::bus::Bus>,
+    handoff: Option<&HandoffState>,
+) -> Result<(), Refusal> {
+    let (Some(bus), Some(h)) = (bus, handoff) else {
+        return Ok(());
+    };
+    match bus
+        .spend_once(&format!("_spent_resume_state.{}", h.jti))
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            counter!(m::RESUME_STATES_REFUSED, "reason" => "replayed").increment(1);
+            Err(Refusal::new(
+                RefuseReason::ResumeFailed,
+                SpendError::Replayed.to_string(),
+            ))
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot spend a resume_state on the bus");
+            Err(Refusal::new(
+                RefuseReason::BusUnavailable,
+                "the delivery bus is unavailable; retry later",
+            ))
+        }
+    }
 }
 
 /// Takes one of the token user's session slots (`None` without tokens).
@@ -79,6 +136,7 @@ mod tests {
             session: session.map(str::to_owned),
             sessions: Vec::new(),
             consumers: None,
+            owner: None,
         }
     }
 
@@ -117,11 +175,36 @@ mod tests {
             utterances: 0,
             webhooks: Vec::new(),
             expires: 0,
+            jti: "j".into(),
         };
         let who = resolve(&req(&[("session_id", "x"), ("uid", "bob")]), None, Some(&h)).unwrap();
         assert_eq!(
             (who.session_id.as_str(), who.uid.as_str()),
             ("drained", "carol")
+        );
+    }
+
+    #[test]
+    fn a_drained_state_continues_only_its_own_users_session() {
+        let h = HandoffState {
+            session_id: "drained".into(),
+            uid: "carol".into(),
+            samples: 0,
+            utterances: 0,
+            webhooks: Vec::new(),
+            expires: u64::MAX,
+            jti: "j1".into(),
+        };
+        let e = resolve(&req(&[]), Some(&principal("bob", None)), Some(&h)).unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Forbidden);
+        let e = resolve(&req(&[]), Some(&principal("carol", Some("x"))), Some(&h)).unwrap_err();
+        assert_eq!(e.reason, RefuseReason::Forbidden, "sid respected");
+        assert!(resolve(&req(&[]), Some(&principal("carol", None)), Some(&h)).is_ok());
+        let spent = SpentStates::new(4);
+        spend(&spent, Some(&h)).unwrap();
+        assert_eq!(
+            spend(&spent, Some(&h)).unwrap_err().reason,
+            RefuseReason::ResumeFailed
         );
     }
 

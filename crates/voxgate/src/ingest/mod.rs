@@ -89,7 +89,7 @@ fn upgrade(endpoint: Endpoint, request: IngestRequest) -> Response {
 async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, mut req: ConnectRequest) {
     if req.endpoint == Endpoint::Listen {
         if let Some(ask) = req.reattach.take() {
-            return resume::reattach(&shared, socket, req.peer, ask).await;
+            return resume::reattach(&shared, socket, &req, ask).await;
         }
     }
     let (mut sink, mut stream) = client::split(socket);

@@ -199,6 +199,7 @@ mod tests {
             session: None,
             sessions: Vec::new(),
             consumers: consumers.map(|c| c.iter().map(|s| s.to_string()).collect()),
+            ..Principal::default()
         }
     }
 
@@ -230,6 +231,7 @@ mod tests {
             utterances: 0,
             webhooks: vec![("b".into(), 4)],
             expires: 0,
+            jti: "j".into(),
         };
         assert_eq!(names(&from_handoff(&cfg, &h).unwrap()), ["b"]);
         h.webhooks.push(("gone".into(), 1));

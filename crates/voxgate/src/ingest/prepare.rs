@@ -13,6 +13,7 @@ use super::plan::{self, ConsumerPlan};
 use super::refusal::{Refusal, RefuseReason};
 use super::request::ConnectRequest;
 use super::{admission, identity, session_config};
+use crate::auth::Principal;
 use crate::bus::session::{self as bus_session, BusSession, OpenError, Opening};
 use crate::config::Config;
 use crate::fanout::registry::{BuildCtx, Consumers};
@@ -41,6 +42,8 @@ pub async fn prepare(
     let handoff = handoff(cfg, req)?;
     let who = identity::resolve(req, principal, handoff.as_ref())?;
     let user_slot = identity::user_slot(&shared.users, principal, cfg.auth.max_sessions_per_user)?;
+    identity::spend(&shared.spent_states, handoff.as_ref())?;
+    identity::spend_on_bus(shared.bus.as_ref(), handoff.as_ref()).await?;
     let plan = plan::choose(shared, req, principal, handoff.as_ref(), &mut *frontend).await?;
     let uid = plan.hook_uid.clone().unwrap_or(who.uid);
     let bus = open_bus(shared, &who.session_id, &uid, principal.is_some(), &plan).await?;
@@ -56,7 +59,7 @@ pub async fn prepare(
     );
     let session = Session::new(session_cfg.clone())
         .map_err(|e| Refusal::new(RefuseReason::InvalidParameters, e.to_string()))?;
-    let live = register(shared, &who.session_id, &uid, session_cfg.ack)?;
+    let live = register(shared, principal, &who.session_id, &uid, session_cfg.ack)?;
     let target = Target {
         session_id: who.session_id,
         uid,
@@ -103,23 +106,35 @@ struct Live {
     resume: Option<ResumeSlot>,
 }
 
-/// Registers the session id (refused when it is live already) and, with acks, its resume slot.
-fn register(shared: &Shared, id: &str, uid: &str, ack: bool) -> Result<Live, Refusal> {
+/// Registers the session id in its owner's namespace (refused when it is live already) and, with
+/// acks, its resume slot. The owner is the token's user (empty without tokens); the hub's owner,
+/// who may watch it, is that user (the uid without tokens).
+fn register(
+    shared: &Shared,
+    principal: Option<&Principal>,
+    id: &str,
+    uid: &str,
+    ack: bool,
+) -> Result<Live, Refusal> {
     let subs = &shared.cfg.subscribers;
+    let owner = principal.map_or("", |p| p.user.as_str());
     let hub = Arc::new(Hub::new(
         subs.max_per_session,
         subs.queue_messages,
-        uid.to_owned(),
+        principal.map_or(uid, |p| p.user.as_str()).to_owned(),
     ));
-    let entry = shared.sessions.register(id, hub.clone()).ok_or_else(|| {
-        Refusal::new(
-            RefuseReason::SessionIdInUse,
-            format!("session {id:?} is already live"),
-        )
-    })?;
+    let entry = shared
+        .sessions
+        .register(owner, id, hub.clone())
+        .ok_or_else(|| {
+            Refusal::new(
+                RefuseReason::SessionIdInUse,
+                format!("session {id:?} is already live"),
+            )
+        })?;
     let (resumable, resume) = match shared.cfg.server.resume_grace().filter(|_| ack) {
         Some(grace) => {
-            let (entry, slot) = shared.resumable.register(id, grace);
+            let (entry, slot) = shared.resumable.register(owner, id, grace);
             (Some(entry), Some(slot))
         }
         None => (None, None),

@@ -1,15 +1,14 @@
 //! Resumable sessions within one instance: a live session parks when its socket drops and waits
 //! up to its grace period; `/v1/listen?resume=<id>&resume_token=<t>[&resume_from=<byte>]` hands
-//! it the new socket. `ResumeCursor` is the pure part: which resent bytes are duplicates, and
+//! it the new socket after the same admission as a new session (shutdown, per-IP rate, token).
+//! `ResumeCursor` is the pure part: which resent bytes are duplicates, and
 //! whether the first message after a resume starts a new recorder.
-
-use std::net::SocketAddr;
 
 use axum::extract::ws::WebSocket;
 
 use super::client::split;
 use super::refusal::{refuse, Refusal, RefuseReason};
-use super::request::ReattachRequest;
+use super::request::{ConnectRequest, ReattachRequest};
 use crate::shared::Shared;
 
 pub use crate::sessions::{Reattach, ResumeSlot};
@@ -63,9 +62,55 @@ impl ResumeCursor {
     }
 }
 
+/// Admits a reconnecting client in the order new sessions are admitted (shutdown, per-IP
+/// connection rate, token), without a capacity permit: the session holds one already. With
+/// tokens the session is looked up in the token user's namespace, so only its owner (holding
+/// the resume token too) can reattach.
+fn admit(shared: &Shared, req: &ConnectRequest, ask: &ReattachRequest) -> Result<String, Refusal> {
+    if shared.shutdown.is_cancelled() {
+        return Err(Refusal::new(
+            RefuseReason::ShuttingDown,
+            "server is shutting down; retry on another instance",
+        ));
+    }
+    if let Err(retry) = shared.rate.check(req.peer.ip(), std::time::Instant::now()) {
+        let ms = retry.as_millis().max(1);
+        return Err(Refusal::new(
+            RefuseReason::RateLimited,
+            format!("too many new connections from this address; retry after {ms} ms"),
+        ));
+    }
+    let principal = shared
+        .auth
+        .verify(req.token.as_deref())
+        .map_err(|why| Refusal::new(RefuseReason::Unauthorized, why))?;
+    if let Some(p) = &principal {
+        if p.session.as_ref().is_some_and(|sid| *sid != ask.session_id) {
+            return Err(Refusal::new(
+                RefuseReason::Forbidden,
+                "this token is bound to another session_id",
+            ));
+        }
+    }
+    Ok(principal.map(|p| p.user).unwrap_or_default())
+}
+
 /// `/v1/listen?resume=...`: hands the socket to the live session, or refuses it.
-pub async fn reattach(shared: &Shared, socket: WebSocket, peer: SocketAddr, ask: ReattachRequest) {
-    let Some(tx) = shared.resumable.sender(&ask.session_id, &ask.token) else {
+pub async fn reattach(
+    shared: &Shared,
+    socket: WebSocket,
+    req: &ConnectRequest,
+    ask: ReattachRequest,
+) {
+    let peer = req.peer;
+    let owner = match admit(shared, req, &ask) {
+        Ok(owner) => owner,
+        Err(refusal) => {
+            let (sink, stream) = split(socket);
+            return refuse(sink, stream, peer, refusal).await;
+        }
+    };
+    let Some(tx) = shared.resumable.sender(&owner, &ask.session_id, &ask.token) else {
         let (sink, stream) = split(socket);
         let refusal = Refusal::new(
             RefuseReason::ResumeFailed,

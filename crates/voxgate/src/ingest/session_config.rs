@@ -76,6 +76,7 @@ mod tests {
             utterances: 2,
             webhooks: Vec::new(),
             expires: 0,
+            jti: "j".into(),
         };
         let s = build(
             &cfg,

@@ -97,6 +97,28 @@ pub struct Received {
     pub idempotency_key: String,
     pub signature: Option<String>,
     pub body: Bytes,
+    /// The query as sent (without `?`) and every header, to verify the signature.
+    pub query: String,
+    pub headers: HeaderMap,
+}
+
+impl Received {
+    /// Checks the request's signature as a receiver would (5 minutes of clock skew).
+    pub fn verify(&self, secret: &str) -> Result<(), voxgate::consumers::contract::VerifyError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let path = format!("/{}", self.path);
+        voxgate::consumers::contract::verify(
+            secret,
+            ("POST", &path, &self.query),
+            &self.headers,
+            &self.body,
+            now,
+            voxgate::consumers::contract::DEFAULT_MAX_SIGNATURE_AGE_SECONDS,
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -149,6 +171,7 @@ async fn receive(
     State((got, mode)): State<RecvState>,
     axum::extract::Path(name): axum::extract::Path<String>,
     Query(q): Query<std::collections::HashMap<String, String>>,
+    axum::extract::RawQuery(raw_query): axum::extract::RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
@@ -180,6 +203,8 @@ async fn receive(
         idempotency_key: h("idempotency-key").unwrap_or_default(),
         signature: h("x-voxgate-signature"),
         body,
+        query: raw_query.unwrap_or_default(),
+        headers: headers.clone(),
     });
     if let Mode::Slow(ms) = mode {
         tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -73,7 +73,9 @@ struct Health {
     ok: AtomicU64,
     failed: AtomicU64,
     consecutive_failures: AtomicU64,
-    last_error: Mutex<Option<String>>,
+    /// The class of the last failure (`SttError::kind`): `/readyz` is unauthenticated, so the
+    /// backend's own words stay in the log.
+    last_error: Mutex<Option<&'static str>>,
 }
 
 impl Backend {
@@ -96,7 +98,7 @@ impl Backend {
         self.health.consecutive_failures.store(0, Ordering::Relaxed);
     }
 
-    pub(crate) fn failure(&self, error: &str) {
+    pub(crate) fn failure(&self, kind: &'static str) {
         self.health.failed.fetch_add(1, Ordering::Relaxed);
         self.health
             .consecutive_failures
@@ -105,7 +107,7 @@ impl Backend {
             .health
             .last_error
             .lock()
-            .expect("health lock is never poisoned") = Some(error.to_owned());
+            .expect("health lock is never poisoned") = Some(kind);
     }
 
     fn health_line(&self) -> String {
@@ -129,7 +131,7 @@ impl Backend {
             .last_error
             .lock()
             .expect("health lock is never poisoned")
-            .as_deref()
+            .as_ref()
         {
             line.push_str(&format!(" last_error={e:?}"));
         }

@@ -5,7 +5,8 @@
 #[error("no speech-to-text backend named {0:?}")]
 pub struct UnknownBackend(pub String);
 
-/// Why an utterance got no transcript (the text is what `stt_unavailable` and `/readyz` say).
+/// Why an utterance got no transcript. The text (with the backend's answer) goes to the log
+/// only; clients (`stt_unavailable`) and `/readyz` get `kind()`.
 #[derive(Debug, thiserror::Error)]
 pub enum SttError {
     #[error("unreadable answer: {0}")]
@@ -27,4 +28,22 @@ pub enum SttError {
     #[cfg(feature = "pocketsphinx")]
     #[error(transparent)]
     Sphinx(#[from] super::pocketsphinx::SphinxError),
+}
+
+impl SttError {
+    /// A generic class of the failure, safe for clients and `/readyz` (no backend body, URL or
+    /// path).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BadAnswer(_) => "unreadable answer",
+            Self::Status { status, .. } if status.is_client_error() => "refused by the backend",
+            Self::Status { .. } => "backend error",
+            Self::Timeout => "timed out",
+            Self::Transport(_) => "unreachable",
+            Self::Closed => "backend closed",
+            Self::NotPerUtterance(_) => "not a per-utterance backend",
+            #[cfg(feature = "pocketsphinx")]
+            Self::Sphinx(_) => "decoder failed",
+        }
+    }
 }

@@ -208,7 +208,7 @@ async fn utterance_worker(ctx: Ctx, mut rx: mpsc::Receiver<Job>) {
                 ctx.notify(event).await;
             }
             Err(error) => {
-                ctx.backend.failure(&error.to_string());
+                ctx.backend.failure(error.kind());
                 ctx.stats.count_dropped(DropReason::SttFailed, bytes);
                 warn!(stt = %ctx.name(), session = %ctx.target.session_id, utterance = job.utterance, %error, "utterance given up");
                 if !failing {
@@ -216,9 +216,10 @@ async fn utterance_worker(ctx: Ctx, mut rx: mpsc::Receiver<Job>) {
                     ctx.notify(ServerEvent::warning(
                         "stt_unavailable",
                         format!(
-                            "speech-to-text backend {:?} failed for utterance {}: {error}",
+                            "speech-to-text backend {:?} failed for utterance {} ({}); details are in the gateway log",
                             ctx.name(),
-                            job.utterance
+                            job.utterance,
+                            error.kind()
                         ),
                     ))
                     .await;

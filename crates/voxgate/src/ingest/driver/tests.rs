@@ -96,7 +96,7 @@ fn start(cfg: Config, client_queue: usize, outbox: usize, closer: bool) -> Run {
         notices,
         resume: None,
         guards: Guards {
-            session: shared.sessions.register("t", hub).unwrap(),
+            session: shared.sessions.register("", "t", hub).unwrap(),
             resumable: None,
             user_slot: None,
             permit: shared.permits.clone().try_acquire_owned().unwrap(),

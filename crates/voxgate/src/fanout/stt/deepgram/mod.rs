@@ -536,14 +536,14 @@ impl Worker {
     /// A connection problem: counted, warned once per outage.
     fn trouble(&mut self, error: impl std::fmt::Display) {
         let error = error.to_string();
-        self.ctx.backend.failure(&error);
+        self.ctx.backend.failure("unavailable");
         if !self.failing {
             self.failing = true;
             warn!(stt = %self.cfg.name, session = %self.ctx.target.session_id, %error, "streaming speech-to-text unavailable; reconnecting");
             self.ctx.notifier.offer(ServerEvent::warning(
                 "stt_unavailable",
                 format!(
-                    "speech-to-text backend {:?} unavailable ({error}); reconnecting, unacknowledged audio will be resent",
+                    "speech-to-text backend {:?} unavailable; reconnecting, unacknowledged audio will be resent (details are in the gateway log)",
                     self.cfg.name
                 ),
             ));
