@@ -402,3 +402,35 @@ async fn twilio_is_admitted_at_connect() {
     }
     assert_eq!(refused, 3, "a burst of 2, then refused before start");
 }
+
+/// An `on_connect` answer may list at most `on_connect.max_webhooks` audio webhooks (so the
+/// session memory bound holds); a longer list refuses the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_answer_with_too_many_webhooks_is_refused() {
+    async fn hook() -> axum::Json<serde_json::Value> {
+        let webhooks: Vec<_> = (0..9)
+            .map(|i| serde_json::json!({"name": format!("w{i}"), "url": "http://192.0.2.1/", "delay_seconds": 3600}))
+            .collect();
+        axum::Json(serde_json::json!({"allow": true, "uid": "u", "webhooks": webhooks}))
+    }
+    let app = axum::Router::new().route("/connect", axum::routing::post(hook));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut cfg = test_config();
+    cfg.on_connect = Some(voxgate::config::OnConnectConfig {
+        url: format!("http://{addr}/connect"),
+        timeout_ms: 2000,
+        max_webhooks: 8,
+    });
+    let gw = Gateway::start(cfg).await;
+    let url = gw.ws("/v1/listen?encoding=linear16&sample_rate=16000");
+    let seen = run(&url, vec![], Duration::ZERO, WAIT).await;
+    assert_eq!(seen.close_code, Some(1011), "{seen:?}");
+    assert_eq!(seen.codes("Error"), ["on_connect_invalid"]);
+    assert!(
+        seen.close_reason.contains("on_connect.max_webhooks"),
+        "{}",
+        seen.close_reason
+    );
+}

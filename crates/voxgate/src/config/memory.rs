@@ -42,6 +42,19 @@ impl Config {
             + stt
             + subscriber * self.subscribers.max_per_session
             + self.omi_json_bound()
+            + self.hook_webhooks_bound()
+    }
+
+    /// Audio webhooks from the `on_connect` hook: at most `on_connect.max_webhooks`, each with
+    /// a buffer of up to 3600 s (its validation limit), or the bus buffer with a bus.
+    fn hook_webhooks_bound(&self) -> usize {
+        let each = match self.bus.url {
+            Some(_) => self.bus.max_buffer_bytes(),
+            None => super::pcm_bytes(3600.0),
+        };
+        self.on_connect
+            .as_ref()
+            .map_or(0, |h| h.max_webhooks * each)
     }
 
     /// Omi JSON frames: the transcript and conversation webhooks' byte caps, and one parsed
