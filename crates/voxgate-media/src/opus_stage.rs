@@ -14,6 +14,11 @@ use crate::{MediaError, OUTPUT_RATE};
 /// Longest Opus packet duration (RFC 6716 §3.2.5): 120 ms.
 pub const MAX_FRAME_MS: usize = 120;
 
+/// Most packet-loss concealment run for one gap: libopus fades a concealed signal out within a
+/// few frames anyway, and each concealed millisecond costs decoder time, so the rest of a longer
+/// gap is left to the caller's (cheap) silence.
+pub const MAX_CONCEAL_MS: u64 = 120;
+
 /// One Opus decoder with its trimming state.
 pub struct OpusStage {
     dec: opus::Decoder,
@@ -127,15 +132,17 @@ impl OpusStage {
 
     /// Conceals `samples` (16 kHz) of lost packets with libopus's packet-loss concealment, which
     /// continues the signal from the decoder's state instead of inserting a hard silence. Works
-    /// in multiples of 2.5 ms (at most 120 ms per libopus call); returns the 16 kHz samples
-    /// appended to `out` (the sub-2.5 ms rest is the caller's to fill).
+    /// in multiples of 2.5 ms (at most 120 ms per libopus call) and conceals at most
+    /// `MAX_CONCEAL_MS`; returns the 16 kHz samples appended to `out` (the rest is the caller's
+    /// to fill with silence).
     pub fn conceal(&mut self, samples: u64, out: &mut Vec<i16>) -> u64 {
         let before = out.len();
         let quantum = u64::from(self.rate / 400);
-        let mut want = samples * u64::from(self.rate) / u64::from(OUTPUT_RATE);
+        let mut want = samples
+            .min(u64::from(OUTPUT_RATE) * MAX_CONCEAL_MS / 1000)
+            .saturating_mul(u64::from(self.rate))
+            / u64::from(OUTPUT_RATE);
         want -= want % quantum;
-        // A gap is bounded by the caller; never conceal more than a few seconds in any case.
-        want = want.min(u64::from(self.rate) * 5);
         let max = self.pcm.len() as u64;
         while want > 0 {
             let n = want.min(max) as usize;

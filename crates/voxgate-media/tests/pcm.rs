@@ -349,6 +349,10 @@ fn lost_opus_packets_are_concealed_from_the_decoder_state_not_silenced() {
         }
     }
     assert_eq!(out.len(), whole.len(), "concealment keeps the timeline");
+    // However long the gap, at most 120 ms (1,920 samples) is concealed; the rest is the
+    // caller's silence.
+    let capped = dec.conceal(u64::MAX, &mut Vec::new());
+    assert!((1800..=1940).contains(&capped), "{capped}");
     let original = rms(&whole[starts[lost]..starts[lost + 1]]);
     let concealed = rms(&out[starts[lost]..starts[lost + 1]]);
     assert!(

@@ -59,6 +59,12 @@ pub struct CloseSummary {
     pub utterances: u64,
     pub decode_errors: u64,
     pub resyncs: u64,
+    /// 16 kHz samples synthesized for gaps (device sequence numbers, timestamps).
+    #[serde(default)]
+    pub gap_samples: u64,
+    /// Samples of gaps not filled (over the per-message cap or the session's fill budget).
+    #[serde(default)]
+    pub gap_dropped_samples: u64,
     pub consumers: Vec<ConsumerSummary>,
 }
 

@@ -10,6 +10,8 @@ use crate::protocol::{ClientControl, CloseSummary, ServerEvent, UtteranceReason}
 use crate::segmenter::{Segment, Segmenter, SegmenterConfig};
 use crate::{seconds, SAMPLE_RATE};
 
+mod gap;
+
 /// WebSocket close codes the session decides on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseCode {
@@ -63,6 +65,9 @@ pub struct SessionConfig {
     /// Continue a session that another instance drained: the client resends its stream from
     /// the start and the first `samples` decoded samples (already delivered) are discarded.
     pub continue_at: Option<ContinuePoint>,
+    /// Synthesized audio (gap filling, concealment) a session may insert beyond the wall-clock
+    /// time since it started, in 16 kHz samples. Default 2 s.
+    pub gap_slack_samples: u64,
 }
 
 /// Where a continued session picks up.
@@ -88,6 +93,7 @@ impl SessionConfig {
             progress_every_samples: u64::from(SAMPLE_RATE),
             ack: false,
             continue_at: None,
+            gap_slack_samples: 2 * u64::from(SAMPLE_RATE),
         }
     }
 }
@@ -105,7 +111,9 @@ pub enum Input<'a> {
         control: ClientControl,
     },
     /// Audio known to be missing (a gap in device sequence numbers or telephony timestamps):
-    /// `samples` of 16 kHz silence keep media time continuous. Capped at `MAX_GAP_SAMPLES`.
+    /// `samples` of 16 kHz silence keep media time continuous. Capped at `MAX_GAP_SAMPLES` per
+    /// input and by the session's fill budget (see `Session::gap_budget`); the rest is dropped
+    /// and counted in `SessionStats::gap_dropped_samples`.
     Silence { now: Instant, samples: u64 },
     /// The instant returned by `poll_timeout` has passed.
     Timeout { now: Instant },
@@ -167,6 +175,8 @@ pub struct SessionStats {
     pub control_errors: u64,
     /// Samples of silence inserted for known gaps.
     pub gap_samples: u64,
+    /// Samples of gaps not filled: beyond `MAX_GAP_SAMPLES` or the session's fill budget.
+    pub gap_dropped_samples: u64,
 }
 
 /// Longest gap filled at once (10 s at 16 kHz); longer gaps are filled only up to this.
@@ -191,6 +201,8 @@ pub struct Session {
     carried_resyncs: u64,
     /// Decoded samples still to discard (a continued session re-decoding delivered audio).
     skip_samples: u64,
+    /// Gap fills are being cut by the budget (the client was warned once for this episode).
+    gap_over_budget: bool,
 }
 
 impl Session {
@@ -224,6 +236,7 @@ impl Session {
             closed: false,
             carried_decode_errors: 0,
             carried_resyncs: 0,
+            gap_over_budget: false,
         };
         session.drain_media_events();
         Ok(session)
@@ -319,16 +332,7 @@ impl Session {
                     });
                 }
             }
-            Input::Silence { now, samples } => {
-                self.touch(now);
-                let samples = samples.min(MAX_GAP_SAMPLES);
-                self.stats.gap_samples += samples;
-                self.pcm.clear();
-                // Raw Opus conceals the loss from its decoder state; the rest is silence.
-                self.decoder.conceal(samples, &mut self.pcm);
-                self.pcm.resize(samples as usize, 0);
-                self.route_pcm();
-            }
+            Input::Silence { now, samples } => self.fill_gap(now, samples),
             Input::Text { now, text } => {
                 self.touch(now);
                 match ClientControl::parse(text) {
@@ -569,6 +573,8 @@ impl Session {
             utterances: self.stats.utterances,
             decode_errors: media.decode_errors + self.carried_decode_errors,
             resyncs: media.resyncs + self.carried_resyncs,
+            gap_samples: self.stats.gap_samples,
+            gap_dropped_samples: self.stats.gap_dropped_samples,
             consumers: Vec::new(),
         }
     }

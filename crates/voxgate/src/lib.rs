@@ -14,6 +14,8 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod fanout;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingest;
 pub mod metrics;
 pub mod policy;

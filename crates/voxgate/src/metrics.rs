@@ -33,6 +33,7 @@ pub const BUS_CONNECTED: &str = "voxgate_bus_connected";
 pub const NOTICES_DROPPED: &str = "voxgate_notices_dropped_total";
 pub const RESUME_STATES_REFUSED: &str = "voxgate_resume_states_refused_total";
 pub const BREAKERS_UNTRACKED: &str = "voxgate_webhook_breakers_untracked_total";
+pub const GAP_DROPPED_SAMPLES: &str = "voxgate_gap_dropped_samples_total";
 
 /// Consumer kinds (the `consumer` label).
 pub const CONSUMER_KINDS: [&str; 4] = ["webhook", "subscriber", "stt", "bus"];
@@ -124,7 +125,7 @@ fn describe() {
     );
     describe_counter!(
         GAP_SAMPLES,
-        "16 kHz samples of silence inserted for gaps in device sequence numbers or telephony timestamps"
+        "16 kHz samples inserted for gaps in device sequence numbers or telephony timestamps (concealed or silence)"
     );
     describe_counter!(
         BUS_PUBLISHES,
@@ -135,6 +136,10 @@ fn describe() {
         "Bus messages handled by deliver workers, by kind and outcome"
     );
     describe_gauge!(BUS_CONNECTED, "1 while the delivery bus connection is up");
+    describe_counter!(
+        GAP_DROPPED_SAMPLES,
+        "16 kHz samples of gaps not filled: over the session's fill budget ([gap_fill]) or 10 s per gap"
+    );
     gauge!(SESSIONS_ACTIVE).set(0.0);
     gauge!(SUBSCRIBERS_ACTIVE).set(0.0);
     for kind in CONSUMER_KINDS {

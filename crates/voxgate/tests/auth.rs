@@ -142,6 +142,7 @@ async fn hook_webhooks_pointing_inside_are_refused() {
     cfg.on_connect = Some(voxgate::config::OnConnectConfig {
         url: format!("http://{addr}/connect"),
         timeout_ms: 2000,
+        max_webhooks: 8,
     });
     let gw = Gateway::start(cfg).await;
     for target in [

@@ -981,6 +981,7 @@ async fn the_on_connect_hook_chooses_the_speech_to_text_backends() {
     cfg.on_connect = Some(voxgate::config::OnConnectConfig {
         url: format!("http://{hook_addr}/connect"),
         timeout_ms: 2000,
+        max_webhooks: 8,
     });
     let gw = Gateway::start(cfg).await;
     let base = "/v1/listen?encoding=linear16&sample_rate=16000";

@@ -12,10 +12,18 @@ pub struct OnConnectConfig {
     pub url: String,
     #[serde(default = "default_hook_timeout")]
     pub timeout_ms: u64,
+    /// Most audio webhooks (`webhooks` plus Omi `audio_apps`) an answer may list; an answer with
+    /// more refuses the connection (1011 `on_connect_invalid`). Default 8.
+    #[serde(default = "default_max_webhooks")]
+    pub max_webhooks: usize,
 }
 
 fn default_hook_timeout() -> u64 {
     2000
+}
+
+fn default_max_webhooks() -> usize {
+    8
 }
 
 impl OnConnectConfig {
@@ -25,6 +33,9 @@ impl OnConnectConfig {
         }
         if self.timeout_ms == 0 {
             errors.push("on_connect.timeout_ms: must be > 0".into());
+        }
+        if !(1..=64).contains(&self.max_webhooks) {
+            errors.push("on_connect.max_webhooks: must be in 1..=64".into());
         }
     }
 
@@ -42,6 +53,7 @@ mod tests {
     fn hook_timeout_defaults_to_two_seconds() {
         let hook: OnConnectConfig = serde_json::from_str(r#"{"url":"http://x"}"#).unwrap();
         assert_eq!(hook.timeout(), Duration::from_secs(2));
+        assert_eq!(hook.max_webhooks, 8);
         let mut errors = Vec::new();
         hook.validate(&mut errors);
         assert!(errors.is_empty(), "{errors:?}");

@@ -7,6 +7,9 @@ use super::{Config, SttConfig};
 const SEGMENTER: usize = 16 * 1024;
 /// A JSON event for the client is a few hundred bytes at most.
 const EVENT: usize = 512;
+/// A parsed `serde_json::Value` tree is up to about 20x its text (an Omi JSON frame's tree lives
+/// while its event is dispatched).
+const JSON_TREE: usize = 20;
 
 impl Config {
     /// Worst-case bytes one session may hold, by formula: the largest WebSocket message, the
@@ -38,6 +41,26 @@ impl Config {
             + webhooks
             + stt
             + subscriber * self.subscribers.max_per_session
+            + self.omi_json_bound()
+            + self.hook_webhooks_bound()
+    }
+
+    /// Audio webhooks from the `on_connect` hook: at most `on_connect.max_webhooks`, each with
+    /// a buffer of up to 3600 s (its validation limit), or the bus buffer with a bus.
+    fn hook_webhooks_bound(&self) -> usize {
+        let each = match self.bus.url {
+            Some(_) => self.bus.max_buffer_bytes(),
+            None => super::pcm_bytes(3600.0),
+        };
+        self.on_connect
+            .as_ref()
+            .map_or(0, |h| h.max_webhooks * each)
+    }
+
+    /// Omi JSON frames: the transcript and conversation webhooks' byte caps, and one parsed
+    /// frame (its tree and serialized document).
+    fn omi_json_bound(&self) -> usize {
+        2 * self.omi.json_queue_bytes + (JSON_TREE + 1) * self.omi.max_json_bytes
     }
 }
 
@@ -66,6 +89,7 @@ mod tests {
             + cfg.media.max_element_bytes
             + 16 * 1024
             + 256 * 512;
-        assert_eq!(cfg.session_memory_bound(), fixed + 256 * mib * 4 * 8);
+        let omi = 2 * 2 * mib + 21 * 64 * 1024;
+        assert_eq!(cfg.session_memory_bound(), fixed + 256 * mib * 4 * 8 + omi);
     }
 }

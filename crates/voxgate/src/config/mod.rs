@@ -8,12 +8,14 @@
 //! `memory` derives the per-session memory bound from the whole tree.
 
 mod bus;
+mod gap_fill;
 mod hook;
 mod memory;
 mod omi;
 mod outbound;
 mod server;
 mod stt;
+mod twilio;
 mod webhook;
 
 use std::collections::HashSet;
@@ -27,11 +29,13 @@ use voxgate_media::Limits;
 use voxgate_session::SegmenterConfig;
 
 pub use bus::{BusConfig, MAX_BATCH_SECONDS};
+pub use gap_fill::GapFillConfig;
 pub use hook::OnConnectConfig;
 pub use omi::OmiConfig;
 pub use outbound::Retry;
 pub use server::{MediaConfig, SegmentConfig, ServerConfig, SubscriberConfig};
 pub use stt::{SttBackend, SttConfig};
+pub use twilio::TwilioConfig;
 pub use webhook::{BodyFormat, WebhookConfig};
 
 /// Samples per second of the mono audio every session carries (16 kHz).
@@ -66,6 +70,10 @@ pub struct Config {
     pub webhook_policy: crate::policy::WebhookPolicy,
     /// Delivery through NATS JetStream and `voxgate deliver` workers. Off by default.
     pub bus: BusConfig,
+    /// The budget for audio synthesized for gaps.
+    pub gap_fill: GapFillConfig,
+    /// Twilio Media Streams (`/v1/twilio`) before `start`.
+    pub twilio: TwilioConfig,
 }
 
 /// Every problem found in a configuration.
@@ -123,6 +131,8 @@ impl Config {
         self.bus.validate(&mut errors);
         self.check_bus_batches(&mut errors);
         self.omi.validate(&mut errors);
+        self.gap_fill.validate(&mut errors);
+        self.twilio.validate(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {

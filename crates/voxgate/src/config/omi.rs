@@ -18,6 +18,12 @@ pub struct OmiConfig {
     pub audio_apps: Vec<String>,
     /// N for audio apps. Default 4.
     pub audio_app_delay_seconds: f64,
+    /// Largest `102`/`104`/`105` JSON payload; a larger frame closes the session with 1009
+    /// `json_too_large`. Default 64 KiB.
+    pub max_json_bytes: usize,
+    /// Bytes of documents each transcript or conversation webhook may hold (queued or in
+    /// flight); beyond it documents are dropped (`buffer_full`). Default 2 MiB.
+    pub json_queue_bytes: usize,
 }
 
 impl Default for OmiConfig {
@@ -27,6 +33,8 @@ impl Default for OmiConfig {
             conversation_webhook: None,
             audio_apps: Vec::new(),
             audio_app_delay_seconds: 4.0,
+            max_json_bytes: 64 << 10,
+            json_queue_bytes: 2 << 20,
         }
     }
 }
@@ -51,6 +59,13 @@ impl OmiConfig {
         }
         if !(self.audio_app_delay_seconds.is_finite() && self.audio_app_delay_seconds >= 0.0) {
             errors.push("omi.audio_app_delay_seconds: must be >= 0".into());
+        }
+        if !(256..=16 << 20).contains(&self.max_json_bytes) {
+            errors.push("omi.max_json_bytes: must be in 256..=16 MiB".into());
+        }
+        // A document wraps its payload: room for two keeps one always deliverable.
+        if self.json_queue_bytes < 2 * self.max_json_bytes {
+            errors.push("omi.json_queue_bytes: must be >= 2 x omi.max_json_bytes".into());
         }
     }
 

@@ -1,6 +1,7 @@
-//! A webhook of JSON documents (transcripts, conversation events): a bounded queue, retries with
-//! backoff and jitter, the endpoint's circuit breaker, counted drops. What it posts and when is
-//! decided by a `Selector` over session events.
+//! A webhook of JSON documents (transcripts, conversation events): a bounded queue under a byte
+//! cap (documents are serialized once and queued as bytes), retries with backoff and jitter,
+//! the endpoint's circuit breaker, counted drops (the client is warned once per drop episode).
+//! What it posts and when is decided by a `Selector` over session events.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,15 +15,15 @@ use super::contract::{idempotency_key, json_request};
 use super::http::{webhook_attempt, Breaker, BreakerPolicy, HttpError};
 use super::queue::{ConsumerStats, QueueHandle};
 use super::retry::{with_retries, RetryPolicy};
-use super::{Consumer, ConsumerKind, DropReason, Notifier, Offer};
+use super::{Consumer, ConsumerKind, Notifier, Offer};
 
 /// Turns a session event into a document to post (or nothing).
 pub type Selector = Box<dyn Fn(&ServerEvent) -> Option<Post> + Send + Sync>;
 
-/// One document to post.
+/// One document to post, serialized.
 #[derive(Debug, Clone)]
 pub struct Post {
-    pub body: serde_json::Value,
+    pub body: bytes::Bytes,
     /// When set, the outcome is told back to the session as this event with `success` filled in.
     pub reply: Option<ServerEvent>,
 }
@@ -38,6 +39,9 @@ pub struct JsonWebhookConfig {
     pub max_retries: u32,
     /// Documents queued; beyond it new ones are dropped (counted). Default 256.
     pub queue: usize,
+    /// Bytes of documents held (queued or in flight); beyond it new ones are dropped
+    /// (`buffer_full`, counted). Default 2 MiB.
+    pub max_buffer_bytes: u64,
     /// The endpoint's breaker (shared with every consumer posting to the same URL).
     pub breaker: BreakerPolicy,
 }
@@ -52,6 +56,7 @@ impl JsonWebhookConfig {
             timeout: Duration::from_secs(5),
             max_retries: 3,
             queue: 256,
+            max_buffer_bytes: 2 << 20,
             breaker: BreakerPolicy::default(),
         }
     }
@@ -76,7 +81,7 @@ impl JsonWebhook {
     ) -> Self {
         let stats = Arc::new(ConsumerStats::new(ConsumerKind::JsonWebhook));
         let name = cfg.name.clone();
-        let items = cfg.queue;
+        let (items, cap_bytes) = (cfg.queue, cfg.max_buffer_bytes);
         let worker = Worker {
             cfg,
             client,
@@ -88,8 +93,7 @@ impl JsonWebhook {
         Self {
             name,
             select,
-            // Documents are bounded by count, not bytes.
-            queue: QueueHandle::spawn(stats, items, u64::MAX, |rx| worker.run(rx)),
+            queue: QueueHandle::spawn(stats, items, cap_bytes, |rx| worker.run(rx)),
             notifier,
         }
     }
@@ -109,18 +113,25 @@ impl Consumer for JsonWebhook {
         let Some(post) = (self.select)(event) else {
             return;
         };
-        let bytes = post.body.to_string().len() as u64;
+        let bytes = post.body.len() as u64;
         let reply = post.reply.clone();
-        if self.queue.send(post).is_ok() {
+        let Err(refused) = self.queue.offer(post, bytes) else {
             return;
+        };
+        let reason = refused.reason();
+        if self.queue.dropped(reason, bytes) {
+            warn!(webhook = %self.name, %reason, "JSON webhook dropping documents");
+            self.notifier.offer(ServerEvent::warning(
+                "consumer_dropping",
+                format!(
+                    "consumer {:?} is not keeping up; documents are being dropped ({reason})",
+                    self.name
+                ),
+            ));
         }
-        self.queue
-            .stats()
-            .count_dropped(DropReason::QueueFull, bytes);
-        warn!(webhook = %self.name, "JSON webhook queue full; document dropped");
         if let Some(reply) = reply {
             self.notifier
-                .offer(with_success(reply, false, "queue full"));
+                .offer(with_success(reply, false, reason.as_str()));
         }
     }
     fn finish(
@@ -161,11 +172,11 @@ impl Worker {
     async fn run(self, mut rx: mpsc::Receiver<Post>) {
         let mut seq = 0u64;
         while let Some(post) = rx.recv().await {
-            let body = bytes::Bytes::from(post.body.to_string());
-            let bytes = body.len() as u64;
+            let bytes = post.body.len() as u64;
             let key = idempotency_key(&self.session_id, &self.cfg.name, seq);
             seq += 1;
-            let outcome = self.post(&key, body).await;
+            let outcome = self.post(&key, post.body).await;
+            self.stats.release(bytes);
             match &outcome {
                 Ok(()) => self.stats.delivered(bytes),
                 Err(e) => {

@@ -434,10 +434,7 @@ impl Connection {
             Action::ControlText(text) => {
                 self.session.handle_input(Input::Text { now, text: &text })
             }
-            Action::Silence(samples) => {
-                counter!(m::GAP_SAMPLES).increment(samples);
-                self.session.handle_input(Input::Silence { now, samples })
-            }
+            Action::Silence(samples) => super::frontends::fill_gap(&mut self.session, now, samples),
             Action::Notice(event) => {
                 self.consumers.on_event(&event);
                 self.dispatch(&event);

@@ -99,7 +99,7 @@ async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, mut req: Conne
             Accept::Session(req, frontend)
         }
         Endpoint::Twilio => frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await,
-        Endpoint::Omi => frontends::omi::accept(req),
+        Endpoint::Omi => frontends::omi::accept(&shared.cfg, req),
     };
     let (req, frontend) = match accepted {
         Accept::Session(req, frontend) => (req, frontend),

@@ -149,6 +149,14 @@ async fn ask_hook(
             reason.unwrap_or_else(|| "rejected by on_connect hook".into()),
         ));
     }
+    let listed = answer.webhooks.len() + answer.audio_apps.len();
+    if listed > hook_cfg.max_webhooks {
+        let max = hook_cfg.max_webhooks;
+        let why = format!(
+            "the hook answer lists {listed} webhooks; at most {max} (on_connect.max_webhooks)"
+        );
+        return Err(Refusal::new(RefuseReason::OnConnectInvalid, why));
+    }
     // Per-user URLs come from outside: check them against the webhook policy.
     let urls = (answer.webhooks.iter().map(|w| &w.url))
         .chain(&answer.audio_apps)

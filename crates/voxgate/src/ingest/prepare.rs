@@ -33,7 +33,10 @@ pub async fn prepare(
     mut frontend: Box<dyn Frontend>,
 ) -> Result<Parts, Refusal> {
     let cfg = &shared.cfg;
-    let admitted = admission::admit(shared, req)?;
+    let admitted = match frontend.take_admission() {
+        Some(admitted) => admitted,
+        None => admission::admit(shared, req)?,
+    };
     let principal = admitted.principal.as_ref();
     let source = req
         .source

@@ -40,6 +40,10 @@ pub enum RefuseReason {
     SessionIdInUse,
     SessionEnded,
     BusUnavailable,
+    /// Twilio's `start` did not come within `twilio.start_timeout_seconds` of the connect.
+    StartTimeout,
+    /// More messages before Twilio's `start` than `twilio.max_messages_before_start`.
+    MessageFlood,
 }
 
 impl RefuseReason {
@@ -69,6 +73,8 @@ impl RefuseReason {
             Self::SessionIdInUse => "session_id_in_use",
             Self::SessionEnded => "session_ended",
             Self::BusUnavailable => "bus_unavailable",
+            Self::StartTimeout => "start_timeout",
+            Self::MessageFlood => "message_flood",
         }
     }
 
@@ -155,6 +161,8 @@ mod tests {
             (SessionIdInUse, 1008),
             (SessionEnded, 1008),
             (BusUnavailable, 1013),
+            (StartTimeout, 1008),
+            (MessageFlood, 1008),
         ];
         for (reason, code) in table {
             assert_eq!(reason.close_code().as_u16(), code, "{reason:?}");

@@ -25,6 +25,7 @@ pub fn build(
     s.segmenter = cfg.segmenter();
     s.idle_timeout = cfg.idle_timeout();
     s.max_duration = cfg.max_session();
+    s.gap_slack_samples = cfg.gap_fill.slack_samples();
     s.ack = resumable && req.resumable && cfg.server.resume_grace().is_some();
     // `fresh_recorder=true`: the client started a new recorder (a live microphone cannot resend
     // what it already sent), so nothing it sends is discarded; otherwise it resends from the start.

@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use axum::extract::ws::Message;
 use bytes::Bytes;
-use voxgate_session::{ClientControl, CloseCode, ServerEvent};
+use metrics::counter;
+use voxgate_session::{ClientControl, CloseCode, Input, ServerEvent, Session, SessionError};
 
+use super::admission::Admitted;
 use super::hook::HookAnswer;
 use super::refusal::Refusal;
 use super::request::ConnectRequest;
@@ -20,6 +22,7 @@ use crate::config::{Config, WebhookConfig};
 use crate::fanout::registry::BuildCtx;
 use crate::fanout::subscribers::Hub;
 use crate::fanout::Consumer;
+use crate::metrics as m;
 
 /// What a frontend made of an upgraded socket.
 pub enum Accept {
@@ -80,4 +83,28 @@ pub trait Frontend: Send + Sync {
     }
     /// The session is registered (its subscribers may join from now on).
     fn on_registered(&mut self, _hub: &Hub) {}
+    /// An admission the frontend made before its session was asked for (Twilio admits at
+    /// connect, before `start`); `None`: `prepare` admits.
+    fn take_admission(&mut self) -> Option<Admitted> {
+        None
+    }
+}
+
+/// Applies an `Action::Silence`: the session fills what its budget allows; the samples actually
+/// inserted are counted in `voxgate_gap_samples_total`, the rest in
+/// `voxgate_gap_dropped_samples_total`.
+pub fn fill_gap(
+    session: &mut Session,
+    now: std::time::Instant,
+    samples: u64,
+) -> Result<(), SessionError> {
+    let (filled, dropped) = (
+        session.stats().gap_samples,
+        session.stats().gap_dropped_samples,
+    );
+    let result = session.handle_input(Input::Silence { now, samples });
+    let stats = session.stats();
+    counter!(m::GAP_SAMPLES).increment(stats.gap_samples - filled);
+    counter!(m::GAP_DROPPED_SAMPLES).increment(stats.gap_dropped_samples - dropped);
+    result
 }

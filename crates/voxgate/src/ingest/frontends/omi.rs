@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::Message;
 use bytes::Bytes;
-use voxgate_session::{ClientControl, CloseCode, ServerEvent, SAMPLE_RATE};
+use voxgate_session::{ClientControl, CloseCode, ServerEvent, MAX_GAP_SAMPLES, SAMPLE_RATE};
 
 use super::{Accept, Action, Frontend};
 use crate::config::{Config, WebhookConfig};
@@ -21,7 +21,7 @@ use crate::ingest::refusal::{Refusal, RefuseReason};
 use crate::ingest::request::ConnectRequest;
 
 /// Checks `uid` and `sample_rate` (8000..=48000, default 8000): the audio is PCM16 mono.
-pub fn accept(mut req: ConnectRequest) -> Accept {
+pub fn accept(cfg: &Config, mut req: ConnectRequest) -> Accept {
     let rate = match req.raw_query.get("sample_rate").map(|r| r.parse::<u32>()) {
         None => Ok(8000),
         Some(Ok(r)) if (8000..=48_000).contains(&r) => Ok(r),
@@ -34,7 +34,7 @@ pub fn accept(mut req: ConnectRequest) -> Accept {
     match (rate, uid_ok) {
         (Ok(rate), true) => {
             req.set_source("linear16", rate);
-            Accept::Session(req, Box::new(Omi::new(rate)))
+            Accept::Session(req, Box::new(Omi::new(rate, cfg.omi.max_json_bytes)))
         }
         (Err(e), _) => Accept::Refuse(req, e),
         (_, false) => Accept::Refuse(
@@ -69,6 +69,8 @@ fn audio_apps(urls: &[String], cfg: &Config) -> Vec<Arc<WebhookConfig>> {
 /// a payload. Malformed frames and unknown opcodes close the session with 1003 and a reason.
 pub struct Omi {
     rate: u32,
+    /// Largest `102`/`104`/`105` JSON payload (`omi.max_json_bytes`).
+    max_json: usize,
     /// `None` until the plan is made: then the hook's answer or the config's.
     targets: Option<OmiTargets>,
     conversation_id: Option<String>,
@@ -81,9 +83,10 @@ pub struct Omi {
 const OMI_GAP_TOLERANCE: f64 = 0.5;
 
 impl Omi {
-    pub fn new(rate: u32) -> Self {
+    pub fn new(rate: u32, max_json: usize) -> Self {
         Self {
             rate,
+            max_json,
             targets: None,
             conversation_id: None,
             first_ts: None,
@@ -99,7 +102,21 @@ impl Omi {
         }
     }
 
+    /// A JSON opcode: refused with 1009 over `omi.max_json_bytes` (before any parsing), 1003
+    /// when it is not JSON. The parsed tree lives only while the event is dispatched; webhooks
+    /// queue it serialized.
     fn json(&self, op: u32, event: &str, payload: &[u8]) -> Action {
+        if payload.len() > self.max_json {
+            return Action::Violation {
+                code: CloseCode::TooBig,
+                error: "json_too_large",
+                message: format!(
+                    "opcode {op}: {} bytes of JSON; the limit is {} (omi.max_json_bytes)",
+                    payload.len(),
+                    self.max_json
+                ),
+            };
+        }
         match serde_json::from_slice(payload) {
             Ok(v) => self.conversation(event, v),
             Err(e) => Self::malformed(format!("opcode {op}: payload is not JSON: {e}")),
@@ -133,26 +150,43 @@ impl Omi {
             )));
             return;
         }
-        let rate = f64::from(self.rate);
         match self.first_ts {
             None if ts.is_finite() => self.first_ts = Some(ts),
-            Some(first) if ts.is_finite() => {
-                let expected = first + self.samples_in as f64 / rate;
-                let gap = ts - expected;
-                if gap > OMI_GAP_TOLERANCE {
-                    let gap_samples = (gap * rate) as u64;
-                    self.samples_in += gap_samples;
-                    out.push(Action::Silence((gap * f64::from(SAMPLE_RATE)) as u64));
-                    out.push(Action::Notice(ServerEvent::warning(
-                        "media_gap",
-                        format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
-                    )));
-                }
-            }
+            Some(first) if ts.is_finite() => self.on_capture_time(first, ts, out),
             _ => {}
         }
-        self.samples_in += pcm.len() as u64 / 2;
+        self.samples_in = self.samples_in.saturating_add(pcm.len() as u64 / 2);
         out.push(Action::Audio(pcm));
+    }
+}
+
+impl Omi {
+    /// A capture time later than the audio received is a gap: up to `MAX_GAP_SAMPLES` it is
+    /// filled (within the session's budget); a longer jump is followed but not filled. Capture
+    /// times are untrusted floats: casts saturate and counters saturate.
+    fn on_capture_time(&mut self, first: f64, ts: f64, out: &mut Vec<Action>) {
+        let rate = f64::from(self.rate);
+        let gap = ts - (first + self.samples_in as f64 / rate);
+        if gap.is_nan() || gap <= OMI_GAP_TOLERANCE {
+            return;
+        }
+        self.samples_in = self.samples_in.saturating_add((gap * rate) as u64);
+        let samples = (gap * f64::from(SAMPLE_RATE)) as u64;
+        if samples > MAX_GAP_SAMPLES {
+            out.push(Action::Notice(ServerEvent::warning(
+                "timestamp_jump",
+                format!(
+                    "capture time {ts:e} is more than {} s ahead of the audio received; not filled",
+                    MAX_GAP_SAMPLES / u64::from(SAMPLE_RATE)
+                ),
+            )));
+            return;
+        }
+        out.push(Action::Silence(samples));
+        out.push(Action::Notice(ServerEvent::warning(
+            "media_gap",
+            format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
+        )));
     }
 }
 
@@ -243,6 +277,7 @@ fn consumers(ctx: &BuildCtx<'_>, targets: OmiTargets) -> Vec<Box<dyn Consumer>> 
     let spawn = |name: &str, url: &str, select: Selector| -> Box<dyn Consumer> {
         let mut cfg = JsonWebhookConfig::new(name, url);
         cfg.query = vec![("uid".into(), target.uid.clone())];
+        cfg.max_buffer_bytes = ctx.cfg.omi.json_queue_bytes as u64;
         Box::new(JsonWebhook::spawn(
             cfg,
             select,
@@ -264,6 +299,22 @@ fn consumers(ctx: &BuildCtx<'_>, targets: OmiTargets) -> Vec<Box<dyn Consumer>> 
     out
 }
 
+/// Serializes a webhook document once: its queue holds bytes, not a JSON tree.
+fn document(doc: &impl serde::Serialize) -> bytes::Bytes {
+    bytes::Bytes::from(
+        serde_json::to_vec(doc).expect("documents serialize: JSON values and strings"),
+    )
+}
+
+/// Omi's realtime transcript webhook document (borrowing the event's data).
+#[derive(serde::Serialize)]
+struct TranscriptDoc<'a> {
+    segments: &'a serde_json::Value,
+    memory_id: &'a serde_json::Value,
+    session_id: &'a str,
+    conversation_id: &'a Option<String>,
+}
+
 /// `102` transcripts as Omi's realtime transcript webhook document.
 fn transcripts(target: &Target) -> Selector {
     let session_id = target.session_id.clone();
@@ -273,16 +324,26 @@ fn transcripts(target: &Target) -> Selector {
             conversation_id,
             data,
         } if event == "transcript" => Some(Post {
-            body: serde_json::json!({
-                "segments": data.get("segments").cloned().unwrap_or_default(),
-                "memory_id": data.get("memory_id").cloned().unwrap_or_default(),
-                "session_id": session_id,
-                "conversation_id": conversation_id,
+            body: document(&TranscriptDoc {
+                segments: data.get("segments").unwrap_or(&serde_json::Value::Null),
+                memory_id: data.get("memory_id").unwrap_or(&serde_json::Value::Null),
+                session_id: &session_id,
+                conversation_id,
             }),
             reply: None,
         }),
         _ => None,
     })
+}
+
+/// A conversation webhook document (borrowing the event's data).
+#[derive(serde::Serialize)]
+struct ConversationDoc<'a> {
+    event: &'a str,
+    uid: &'a str,
+    session_id: &'a str,
+    conversation_id: &'a Option<String>,
+    data: &'a serde_json::Value,
 }
 
 /// `104` finalize (answered with `201` once delivered) and `105` speaker samples.
@@ -295,9 +356,12 @@ fn conversation(target: &Target) -> Selector {
             conversation_id,
             data,
         } if event == "finalize" || event == "speaker_sample" => Some(Post {
-            body: serde_json::json!({
-                "event": event, "uid": uid, "session_id": session_id,
-                "conversation_id": conversation_id, "data": data,
+            body: document(&ConversationDoc {
+                event,
+                uid: &uid,
+                session_id: &session_id,
+                conversation_id,
+                data,
             }),
             reply: (event == "finalize").then(|| finalize_result(conversation_id)),
         }),
@@ -388,21 +452,21 @@ mod tests {
     #[test]
     fn accept_needs_a_uid_and_a_sane_rate() {
         assert!(
-            matches!(accept(request(&[("uid", "u")])), Accept::Session(r, _)
+            matches!(accept(&Config::default(), request(&[("uid", "u")])), Accept::Session(r, _)
             if matches!(r.source, Ok(voxgate_media::SourceFormat::Linear16 { sample_rate: 8000, channels: 1 })))
         );
         assert!(
-            matches!(accept(request(&[])), Accept::Refuse(_, r) if r.reason == RefuseReason::MissingUid)
+            matches!(accept(&Config::default(), request(&[])), Accept::Refuse(_, r) if r.reason == RefuseReason::MissingUid)
         );
         assert!(
-            matches!(accept(request(&[("uid", "u"), ("sample_rate", "4000")])),
+            matches!(accept(&Config::default(), request(&[("uid", "u"), ("sample_rate", "4000")])),
             Accept::Refuse(_, r) if r.reason == RefuseReason::InvalidSampleRate)
         );
     }
 
     #[test]
     fn audio_frames_carry_pcm_and_late_capture_times_fill_gaps() {
-        let mut omi = Omi::new(16_000);
+        let mut omi = Omi::new(16_000, 4096);
         let mut out = Vec::new();
         omi.on_binary(audio(100.0, 1600), &mut out); // 0.1 s
         omi.on_binary(audio(100.1, 1600), &mut out); // on time
@@ -427,7 +491,7 @@ mod tests {
 
     #[test]
     fn control_and_conversation_opcodes() {
-        let mut omi = Omi::new(8000);
+        let mut omi = Omi::new(8000, 4096);
         let mut out = Vec::new();
         omi.on_binary(frame(100, b""), &mut out);
         omi.on_binary(frame(103, b"conv-1"), &mut out);
@@ -450,11 +514,11 @@ mod tests {
             (frame(999, b""), "unknown_opcode"),
         ] {
             let mut out = Vec::new();
-            Omi::new(8000).on_binary(bytes, &mut out);
+            Omi::new(8000, 4096).on_binary(bytes, &mut out);
             assert_eq!(violation(&out), Some(error));
         }
         let mut out = Vec::new();
-        Omi::new(8000).on_text("hi", &mut out);
+        Omi::new(8000, 4096).on_text("hi", &mut out);
         assert_eq!(violation(&out), Some("malformed_frame"));
     }
 
@@ -466,7 +530,7 @@ mod tests {
             "transcript_webhook": "http://t"
         }))
         .unwrap();
-        let mut omi = Omi::new(8000);
+        let mut omi = Omi::new(8000, 4096);
         let apps = omi.hook_webhooks(&answer, &cfg);
         let names: Vec<_> = apps.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["audio_app_0", "audio_app_1"]);

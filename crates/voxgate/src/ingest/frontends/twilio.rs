@@ -2,40 +2,61 @@
 //! the session as the query does on `/v1/listen`), then the `Twilio` frontend takes JSON text
 //! events with base64 G.711 mu-law 8 kHz mono.
 
-use axum::extract::ws::{CloseFrame, Message};
+use axum::extract::ws::Message;
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use metrics::counter;
-use tracing::warn;
-use voxgate_session::{ClientControl, CloseCode, ServerEvent};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+use voxgate_session::{ClientControl, ServerEvent, MAX_GAP_SAMPLES};
 
 use super::{Accept, Action, Frontend};
 use crate::fanout::subscribers::Hub;
+use crate::ingest::admission::{self, Admitted};
 use crate::ingest::client::{WsSink, WsStream};
 use crate::ingest::refusal::{Refusal, RefuseReason};
 use crate::ingest::request::{valid_session_id, ConnectRequest};
 use crate::metrics as m;
 use crate::shared::Shared;
 
-fn warning(code: &str, message: String) -> Message {
+/// A warning for the client before `start`, counted; logged at warn once per connection (then
+/// at debug, so a client cannot flood the log).
+fn warning(code: &str, message: String, loud: bool) -> Message {
     counter!(m::CLIENT_ERRORS, "code" => code.to_owned()).increment(1);
-    warn!(code, %message, "twilio stream");
+    if loud {
+        warn!(code, %message, "twilio stream (further warnings of this stream at debug)");
+    } else {
+        debug!(code, %message, "twilio stream");
+    }
     Message::Text(ServerEvent::warning(code, message).to_json().into())
 }
 
-/// Waits for `start` (within the idle timeout), then describes the session it asks for.
+/// Admits the connection as any other before `start` (per-IP rate, permit and, when the URL
+/// carries it, the token), waits for `start` (within `twilio.start_timeout_seconds` of the
+/// connect), checks a token from `start.customParameters.token`, then describes the session.
 pub async fn accept(
     shared: &Shared,
     sink: &mut WsSink,
     stream: &mut WsStream,
     mut req: ConnectRequest,
 ) -> Accept {
+    let mut admitted = match admit_connect(shared, &req) {
+        Ok(a) => a,
+        Err(refusal) => return Accept::Refuse(req, refusal),
+    };
     let start = match wait_for_start(shared, sink, stream).await {
         Ok(Some(start)) => start,
         Ok(None) => return Accept::Done,
         Err(refusal) => return Accept::Refuse(req, refusal),
     };
+    if admitted.principal.is_none() && shared.auth.required() {
+        req.token = req.token.or_else(|| start.custom.get("token").cloned());
+        match shared.auth.verify(req.token.as_deref()) {
+            Ok(principal) => admitted.principal = principal,
+            Err(why) => return Accept::Refuse(req, Refusal::new(RefuseReason::Unauthorized, why)),
+        }
+    }
     for (k, v) in &start.custom {
         if matches!(k.as_str(), "consumers" | "uid" | "session_id") {
             req.raw_query.insert(k.clone(), v.clone());
@@ -48,34 +69,92 @@ pub async fn accept(
     // The typed fields follow the (mirrored) query, so the hook sees what the session uses.
     let mut typed = ConnectRequest::parse(req.endpoint, req.peer, req.token, req.raw_query);
     typed.set_source("mulaw", 8000);
-    Accept::Session(typed, Box::new(Twilio::new(start)))
+    let mut twilio = Twilio::new(start);
+    twilio.admitted = Some(admitted);
+    Accept::Session(typed, Box::new(twilio))
 }
 
-/// Reads until `start`. `Ok(None)`: the client left (or idled out, told with a 1008 close).
+/// The admission of a connection whose token may only come with `start`: with a token in the
+/// URL (or auth off) the whole `admission::admit`; otherwise its other checks (shutdown, per-IP
+/// rate, session permit) now, and the token at `start`.
+fn admit_connect(shared: &Shared, req: &ConnectRequest) -> Result<Admitted, Refusal> {
+    if req.token.is_some() || !shared.auth.required() {
+        return admission::admit(shared, req);
+    }
+    let refused = |reason, message: String| Err(Refusal::new(reason, message));
+    if shared.shutdown.is_cancelled() {
+        return refused(RefuseReason::ShuttingDown, "server is shutting down".into());
+    }
+    if let Err(retry) = shared.rate.check(req.peer.ip(), std::time::Instant::now()) {
+        let ms = retry.as_millis().max(1);
+        return refused(
+            RefuseReason::RateLimited,
+            format!("too many new connections from this address; retry after {ms} ms"),
+        );
+    }
+    match shared.permits.clone().try_acquire_owned() {
+        Ok(permit) => Ok(Admitted {
+            principal: None,
+            permit,
+        }),
+        Err(_) => refused(
+            RefuseReason::OverCapacity,
+            "server at capacity; retry later".into(),
+        ),
+    }
+}
+
+/// Reads until `start`: `Ok(None)` when the client left (or stopped) first. Refused when
+/// `start` does not come within the deadline (from the connect; messages do not extend it),
+/// when more than `twilio.max_messages_before_start` messages come first, or at shutdown.
 async fn wait_for_start(
     shared: &Shared,
     sink: &mut WsSink,
     stream: &mut WsStream,
 ) -> Result<Option<TwilioStart>, Refusal> {
-    let idle = shared.cfg.idle_timeout();
+    let limits = &shared.cfg.twilio;
+    let deadline = Instant::now() + limits.start_timeout();
+    let mut seen = 0u32;
     loop {
-        let msg = match tokio::time::timeout(idle, stream.next()).await {
+        let next = tokio::select! {
+            () = shared.shutdown.cancelled() => return Err(Refusal::new(
+                RefuseReason::ShuttingDown,
+                "server is shutting down; retry on another instance",
+            )),
+            next = tokio::time::timeout_at(deadline, stream.next()) => next,
+        };
+        let msg = match next {
             Ok(Some(Ok(msg))) => msg,
             Ok(_) => return Ok(None),
             Err(_) => {
-                let _ = sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code: CloseCode::Policy.as_u16(),
-                        reason: "idle timeout: no start event".into(),
-                    })))
-                    .await;
-                return Ok(None);
+                return Err(Refusal::new(
+                    RefuseReason::StartTimeout,
+                    format!(
+                        "no start event within {} s of the connect (twilio.start_timeout_seconds)",
+                        limits.start_timeout_seconds
+                    ),
+                ))
             }
         };
-        let (step, reply) = before_start(msg);
+        seen += 1;
+        if seen > limits.max_messages_before_start {
+            return Err(Refusal::new(
+                RefuseReason::MessageFlood,
+                format!(
+                    "more than {} messages before start (twilio.max_messages_before_start)",
+                    limits.max_messages_before_start
+                ),
+            ));
+        }
+        let (step, reply) = before_start(msg, seen == 1);
         if let Some(reply) = reply {
-            // The warning is counted and logged already; a client gone ends the next read.
-            let _ = sink.send(reply).await;
+            // A client that does not read cannot hold the task past the deadline.
+            if !matches!(
+                tokio::time::timeout_at(deadline, sink.send(reply)).await,
+                Ok(Ok(()))
+            ) {
+                return Ok(None);
+            }
         }
         match step {
             BeforeStart::Wait => {}
@@ -95,8 +174,9 @@ enum BeforeStart {
     Left,
 }
 
-/// Handles one message before `start`, with the warning (if any) to send back.
-fn before_start(msg: Message) -> (BeforeStart, Option<Message>) {
+/// Handles one message before `start`, with the warning (if any) to send back; `loud`: log
+/// the warning at warn level.
+fn before_start(msg: Message, loud: bool) -> (BeforeStart, Option<Message>) {
     let text = match msg {
         Message::Text(t) => t,
         Message::Close(_) => return (BeforeStart::Left, None),
@@ -104,6 +184,7 @@ fn before_start(msg: Message) -> (BeforeStart, Option<Message>) {
             let w = warning(
                 "unexpected_binary",
                 "Twilio Media Streams send JSON text; ignored".into(),
+                loud,
             );
             return (BeforeStart::Wait, Some(w));
         }
@@ -112,7 +193,7 @@ fn before_start(msg: Message) -> (BeforeStart, Option<Message>) {
     let v: serde_json::Value = match serde_json::from_str(text.as_str()) {
         Ok(v) => v,
         Err(e) => {
-            let w = warning("bad_message", format!("not JSON: {e}; ignored"));
+            let w = warning("bad_message", format!("not JSON: {e}; ignored"), loud);
             return (BeforeStart::Wait, Some(w));
         }
     };
@@ -129,6 +210,7 @@ fn before_start(msg: Message) -> (BeforeStart, Option<Message>) {
             let w = warning(
                 "media_before_start",
                 "media event before start; dropped".into(),
+                loud,
             );
             (BeforeStart::Wait, Some(w))
         }
@@ -137,9 +219,20 @@ fn before_start(msg: Message) -> (BeforeStart, Option<Message>) {
             let w = warning(
                 "unknown_event",
                 format!("unknown Twilio event {other:?}; ignored"),
+                loud,
             );
             (BeforeStart::Wait, Some(w))
         }
+    }
+}
+
+/// The pre-`start` parser on one text message (for the fuzz targets): `Some` once `start`
+/// arrived (or was refused).
+#[doc(hidden)]
+pub fn pre_start(text: &str) -> Option<Result<TwilioStart, Refusal>> {
+    match before_start(Message::Text(text.into()), false).0 {
+        BeforeStart::Started(start) => Some(start),
+        BeforeStart::Wait | BeforeStart::Left => None,
     }
 }
 
@@ -151,6 +244,8 @@ pub struct Twilio {
     start_detail: Option<serde_json::Value>,
     /// Media time received on the inbound track, in 8 kHz samples.
     received_8k: u64,
+    /// The admission made before `start`, for `prepare`.
+    admitted: Option<Admitted>,
 }
 
 /// What a `start` event carried.
@@ -168,6 +263,7 @@ impl Twilio {
             stream_sid: start.stream_sid,
             start_detail: Some(start.detail),
             received_8k: 0,
+            admitted: None,
         }
     }
 }
@@ -241,22 +337,41 @@ impl Twilio {
             .and_then(|t| t.parse::<u64>().ok())
             .or_else(|| media["timestamp"].as_u64());
         if let Some(ts) = ts {
-            let expected_ms = self.received_8k / 8;
-            if ts > expected_ms + 40 {
-                let gap_8k = (ts - expected_ms) * 8;
-                self.received_8k += gap_8k;
-                out.push(Action::Silence(gap_8k * 2));
-                out.push(Action::Notice(ServerEvent::warning(
-                    "media_gap",
-                    format!(
-                        "{} ms of audio missing before timestamp {ts}; filled with silence",
-                        ts - expected_ms
-                    ),
-                )));
-            }
+            self.on_timestamp(ts, out);
         }
-        self.received_8k += bytes.len() as u64;
+        self.received_8k = self.received_8k.saturating_add(bytes.len() as u64);
         out.push(Action::Audio(Bytes::from(bytes)));
+    }
+}
+
+impl Twilio {
+    /// A timestamp ahead of the media received is a gap: up to `MAX_GAP_SAMPLES` it is filled
+    /// (within the session's budget); a longer jump is a discontinuity, followed but not filled.
+    /// Timestamps are untrusted: every step saturates.
+    fn on_timestamp(&mut self, ts: u64, out: &mut Vec<Action>) {
+        let expected_ms = self.received_8k / 8;
+        if ts <= expected_ms.saturating_add(40) {
+            return;
+        }
+        let gap_ms = ts - expected_ms;
+        let gap_8k = gap_ms.saturating_mul(8);
+        self.received_8k = self.received_8k.saturating_add(gap_8k);
+        let samples = gap_8k.saturating_mul(2);
+        if samples > MAX_GAP_SAMPLES {
+            out.push(Action::Notice(ServerEvent::warning(
+                "timestamp_jump",
+                format!(
+                    "timestamp {ts} is {gap_ms} ms ahead of the audio received; a jump of more than {} s is not filled",
+                    MAX_GAP_SAMPLES / 16_000
+                ),
+            )));
+            return;
+        }
+        out.push(Action::Silence(samples));
+        out.push(Action::Notice(ServerEvent::warning(
+            "media_gap",
+            format!("{gap_ms} ms of audio missing before timestamp {ts}; filled with silence"),
+        )));
     }
 }
 
@@ -306,6 +421,10 @@ impl Frontend for Twilio {
                 ),
             ))),
         }
+    }
+
+    fn take_admission(&mut self) -> Option<Admitted> {
+        self.admitted.take()
     }
 
     fn on_registered(&mut self, hub: &Hub) {

@@ -1,0 +1,7 @@
+//! The `omi` frontend's framing under arbitrary messages (see `voxgate::fuzzing::omi`): no
+//! panic or overflow, gap fills within the session's budget.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| voxgate::fuzzing::omi(data));

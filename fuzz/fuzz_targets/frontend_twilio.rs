@@ -1,0 +1,7 @@
+//! The `twilio` frontend's framing under arbitrary messages (see `voxgate::fuzzing::twilio`): no
+//! panic or overflow, gap fills within the session's budget.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| voxgate::fuzzing::twilio(data));
