@@ -116,6 +116,18 @@ pub struct Claims {
     pub consumers: Option<Vec<String>>,
 }
 
+/// The claims read from a token: `Claims` plus the speech-to-text options claim (kept out of
+/// `Claims` so that code building tokens needs no change).
+#[derive(Deserialize)]
+struct TokenClaims {
+    #[serde(flatten)]
+    base: Claims,
+    /// Speech-to-text options for the token's sessions (`language`, `model`, `prompt`,
+    /// `keyterms`), checked against each backend's allow-lists.
+    #[serde(default)]
+    stt: Option<crate::stt_options::SttOptions>,
+}
+
 /// A verified caller.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
@@ -123,6 +135,8 @@ pub struct Principal {
     pub session: Option<String>,
     pub sessions: Vec<String>,
     pub consumers: Option<Vec<String>>,
+    /// The token's speech-to-text options claim (`stt`).
+    pub stt: Option<crate::stt_options::SttOptions>,
 }
 
 impl Principal {
@@ -179,14 +193,16 @@ impl Authenticator {
         let token = token.ok_or("missing token (Authorization: Bearer or ?token=)")?;
         let mut last = String::from("no verification key configured");
         for (key, validation) in &self.keys {
-            match decode::<Claims>(token, key, validation) {
+            match decode::<TokenClaims>(token, key, validation) {
                 Ok(data) => {
-                    let c = data.claims;
+                    let stt = data.claims.stt;
+                    let c = data.claims.base;
                     return Ok(Some(Principal {
                         user: c.sub,
                         session: c.sid,
                         sessions: c.sessions,
                         consumers: c.consumers,
+                        stt,
                     }));
                 }
                 Err(e) => last = e.to_string(),

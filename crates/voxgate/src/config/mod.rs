@@ -31,7 +31,7 @@ pub use hook::OnConnectConfig;
 pub use omi::OmiConfig;
 pub use outbound::Retry;
 pub use server::{MediaConfig, SegmentConfig, ServerConfig, SubscriberConfig};
-pub use stt::{SttBackend, SttConfig};
+pub use stt::{FinalizeMode, SessionStt, SttBackend, SttConfig, SttOptions, MAX_PROMPT_CHARS};
 pub use webhook::{BodyFormat, WebhookConfig};
 
 /// Samples per second of the mono audio every session carries (16 kHz).

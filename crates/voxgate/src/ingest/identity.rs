@@ -79,6 +79,7 @@ mod tests {
             session: session.map(str::to_owned),
             sessions: Vec::new(),
             consumers: None,
+            stt: None,
         }
     }
 
