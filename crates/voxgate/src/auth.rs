@@ -150,6 +150,18 @@ pub struct Claims {
     pub consumers: Option<Vec<String>>,
 }
 
+/// The claims read from a token: `Claims` plus the speech-to-text options claim (kept out of
+/// `Claims` so that code building tokens needs no change).
+#[derive(Deserialize)]
+struct TokenClaims {
+    #[serde(flatten)]
+    base: Claims,
+    /// Speech-to-text options for the token's sessions (`language`, `model`, `prompt`,
+    /// `keyterms`), checked against each backend's allow-lists.
+    #[serde(default)]
+    stt: Option<crate::stt_options::SttOptions>,
+}
+
 /// A verified caller.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Principal {
@@ -159,6 +171,8 @@ pub struct Principal {
     /// Owner of the sessions in `session` and `sessions` (`None`: `user`).
     pub owner: Option<String>,
     pub consumers: Option<Vec<String>>,
+    /// The token's speech-to-text options claim (`stt`).
+    pub stt: Option<crate::stt_options::SttOptions>,
 }
 
 impl Principal {
@@ -236,8 +250,13 @@ impl Authenticator {
         let token = token.ok_or("missing token (Authorization: Bearer or ?token=)")?;
         let mut last = String::from("no verification key configured");
         for (key, validation) in &self.keys {
-            match decode::<Claims>(token, key, validation) {
-                Ok(data) => return self.admit_claims(data.claims).map(Some),
+            match decode::<TokenClaims>(token, key, validation) {
+                Ok(data) => {
+                    let stt = data.claims.stt;
+                    return self
+                        .admit_claims(data.claims.base)
+                        .map(|p| Some(Principal { stt, ..p }));
+                }
                 Err(e) => last = e.to_string(),
             }
         }
@@ -265,6 +284,7 @@ impl Authenticator {
             sessions: c.sessions,
             owner: c.owner,
             consumers: c.consumers,
+            stt: None,
         })
     }
 }

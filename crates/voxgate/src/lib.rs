@@ -22,6 +22,7 @@ pub mod policy;
 pub mod sessions;
 pub mod shared;
 pub mod shutdown;
+pub mod stt_options;
 pub mod subscribe;
 
 /// The old path of the fan-out layer (kept for integration tests and embedders).

@@ -36,6 +36,8 @@ enum Command {
     Sink(cli::sink::SinkArgs),
     /// A bus delivery worker: consumes JetStream partitions and makes the webhook requests.
     Deliver(cli::deliver::DeliverArgs),
+    /// Word error rate of each speech-to-text backend through the gateway vs on the WAV.
+    Accuracy(cli::accuracy::AccuracyArgs),
 }
 
 fn init_tracing() {
@@ -64,6 +66,10 @@ fn main() -> ExitCode {
         },
         Command::Deliver(args) => deliver(args),
         Command::Sink(args) => print_json("sink", runtime().block_on(cli::sink::run(&args))),
+        Command::Accuracy(args) => match runtime().block_on(cli::accuracy::run(&args)) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail("accuracy", e, ExitCode::FAILURE),
+        },
     }
 }
 

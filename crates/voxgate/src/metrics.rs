@@ -26,6 +26,8 @@ pub const RESUME_DUPLICATES: &str = "voxgate_resume_duplicate_bytes_total";
 pub const SUBSCRIBERS_ACTIVE: &str = "voxgate_subscribers_active";
 pub const STT_REQUESTS: &str = "voxgate_stt_requests_total";
 pub const STT_LATENCY: &str = "voxgate_stt_latency_seconds";
+pub const STT_LOST: &str = "voxgate_stt_lost_total";
+pub const STT_FINALIZE_FALLBACKS: &str = "voxgate_stt_finalize_fallbacks_total";
 pub const TRANSCRIPT_DELIVERIES: &str = "voxgate_transcript_webhook_total";
 pub const BUS_PUBLISHES: &str = "voxgate_bus_publishes_total";
 pub const BUS_DELIVERIES: &str = "voxgate_bus_deliveries_total";
@@ -114,6 +116,14 @@ fn describe() {
         STT_LATENCY,
         metrics::Unit::Seconds,
         "From utterance end to its final transcript, by backend"
+    );
+    describe_counter!(
+        STT_LOST,
+        "Utterances that got no final transcript (stt_lost warning), by backend"
+    );
+    describe_counter!(
+        STT_FINALIZE_FALLBACKS,
+        "Backends switched from Finalize to endpointing after refusing Finalize, by backend"
     );
     describe_counter!(
         TRANSCRIPT_DELIVERIES,

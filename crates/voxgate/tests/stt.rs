@@ -3,6 +3,7 @@
 //! drop the socket mid-utterance.
 
 mod common;
+mod stt_support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,17 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::ws::{Message as AxMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::Router;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use stt_support::*;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use voxgate::config::{Config, SttBackend, SttConfig};
+use voxgate::config::Config;
 
 /// Metrics are process-wide; tests that read gauges run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -208,60 +209,6 @@ async fn transcribe(
     };
     got.lock().unwrap().push(req);
     axum::Json(serde_json::json!({ "text": format!(" samples {samples} ") })).into_response()
-}
-
-/// The corpus short sentence `n` times with 1.5 s of silence after each: `n` utterances, as
-/// 100 ms PCM16 messages.
-fn sentences(n: usize) -> Vec<Vec<u8>> {
-    let one: Vec<u8> = pcm_messages("short", None).concat();
-    let mut all = Vec::new();
-    for _ in 0..n {
-        all.extend_from_slice(&one);
-        all.extend(std::iter::repeat_n(0u8, 48_000));
-    }
-    all.chunks(3200).map(<[u8]>::to_vec).collect()
-}
-
-/// A gateway config whose segmenter splits the corpus speech at its sentence pauses.
-fn stt_config() -> Config {
-    let mut cfg = test_config();
-    cfg.segmenter.silence_ms = 250;
-    cfg
-}
-
-fn openai_cfg(name: &str, url: &str) -> SttConfig {
-    let mut s = SttConfig::new(name, SttBackend::Openai, url);
-    s.model = Some("whisper-test".into());
-    s.language = Some("en".into());
-    s.prompt = Some("North Wind".into());
-    s.api_key = Some("sk-test".into());
-    s.backoff_initial_ms = 20;
-    s.backoff_max_ms = 100;
-    s
-}
-
-/// Transcripts of one backend, by utterance.
-fn transcripts<'a>(run: &'a ClientRun, backend: &str) -> Vec<&'a serde_json::Value> {
-    run.of_type("Transcript")
-        .into_iter()
-        .filter(|t| t["backend"] == backend)
-        .collect()
-}
-
-fn consumer<'a>(run: &'a ClientRun, name: &str) -> &'a serde_json::Value {
-    run.closed()["summary"]["consumers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no consumer {name} in {:?}", run.closed()))
-}
-
-fn warnings(run: &ClientRun, code: &str) -> usize {
-    run.of_type("Warning")
-        .iter()
-        .filter(|w| w["code"] == code)
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,183 +475,6 @@ async fn unknown_stt_name_is_refused() {
         .unwrap()
         .is_empty());
     gw.shutdown.cancel();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Deepgram-compatible fixture
-
-/// What one connection saw.
-#[derive(Debug, Default, Clone)]
-struct DgConn {
-    query: HashMap<String, String>,
-    auth: Option<String>,
-    /// (time, "audio" | control type), in order.
-    log: Vec<(Instant, String)>,
-    samples: u64,
-}
-
-#[derive(Clone)]
-struct Deepgram {
-    addr: SocketAddr,
-    conns: Arc<Mutex<Vec<DgConn>>>,
-}
-
-#[derive(Clone)]
-struct DgState {
-    conns: Arc<Mutex<Vec<DgConn>>>,
-    /// The first connection is dropped after this many samples (mid-utterance).
-    drop_first_after: Option<u64>,
-}
-
-impl Deepgram {
-    async fn start(drop_first_after: Option<u64>) -> Self {
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let app = Router::new()
-            .route("/v1/listen", get(dg_listen))
-            .with_state(DgState {
-                conns: conns.clone(),
-                drop_first_after,
-            });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { addr, conns }
-    }
-    fn url(&self) -> String {
-        format!("ws://{}", self.addr)
-    }
-    fn conns(&self) -> Vec<DgConn> {
-        self.conns.lock().unwrap().clone()
-    }
-}
-
-async fn dg_listen(
-    State(st): State<DgState>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let auth = headers
-        .get("authorization")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let index = {
-        let mut conns = st.conns.lock().unwrap();
-        conns.push(DgConn {
-            query,
-            auth,
-            ..Default::default()
-        });
-        conns.len() - 1
-    };
-    let drop_after = if index == 0 {
-        st.drop_first_after
-    } else {
-        None
-    };
-    ws.on_upgrade(move |socket| dg_session(socket, st.conns, index, drop_after))
-}
-
-fn results(start: f64, end: f64, text: &str, is_final: bool, from_finalize: bool) -> AxMessage {
-    AxMessage::Text(
-        serde_json::json!({
-            "type": "Results",
-            "channel_index": [0, 1],
-            "start": start,
-            "duration": end - start,
-            "is_final": is_final,
-            "speech_final": from_finalize,
-            "from_finalize": from_finalize,
-            "channel": {"alternatives": [{"transcript": text, "confidence": 0.9}]},
-        })
-        .to_string()
-        .into(),
-    )
-}
-
-async fn dg_session(
-    mut socket: WebSocket,
-    conns: Arc<Mutex<Vec<DgConn>>>,
-    index: usize,
-    drop_after: Option<u64>,
-) {
-    let mut samples = 0u64;
-    let mut final_end = 0u64;
-    let mut next_interim = 8_000u64;
-    let mut finals = 0;
-    let secs = |s: u64| s as f64 / 16_000.0;
-    while let Some(Ok(msg)) = socket.recv().await {
-        let now = Instant::now();
-        match msg {
-            AxMessage::Binary(b) => {
-                assert_eq!(b.len() % 2, 0, "whole PCM16 samples");
-                samples += b.len() as u64 / 2;
-                {
-                    let mut c = conns.lock().unwrap();
-                    c[index].log.push((now, "audio".into()));
-                    c[index].samples = samples;
-                }
-                if drop_after.is_some_and(|n| samples >= n) {
-                    return; // drop the socket mid-utterance, no close frame
-                }
-                if samples >= next_interim {
-                    next_interim += 8_000;
-                    let m = results(
-                        secs(final_end),
-                        secs(samples),
-                        "partial words",
-                        false,
-                        false,
-                    );
-                    if socket.send(m).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            AxMessage::Text(t) => {
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                let kind = v["type"].as_str().unwrap().to_owned();
-                conns.lock().unwrap()[index].log.push((now, kind.clone()));
-                match kind.as_str() {
-                    "KeepAlive" => {}
-                    "Finalize" => {
-                        finals += 1;
-                        let m = results(
-                            secs(final_end),
-                            secs(samples),
-                            &format!("final {finals}"),
-                            true,
-                            true,
-                        );
-                        final_end = samples;
-                        if socket.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                    "CloseStream" => {
-                        if samples > final_end {
-                            let m = results(secs(final_end), secs(samples), "tail", true, false);
-                            let _ = socket.send(m).await;
-                        }
-                        let _ = socket.send(AxMessage::Close(None)).await;
-                        return;
-                    }
-                    other => panic!("unexpected control message {other}"),
-                }
-            }
-            AxMessage::Close(_) => return,
-            _ => {}
-        }
-    }
-}
-
-fn deepgram_cfg(name: &str, url: &str) -> SttConfig {
-    let mut s = SttConfig::new(name, SttBackend::Deepgram, url);
-    s.model = Some("nova-test".into());
-    s.language = Some("en-US".into());
-    s.api_key = Some("dg-key".into());
-    s.backoff_initial_ms = 20;
-    s.backoff_max_ms = 200;
-    s
 }
 
 /// Sends `messages` paced by `gap`, with a silent pause (only client KeepAlives) after `pause_at`.

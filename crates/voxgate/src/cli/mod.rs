@@ -1,5 +1,6 @@
 //! Subcommands besides `serve`.
 
+pub mod accuracy;
 pub mod decode;
 pub mod deliver;
 pub mod device;

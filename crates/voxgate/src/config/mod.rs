@@ -34,7 +34,7 @@ pub use hook::OnConnectConfig;
 pub use omi::OmiConfig;
 pub use outbound::Retry;
 pub use server::{MediaConfig, SegmentConfig, ServerConfig, SubscriberConfig};
-pub use stt::{SttBackend, SttConfig};
+pub use stt::{FinalizeMode, SessionStt, SttBackend, SttConfig, SttOptions, MAX_PROMPT_CHARS};
 pub use twilio::TwilioConfig;
 pub use webhook::{BodyFormat, WebhookConfig};
 

@@ -9,6 +9,7 @@ use super::outbound::{
     check_attempts, check_name, default_backoff_max_ms, default_backoff_ms, yes, Retry,
 };
 use super::pcm_bytes;
+pub use crate::stt_options::SttOptions;
 
 /// Which speech-to-text protocol a backend speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +101,80 @@ pub struct SttConfig {
     /// PocketSphinx pronunciation dictionary. Default Debian `cmudict-en-us.dict`.
     #[serde(default)]
     pub dict: Option<String>,
+    /// Deepgram: how an utterance's end is made final. `message` sends `{"type":"Finalize"}`
+    /// (Deepgram); `none` sends nothing and relies on the backend's own endpointing; `auto`
+    /// (default) starts with `message` and switches this backend to `none` for the rest of the
+    /// process when the backend refuses `Finalize` (an `Error` reply or a 4xxx close).
+    #[serde(default)]
+    pub finalize: FinalizeMode,
+    /// Deepgram: at session end, how long to wait for the backend's last results after
+    /// `CloseStream` (capped by `server.close_flush_seconds`); utterances not covered by then
+    /// are counted as lost (`stt_lost`). Default 10000.
+    #[serde(default = "default_flush_timeout_ms")]
+    pub flush_timeout_ms: u64,
+    /// Deepgram: an ended utterance that got no final result this long after its end is
+    /// counted as lost (`stt_lost`). Default 30000.
+    #[serde(default = "default_final_timeout_ms")]
+    pub final_timeout_ms: u64,
+    /// Languages a session may ask for (`language=` in the connect query, the `on_connect`
+    /// answer's `stt_options`, or a token's `stt` claim). Empty (default): none; the
+    /// configured `language` is used.
+    #[serde(default)]
+    pub allowed_languages: Vec<String>,
+    /// Models a session may ask for (`model=`). Empty (default): none.
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    /// Whether a session may send a `prompt` / `keyterm` (vocabulary hints, at most
+    /// `MAX_PROMPT_CHARS` characters together). Default false.
+    #[serde(default)]
+    pub allow_prompt: bool,
+}
+
+/// Deepgram: how an utterance's end is made final.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinalizeMode {
+    /// Send `{"type":"Finalize"}` at each utterance end.
+    Message,
+    /// Send nothing; the backend's endpointing makes results final.
+    None,
+    /// `message` until the backend refuses it, then `none` (remembered per backend).
+    #[default]
+    Auto,
+}
+
+impl FinalizeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Message => "message",
+            Self::None => "none",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+/// Most characters of a session's `prompt` and key terms together.
+pub const MAX_PROMPT_CHARS: usize = 1000;
+
+/// The options one backend uses for one session (config, overridden by what the session may
+/// ask for).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionStt {
+    pub language: Option<String>,
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub keyterms: Vec<String>,
+}
+
+impl SessionStt {
+    /// The OpenAI `prompt`: the prompt, then the key terms.
+    pub fn openai_prompt(&self) -> Option<String> {
+        match (&self.prompt, self.keyterms.is_empty()) {
+            (p, true) => p.clone(),
+            (None, false) => Some(self.keyterms.join(", ")),
+            (Some(p), false) => Some(format!("{p} {}", self.keyterms.join(", "))),
+        }
+    }
 }
 
 fn default_stt_timeout_ms() -> u64 {
@@ -116,6 +191,12 @@ fn default_stt_buffer_seconds() -> f64 {
 }
 fn default_keepalive_seconds() -> f64 {
     3.0
+}
+fn default_flush_timeout_ms() -> u64 {
+    10_000
+}
+fn default_final_timeout_ms() -> u64 {
+    30_000
 }
 
 impl SttConfig {
@@ -141,7 +222,60 @@ impl SttConfig {
             hmm: None,
             lm: None,
             dict: None,
+            finalize: FinalizeMode::default(),
+            flush_timeout_ms: default_flush_timeout_ms(),
+            final_timeout_ms: default_final_timeout_ms(),
+            allowed_languages: Vec::new(),
+            allowed_models: Vec::new(),
+            allow_prompt: false,
         }
+    }
+
+    /// What this backend uses for a session asking `asked`; `Err` names the first option the
+    /// backend's allow-lists do not permit.
+    pub fn permit(&self, asked: &SttOptions) -> Result<SessionStt, String> {
+        let pick =
+            |what: &str, asked: &Option<String>, allowed: &[String], own: &Option<String>| {
+                match asked {
+                    None => Ok(own.clone()),
+                    Some(v) if allowed.iter().any(|a| a == v) => Ok(Some(v.clone())),
+                    Some(v) => Err(format!(
+                        "speech-to-text backend {:?} does not allow {what} {v:?}",
+                        self.name
+                    )),
+                }
+            };
+        let language = pick(
+            "language",
+            &asked.language,
+            &self.allowed_languages,
+            &self.language,
+        )?;
+        let model = pick("model", &asked.model, &self.allowed_models, &self.model)?;
+        let hinted = asked.prompt.is_some() || !asked.keyterms.is_empty();
+        if hinted && !self.allow_prompt {
+            return Err(format!(
+                "speech-to-text backend {:?} does not allow a prompt or key terms",
+                self.name
+            ));
+        }
+        let chars = asked.prompt.as_deref().map_or(0, |p| p.chars().count())
+            + asked
+                .keyterms
+                .iter()
+                .map(|k| k.chars().count())
+                .sum::<usize>();
+        if chars > MAX_PROMPT_CHARS {
+            return Err(format!(
+                "prompt and key terms are {chars} characters; at most {MAX_PROMPT_CHARS}"
+            ));
+        }
+        Ok(SessionStt {
+            language,
+            model,
+            prompt: asked.prompt.clone().or_else(|| self.prompt.clone()),
+            keyterms: asked.keyterms.clone(),
+        })
     }
 
     /// Errors of this entry, each prefixed with `prefix`.
@@ -168,6 +302,12 @@ impl SttConfig {
             && self.keepalive_seconds <= 60.0)
         {
             errors.push(format!("{prefix}.keepalive_seconds: must be in (0, 60]"));
+        }
+        if !(1..=600_000).contains(&self.flush_timeout_ms) {
+            errors.push(format!("{prefix}.flush_timeout_ms: must be in 1..=600000"));
+        }
+        if !(1..=3_600_000).contains(&self.final_timeout_ms) {
+            errors.push(format!("{prefix}.final_timeout_ms: must be in 1..=3600000"));
         }
         if let Some(hook) = &self.transcript_webhook {
             match url::Url::parse(hook) {
@@ -217,6 +357,16 @@ impl SttConfig {
             self.backoff_initial_ms,
             self.backoff_max_ms,
         )
+    }
+
+    /// Deepgram: the wait for the last results after `CloseStream`.
+    pub fn flush_timeout(&self) -> Duration {
+        Duration::from_millis(self.flush_timeout_ms)
+    }
+
+    /// Deepgram: the wait for an ended utterance's final result before it counts as lost.
+    pub fn final_timeout(&self) -> Duration {
+        Duration::from_millis(self.final_timeout_ms)
     }
 
     /// Deepgram: the silence after which a `KeepAlive` is sent (valid after `validate`).

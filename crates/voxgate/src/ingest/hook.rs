@@ -41,6 +41,10 @@ pub struct HookAnswer {
     /// connect query's `stt=` or the configured defaults. Backend URLs and keys stay in config.
     #[serde(default)]
     pub stt: Option<Vec<String>>,
+    /// Speech-to-text options for the session (`language`, `model`, `prompt`, `keyterms`),
+    /// checked against each backend's allow-lists.
+    #[serde(default)]
+    pub stt_options: Option<crate::config::SttOptions>,
 }
 
 /// Why the hook gave no answer (the message goes to the client with `on_connect_failed`, so it

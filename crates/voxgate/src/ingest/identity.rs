@@ -137,6 +137,7 @@ mod tests {
             sessions: Vec::new(),
             consumers: None,
             owner: None,
+            stt: None,
         }
     }
 

@@ -20,6 +20,8 @@ pub struct ConsumerPlan {
     /// Audio webhooks (those without a delay build no consumer).
     pub webhooks: Vec<Arc<WebhookConfig>>,
     pub stt: Vec<Arc<Backend>>,
+    /// What the session asks of its speech-to-text backends (token claim, hook, then query).
+    pub stt_options: crate::config::SttOptions,
     /// The user the hook named (only when no token names one).
     pub hook_uid: Option<String>,
     /// Whether an `on_connect` hook is configured: its URLs came from outside and are reached
@@ -38,6 +40,7 @@ pub async fn choose(
     let cfg = &shared.cfg;
     let mut hook_uid = None;
     let mut hook_stt = None;
+    let mut hook_stt_options = None;
     let mut webhooks = match (handoff, &cfg.on_connect) {
         (Some(h), _) => from_handoff(cfg, h)?,
         (None, Some(hook_cfg)) => {
@@ -46,6 +49,7 @@ pub async fn choose(
                 hook_uid = answer.uid.clone();
             }
             hook_stt = answer.stt.clone();
+            hook_stt_options = answer.stt_options.clone();
             let mut list: Vec<_> = answer.webhooks.iter().cloned().map(Arc::new).collect();
             list.extend(frontend.hook_webhooks(&answer, cfg));
             list
@@ -67,9 +71,17 @@ pub async fn choose(
         None => shared.stt.select(req.stt.as_ref()),
     }
     .map_err(|e| Refusal::new(RefuseReason::UnknownStt, e.to_string()))?;
+    let stt_options = crate::fanout::stt::asked_options(
+        principal.and_then(|p| p.stt.as_ref()),
+        hook_stt_options.as_ref(),
+        &req.stt_options,
+    );
+    crate::fanout::stt::check_options(&stt, &stt_options)
+        .map_err(|why| Refusal::new(RefuseReason::InvalidParameters, why))?;
     Ok(ConsumerPlan {
         webhooks,
         stt,
+        stt_options,
         hook_uid,
         from_hook: cfg.on_connect.is_some(),
     })

@@ -236,7 +236,10 @@ fn build_consumers(
     let lookback = seg.pre_roll_samples() + seg.min_speech_samples() + 512;
     let mut stt = Vec::new();
     crate::fanout::stt::build(
-        plan.stt,
+        crate::fanout::stt::Selection {
+            backends: plan.stt,
+            asked: &plan.stt_options,
+        },
         &shared.http,
         lookback,
         ctx.target,

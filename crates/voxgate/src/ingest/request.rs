@@ -48,6 +48,8 @@ pub struct ConnectRequest {
     pub consumers: Option<Vec<String>>,
     /// `stt=a,b` (`stt=` for none).
     pub stt: Option<String>,
+    /// `language=`, `model=`, `prompt=`, `keyterm=a,b`: speech-to-text options.
+    pub stt_options: crate::config::SttOptions,
     /// `resumable=true`.
     pub resumable: bool,
     /// `fresh_recorder=true`: a continued session's client started a new recorder.
@@ -96,6 +98,7 @@ impl ConnectRequest {
                     .collect()
             }),
             stt: get("stt"),
+            stt_options: crate::config::SttOptions::from_query(&query),
             resumable: flag(&query, "resumable"),
             fresh_recorder: flag(&query, "fresh_recorder"),
             resume_state: get("resume_state"),

@@ -1,7 +1,7 @@
 //! The configured backends, shared by every session: each one's concurrency limit (a semaphore)
 //! and health, and per-utterance transcription (`openai`, `pocketsphinx`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Semaphore;
@@ -10,7 +10,7 @@ use super::error::{SttError, UnknownBackend};
 use super::openai;
 #[cfg(feature = "pocketsphinx")]
 use super::pocketsphinx;
-use crate::config::{SttBackend, SttConfig};
+use crate::config::{FinalizeMode, SessionStt, SttBackend, SttConfig, SttOptions};
 use crate::fanout::retry::RetryPolicy;
 
 /// Every configured backend, shared by all sessions: its concurrency limit and health.
@@ -63,6 +63,8 @@ pub struct Backend {
     pub cfg: Arc<SttConfig>,
     permits: Arc<Semaphore>,
     health: Health,
+    /// `finalize = "auto"`: the backend refused `Finalize` once; `none` from then on.
+    refused_finalize: AtomicBool,
     #[cfg(feature = "pocketsphinx")]
     sphinx: std::sync::OnceLock<pocketsphinx::Pool>,
 }
@@ -84,6 +86,7 @@ impl Backend {
             permits: Arc::new(Semaphore::new(cfg.max_concurrency)),
             cfg: Arc::new(cfg),
             health: Health::default(),
+            refused_finalize: AtomicBool::new(false),
             #[cfg(feature = "pocketsphinx")]
             sphinx: std::sync::OnceLock::new(),
         }
@@ -91,6 +94,30 @@ impl Backend {
 
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// The finalize mode in effect now: `message` or `none` (`auto` resolved).
+    pub fn finalize_mode(&self) -> FinalizeMode {
+        match self.cfg.finalize {
+            FinalizeMode::Auto if self.refused_finalize.load(Ordering::Relaxed) => {
+                FinalizeMode::None
+            }
+            FinalizeMode::Auto => FinalizeMode::Message,
+            mode => mode,
+        }
+    }
+
+    /// `auto`: the backend refused `Finalize`; every session uses `none` from now on. True
+    /// the first time (the caller logs and counts the switch).
+    pub(crate) fn learn_finalize_refused(&self) -> bool {
+        self.cfg.finalize == FinalizeMode::Auto
+            && !self.refused_finalize.swap(true, Ordering::Relaxed)
+    }
+
+    /// The options this backend uses for a session asking `asked` (checked against the
+    /// backend's allow-lists).
+    pub fn session_options(&self, asked: &SttOptions) -> Result<SessionStt, String> {
+        self.cfg.permit(asked)
     }
 
     pub(crate) fn success(&self) {
@@ -142,11 +169,12 @@ impl Backend {
     pub(crate) async fn transcribe(
         &self,
         client: &reqwest::Client,
+        opts: &SessionStt,
         pcm: Arc<[i16]>,
     ) -> Result<String, SttError> {
         let _permit = self.permits.acquire().await.map_err(|_| SttError::Closed)?;
         match self.cfg.backend {
-            SttBackend::Openai => openai::transcribe(client, &self.cfg, &pcm).await,
+            SttBackend::Openai => openai::transcribe(client, &self.cfg, opts, &pcm).await,
             #[cfg(feature = "pocketsphinx")]
             SttBackend::Pocketsphinx => {
                 let pool = self

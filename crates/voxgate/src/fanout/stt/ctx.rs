@@ -4,16 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::histogram;
+use metrics::{counter, histogram};
 use tokio::time::Instant;
 use tracing::warn;
 use voxgate_session::{ServerEvent, SAMPLE_RATE};
 
 use super::backend::Backend;
+use crate::config::SessionStt;
 use crate::fanout::contract::Target;
 use crate::fanout::queue::ConsumerStats;
 use crate::fanout::{DropReason, Notifier};
-use crate::metrics::STT_LATENCY;
+use crate::metrics::{STT_LATENCY, STT_LOST};
 
 /// How long a worker waits for room in the session's notice queue before giving up an event.
 const NOTIFY_WAIT: Duration = Duration::from_secs(2);
@@ -33,6 +34,8 @@ pub(crate) struct Ctx {
     pub target: Target,
     pub notifier: Notifier,
     pub stats: Arc<ConsumerStats>,
+    /// The language, model and hints this session uses with this backend.
+    pub opts: Arc<SessionStt>,
 }
 
 impl Ctx {
@@ -75,6 +78,24 @@ impl Ctx {
                 self.name()
             ),
         ));
+    }
+
+    /// Utterances of this session that got no final result: counted, logged and told to the
+    /// client (`stt_lost`) in one warning.
+    pub async fn report_lost(&self, utterances: &[u64], why: &str) {
+        if utterances.is_empty() {
+            return;
+        }
+        counter!(STT_LOST, "backend" => self.name().to_owned()).increment(utterances.len() as u64);
+        warn!(stt = %self.name(), session = %self.target.session_id, ?utterances, why, "speech-to-text results lost");
+        self.notify(ServerEvent::warning(
+            "stt_lost",
+            format!(
+                "speech-to-text backend {:?} gave no final result for utterance(s) {utterances:?} ({why})",
+                self.name()
+            ),
+        ))
+        .await;
     }
 
     pub fn observe_latency(&self, since: Instant) {

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use super::contract::Target;
 use super::queue::ConsumerStats;
 use super::{Consumer, ConsumerKind, Notifier};
-use crate::config::SttBackend;
+use crate::config::{SttBackend, SttOptions};
 
 pub use backend::{Backend, Registry};
 pub use error::{SttError, UnknownBackend};
@@ -35,9 +35,38 @@ pub use utterance::UtteranceHandle;
 
 use ctx::Ctx;
 
+/// Checks what a session asks (`language`, `model`, `prompt`, `keyterm`) against every chosen
+/// backend's allow-lists; the error says which option a backend refuses.
+pub fn check_options(backends: &[Arc<Backend>], asked: &SttOptions) -> Result<(), String> {
+    backends
+        .iter()
+        .try_for_each(|b| b.session_options(asked).map(drop))
+}
+
+/// What a session asks: field by field, the token's claim wins over the `on_connect` answer,
+/// which wins over the connect query.
+pub fn asked_options(
+    claim: Option<&SttOptions>,
+    hook: Option<&SttOptions>,
+    query: &SttOptions,
+) -> SttOptions {
+    let none = SttOptions::default();
+    claim
+        .cloned()
+        .unwrap_or_default()
+        .or(hook.unwrap_or(&none))
+        .or(query)
+}
+
+/// The backends a session chose and what it asks of them.
+pub struct Selection<'a> {
+    pub backends: Vec<Arc<Backend>>,
+    pub asked: &'a SttOptions,
+}
+
 /// Builds the session's speech-to-text consumers.
 pub fn build(
-    backends: Vec<Arc<Backend>>,
+    chosen: Selection<'_>,
     http: &reqwest::Client,
     lookback_samples: u64,
     target: &Target,
@@ -45,8 +74,15 @@ pub fn build(
     transcripts_via_bus: bool,
     consumers: &mut Vec<Box<dyn Consumer>>,
 ) {
-    for backend in backends {
+    let asked = chosen.asked;
+    for backend in chosen.backends {
+        // The plan checked `asked` against every chosen backend (`check_options`).
+        let opts = backend
+            .session_options(asked)
+            .or_else(|_| backend.session_options(&SttOptions::default()))
+            .unwrap_or_default();
         let ctx = Ctx {
+            opts: Arc::new(opts),
             transcripts_via_bus,
             backend: backend.clone(),
             http: http.clone(),

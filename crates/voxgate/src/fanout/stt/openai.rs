@@ -11,7 +11,7 @@ use reqwest::multipart::{Form, Part};
 use tracing::debug;
 
 use super::error::SttError;
-use crate::config::SttConfig;
+use crate::config::{SessionStt, SttConfig};
 use crate::fanout::contract::wav_bytes;
 use crate::fanout::http::{classify_status, no_answer, HttpOutcome, NoAnswer};
 use crate::fanout::retry::{with_retries, Attempt};
@@ -38,6 +38,7 @@ struct Answer {
 pub async fn transcribe(
     client: &reqwest::Client,
     cfg: &SttConfig,
+    opts: &SessionStt,
     pcm: &[i16],
 ) -> Result<String, SttError> {
     let wav = bytes::Bytes::from(wav_bytes(pcm));
@@ -45,7 +46,7 @@ pub async fn transcribe(
     let wav = &wav;
     let url = url.as_str();
     with_retries(&cfg.retry_policy(), move |attempt| async move {
-        let outcome = request(client, cfg, url, wav).await;
+        let outcome = request(client, cfg, opts, url, wav).await;
         let name = cfg.name.clone();
         match outcome {
             Ok(text) => {
@@ -70,6 +71,7 @@ pub async fn transcribe(
 async fn request(
     client: &reqwest::Client,
     cfg: &SttConfig,
+    opts: &SessionStt,
     url: &str,
     wav: &bytes::Bytes,
 ) -> Result<String, (&'static str, bool, SttError)> {
@@ -83,14 +85,14 @@ async fn request(
         )
         .text(
             "model",
-            cfg.model.clone().unwrap_or_else(|| "whisper-1".into()),
+            opts.model.clone().unwrap_or_else(|| "whisper-1".into()),
         )
         .text("response_format", "json");
-    if let Some(language) = &cfg.language {
+    if let Some(language) = &opts.language {
         form = form.text("language", language.clone());
     }
-    if let Some(prompt) = &cfg.prompt {
-        form = form.text("prompt", prompt.clone());
+    if let Some(prompt) = opts.openai_prompt() {
+        form = form.text("prompt", prompt);
     }
     let mut req = client
         .post(url)

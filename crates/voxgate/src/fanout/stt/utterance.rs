@@ -186,7 +186,10 @@ async fn utterance_worker(ctx: Ctx, mut rx: mpsc::Receiver<Job>) {
     while let Some(job) = rx.recv().await {
         let bytes = job.pcm.len() as u64 * 2;
         ctx.stats.request();
-        let outcome = ctx.backend.transcribe(&ctx.http, job.pcm.clone()).await;
+        let outcome = ctx
+            .backend
+            .transcribe(&ctx.http, &ctx.opts, job.pcm.clone())
+            .await;
         ctx.stats.release(bytes);
         match outcome {
             Ok(text) => {
@@ -211,6 +214,7 @@ async fn utterance_worker(ctx: Ctx, mut rx: mpsc::Receiver<Job>) {
                 ctx.backend.failure(error.kind());
                 ctx.stats.count_dropped(DropReason::SttFailed, bytes);
                 warn!(stt = %ctx.name(), session = %ctx.target.session_id, utterance = job.utterance, %error, "utterance given up");
+                ctx.report_lost(&[job.utterance], &error.to_string()).await;
                 if !failing {
                     failing = true;
                     ctx.notify(ServerEvent::warning(

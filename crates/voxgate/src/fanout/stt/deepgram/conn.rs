@@ -13,7 +13,11 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use voxgate_session::SAMPLE_RATE;
 
 use super::super::ctx::sample_at;
-use crate::config::SttConfig;
+use crate::config::{SessionStt, SttConfig};
+
+pub(super) const FINALIZE: &str = r#"{"type":"Finalize"}"#;
+pub(super) const CLOSE_STREAM: &str = r#"{"type":"CloseStream"}"#;
+pub(super) const KEEP_ALIVE: &str = r#"{"type":"KeepAlive"}"#;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -36,8 +40,8 @@ pub enum DeepgramError {
 }
 
 /// The listen URL for a base URL (`http(s)` becomes `ws(s)`; a URL ending in `/v1/listen` is
-/// kept as it is).
-pub fn listen_url(cfg: &SttConfig) -> Result<url::Url, DeepgramError> {
+/// kept as it is), with the session's model, language and key terms.
+pub fn listen_url(cfg: &SttConfig, opts: &SessionStt) -> Result<url::Url, DeepgramError> {
     let mut url = url::Url::parse(&cfg.url)?;
     let scheme = match url.scheme() {
         "http" => "ws",
@@ -57,11 +61,14 @@ pub fn listen_url(cfg: &SttConfig) -> Result<url::Url, DeepgramError> {
             .append_pair("sample_rate", &SAMPLE_RATE.to_string())
             .append_pair("channels", "1")
             .append_pair("interim_results", "true");
-        if let Some(m) = &cfg.model {
+        if let Some(m) = &opts.model {
             q.append_pair("model", m);
         }
-        if let Some(l) = &cfg.language {
+        if let Some(l) = &opts.language {
             q.append_pair("language", l);
+        }
+        for term in &opts.keyterms {
+            q.append_pair("keyterm", term);
         }
     }
     Ok(url)
@@ -80,12 +87,16 @@ pub(super) struct Conn {
     pub(super) sent_until: u64,
     pub(super) last_send: Instant,
     pub(super) close_sent: bool,
+    /// `Finalize` messages sent on this connection and not yet answered.
+    pub(super) finalizes_out: u32,
+    /// The backend refused `Finalize` on this connection (its close that follows is expected).
+    pub(super) refused_finalize: bool,
 }
 
 impl Conn {
     /// Connects (within the backend's timeout) with the backend's key.
-    pub(super) async fn open(cfg: &SttConfig) -> Result<Self, DeepgramError> {
-        let url = listen_url(cfg)?;
+    pub(super) async fn open(cfg: &SttConfig, opts: &SessionStt) -> Result<Self, DeepgramError> {
+        let url = listen_url(cfg, opts)?;
         let mut req = url
             .as_str()
             .into_client_request()
@@ -111,6 +122,8 @@ impl Conn {
             sent_until: 0,
             last_send: Instant::now(),
             close_sent: false,
+            finalizes_out: 0,
+            refused_finalize: false,
         })
     }
 
@@ -123,7 +136,7 @@ impl Conn {
     }
 }
 
-/// A message from the backend (only `Results` ones are read).
+/// A message from the backend (`Results` and `Error` are read; others are ignored).
 #[derive(serde::Deserialize)]
 pub(super) struct Results {
     #[serde(rename = "type")]
@@ -135,11 +148,12 @@ pub(super) struct Results {
     #[serde(default)]
     pub(super) is_final: bool,
     #[serde(default)]
-    pub(super) speech_final: bool,
-    #[serde(default)]
     pub(super) from_finalize: bool,
     #[serde(default)]
     pub(super) channel: Option<Channel>,
+    /// `Error` messages: what went wrong.
+    #[serde(default)]
+    pub(super) description: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -157,6 +171,9 @@ pub(super) struct Alternative {
 /// connection is lost.
 pub(super) async fn send_text(c: &mut Conn, text: &'static str) -> Result<(), ()> {
     c.last_send = Instant::now();
+    if text == FINALIZE {
+        c.finalizes_out += 1;
+    }
     c.sink
         .send(Message::Text(text.into()))
         .await

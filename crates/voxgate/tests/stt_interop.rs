@@ -1,0 +1,110 @@
+//! Against a real, published speech-to-text server: faster-whisper-server (OpenAI-compatible,
+//! Whisper tiny.en, offline), installed by `scripts/deps fws` into target/tools/fws. Corpus
+//! speech goes through the gateway; the word error rate of its transcripts must be within 0.1
+//! of the server's own transcript of the same audio as a WAV.
+//!
+//! When the server is not installed the test fails, unless `VOXGATE_INTEROP_OPTIONAL=1`: then
+//! it says loudly that it skipped. `scripts/test` installs the server and runs it.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use voxgate::cli::accuracy::{items, measure};
+use voxgate::config::{Config, SttBackend, SttConfig};
+
+fn tools() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/fws")
+}
+
+/// A running faster-whisper-server on a free loopback port, stopped on drop.
+struct Fws {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl Drop for Fws {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+async fn start_fws() -> Option<Fws> {
+    let bin = tools().join("bin/faster-whisper-server");
+    let model = std::fs::read_to_string(tools().join("model-dir")).ok();
+    let (true, Some(model)) = (bin.exists(), model) else {
+        let optional = std::env::var("VOXGATE_INTEROP_OPTIONAL").is_ok_and(|v| v == "1");
+        assert!(
+            optional,
+            "faster-whisper-server is not installed: run `scripts/deps fws` \
+             (or set VOXGATE_INTEROP_OPTIONAL=1 to skip this test)"
+        );
+        eprintln!("\n*** SKIPPED: faster-whisper-server not installed (scripts/deps fws); VOXGATE_INTEROP_OPTIONAL=1 ***\n");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = tokio::process::Command::new(bin)
+        .arg(model.trim())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("faster-whisper-server starts");
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..300 {
+        if reqwest::get(format!("{url}/health"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Some(Fws { child, url });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("faster-whisper-server did not answer /health within 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faster_whisper_server_through_the_gateway_matches_its_own_transcript() {
+    let Some(fws) = start_fws().await else { return };
+    let mut cfg = Config::default();
+    cfg.segmenter.silence_ms = 250;
+    let mut s = SttConfig::new("fws", SttBackend::Openai, &fws.url);
+    s.timeout_ms = 60_000;
+    cfg.stt.push(s);
+    let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/corpus");
+    // A browser capture of each text that CI can afford, plus the source speech as PCM.
+    let only = ["chromium_short_250ms", "chromium_medium_250ms", "short.wav"].map(String::from);
+    let items = items(&corpus, &only).unwrap();
+    assert_eq!(items.len(), 3);
+    let rows = measure(cfg, &items, 0.0, &[]).await.unwrap();
+    for r in &rows {
+        eprintln!(
+            "{}: via voxgate {:.3} ({:?}); server on the WAV {:.3} ({:?})",
+            r.item, r.gateway_wer, r.gateway_text, r.direct_wer, r.direct_text
+        );
+        assert!(
+            !r.gateway_text.is_empty(),
+            "{}: transcripts came back",
+            r.item
+        );
+        assert!(
+            r.gateway_wer <= r.direct_wer + 0.1,
+            "{}: WER through voxgate {:.3} vs the server's own {:.3}",
+            r.item,
+            r.gateway_wer,
+            r.direct_wer
+        );
+        assert!(
+            r.direct_wer < 0.5,
+            "the server itself understood {}",
+            r.item
+        );
+    }
+}
