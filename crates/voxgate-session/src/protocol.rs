@@ -16,7 +16,9 @@ impl ClientControl {
     pub fn parse(text: &str) -> Result<Self, String> {
         serde_json::from_str(text).map_err(|e| {
             let shown: String = text.chars().take(64).collect();
-            format!("unknown or malformed control message {shown:?}: {e}; expected {{\"type\":\"KeepAlive\"|\"Finalize\"|\"CloseStream\"}}")
+            // serde's text quotes the client's input: escaped, so it cannot forge a log line.
+            let why = e.to_string();
+            format!("unknown or malformed control message {shown:?}: {why:?}; expected {{\"type\":\"KeepAlive\"|\"Finalize\"|\"CloseStream\"}}")
         })
     }
 }

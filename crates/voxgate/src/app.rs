@@ -1,7 +1,6 @@
 //! The gateway application: builds the shared state (after connecting the bus, when there is
 //! one), composes the routes, serves until shutdown, then drains sessions within the grace period.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::serve::ServeOptions;
 use crate::shared::Shared;
 
 /// Every route of the gateway.
@@ -45,17 +45,17 @@ pub async fn run(
     let grace = cfg.server.shutdown_grace();
     let bus = connect_bus(&cfg).await?;
     let shared = Shared::new(cfg, shutdown.clone(), bus)?;
-    let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    info!(addr = %listener.local_addr()?, "voxgate listening");
+    let opts = ServeOptions::from_config(&shared.cfg);
+    info!(addr = %listener.local_addr()?, max_connections = opts.max_connections,
+        process_memory_bound = shared.cfg.process_memory_bound(), "voxgate listening");
     let stop = shutdown.clone();
     let draining = shared.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            stop.cancelled().await;
-            draining.ready.store(false, Ordering::SeqCst);
-            info!("shutdown: no longer accepting; flushing sessions");
-        })
-        .await?;
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        draining.ready.store(false, Ordering::SeqCst);
+        info!("shutdown: no longer accepting; flushing sessions");
+    });
+    crate::serve::serve(listener, router(shared.clone()), opts, shutdown).await;
     shared.tracker.close();
     if tokio::time::timeout(grace, shared.tracker.wait())
         .await

@@ -19,6 +19,8 @@ pub mod fuzzing;
 pub mod ingest;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
+pub mod serve;
 pub mod sessions;
 pub mod shared;
 pub mod shutdown;

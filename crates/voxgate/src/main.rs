@@ -40,14 +40,26 @@ enum Command {
     Accuracy(cli::accuracy::AccuracyArgs),
 }
 
-fn init_tracing() {
+/// Logs go to stderr through a bounded, lossy, non-blocking writer: when nobody drains stderr
+/// fast enough, lines are dropped (and counted in `voxgate_log_lines_dropped_total`) instead of
+/// stalling every connection task. The guard flushes what is buffered when dropped: keep it
+/// until the process ends.
+fn init_tracing(buffered_lines: usize) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(buffered_lines)
+        .thread_name("voxgate-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    voxgate::metrics::export_log_drops(move || dropped.dropped_lines() as u64);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VOXGATE_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 fn main() -> ExitCode {
@@ -75,7 +87,6 @@ fn main() -> ExitCode {
 
 /// The gateway: config (exit 2 if invalid) → tracing → bind → serve until a signal → drain.
 fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
-    init_tracing();
     let cfg = match load_config(config, listen) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -83,6 +94,7 @@ fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let _log_guard = init_tracing(cfg.server.log_buffer_lines);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail("", e.into(), ExitCode::FAILURE),
@@ -91,6 +103,7 @@ fn serve(config: Option<PathBuf>, listen: Option<String>) -> ExitCode {
         let listener = tokio::net::TcpListener::bind(&cfg.server.listen).await?;
         info!(
             session_memory_bound = cfg.session_memory_bound(),
+            process_memory_bound = cfg.process_memory_bound(),
             max_sessions = cfg.server.max_sessions,
             webhooks = cfg.webhooks.len(),
             "config loaded"
@@ -119,7 +132,7 @@ fn load_config(
 
 /// A bus delivery worker until a signal.
 fn deliver(args: cli::deliver::DeliverArgs) -> ExitCode {
-    init_tracing();
+    let _log_guard = init_tracing(voxgate::config::ServerConfig::default().log_buffer_lines);
     let done = runtime().block_on(async move {
         let shutdown = voxgate::shutdown::on_signal("signal received; stopping the deliver worker");
         cli::deliver::run(&args, shutdown).await

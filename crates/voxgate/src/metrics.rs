@@ -36,6 +36,11 @@ pub const NOTICES_DROPPED: &str = "voxgate_notices_dropped_total";
 pub const RESUME_STATES_REFUSED: &str = "voxgate_resume_states_refused_total";
 pub const BREAKERS_UNTRACKED: &str = "voxgate_webhook_breakers_untracked_total";
 pub const GAP_DROPPED_SAMPLES: &str = "voxgate_gap_dropped_samples_total";
+pub const CONNECTIONS_OPEN: &str = "voxgate_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "voxgate_connections_refused_total";
+pub const PACED: &str = "voxgate_paced_total";
+pub const LOG_LINES_SUPPRESSED: &str = "voxgate_log_lines_suppressed_total";
+pub const LOG_LINES_DROPPED: &str = "voxgate_log_lines_dropped_total";
 
 /// Consumer kinds (the `consumer` label).
 pub const CONSUMER_KINDS: [&str; 4] = ["webhook", "subscriber", "stt", "bus"];
@@ -46,6 +51,8 @@ const FORMATS: [&str; 8] = [
 
 static AUDIO_SAMPLES: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// Reads the log writer's dropped-line count (set once by the binary that owns the writer).
+static LOG_DROPS: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>> = OnceLock::new();
 
 /// Installs the global recorder once (tests start many servers in one process).
 pub fn install() -> PrometheusHandle {
@@ -150,6 +157,22 @@ fn describe() {
         GAP_DROPPED_SAMPLES,
         "16 kHz samples of gaps not filled: over the session's fill budget ([gap_fill]) or 10 s per gap"
     );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open TCP connections, upgraded WebSockets included"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections or requests refused by the connection layer, by reason (max_connections, max_connections_per_ip, header_timeout, proxied_without_auth, accept_error)"
+    );
+    describe_counter!(
+        PACED,
+        "Times a connection was not read because it sent faster than its read budget, by budget (messages, bytes)"
+    );
+    describe_counter!(
+        LOG_LINES_SUPPRESSED,
+        "Client-caused warnings logged at debug instead of warn (over the per-connection log budget)"
+    );
     gauge!(SESSIONS_ACTIVE).set(0.0);
     gauge!(SUBSCRIBERS_ACTIVE).set(0.0);
     for kind in CONSUMER_KINDS {
@@ -158,6 +181,11 @@ fn describe() {
     counter!(DECODE_ERRORS).absolute(0);
     counter!(RESYNCS).absolute(0);
     counter!(UTTERANCE_LIMIT).absolute(0);
+}
+
+/// Exports the log writer's dropped-line count as `voxgate_log_lines_dropped_total`.
+pub fn export_log_drops(read: impl Fn() -> u64 + Send + Sync + 'static) {
+    let _ = LOG_DROPS.set(Box::new(read));
 }
 
 /// Counts decoded samples (16 kHz) for `voxgate_audio_seconds_total{format}`.
@@ -178,6 +206,11 @@ pub fn render(handle: &PrometheusHandle) -> String {
             "voxgate_audio_seconds_total{{format=\"{f}\"}} {secs}\n"
         ));
     }
+    if let Some(read) = LOG_DROPS.get() {
+        out.push_str("# HELP voxgate_log_lines_dropped_total Log lines dropped because the log writer's buffer was full\n");
+        out.push_str("# TYPE voxgate_log_lines_dropped_total counter\n");
+        out.push_str(&format!("voxgate_log_lines_dropped_total {}\n", read()));
+    }
     out
 }
 
@@ -195,7 +228,8 @@ pub fn dropped(kind: &'static str, reason: &'static str, bytes: u64) {
     counter!(DROPPED_BYTES, "consumer" => kind, "reason" => reason).increment(bytes);
 }
 
-/// Counts (and logs) what an event sent to a client means to operators.
+/// Counts what an event sent to a client means to operators (the connection logs it, within its
+/// log budget: `ingest::log_budget`).
 pub fn observe_event(event: &voxgate_session::ServerEvent) {
     use voxgate_session::{ServerEvent, UtteranceReason};
     match event {
@@ -204,21 +238,13 @@ pub fn observe_event(event: &voxgate_session::ServerEvent) {
             reason: UtteranceReason::Limit,
             ..
         } => counter!(UTTERANCE_LIMIT).increment(1),
-        ServerEvent::Warning { code, message } => match code.as_str() {
-            "decode_error" => {
-                counter!(DECODE_ERRORS).increment(1);
-                tracing::warn!(%message, "decode error");
-            }
-            "stream_truncated" => tracing::info!(%message, "stream ended inside an element"),
-            "decode_resynced" => {
-                counter!(RESYNCS).increment(1);
-                tracing::warn!(%message, "demuxer resynced");
-            }
+        ServerEvent::Warning { code, .. } => match code.as_str() {
+            "decode_error" => counter!(DECODE_ERRORS).increment(1),
+            "decode_resynced" => counter!(RESYNCS).increment(1),
             _ => {}
         },
-        ServerEvent::Error { code, message } => {
+        ServerEvent::Error { code, .. } => {
             counter!(CLIENT_ERRORS, "code" => code.clone()).increment(1);
-            tracing::warn!(%code, %message, "error sent to client");
         }
         _ => {}
     }

@@ -1,7 +1,8 @@
 //! `/v1/sessions/{id}/subscribe`: a realtime subscriber's WebSocket. It gets the session's events
 //! (and audio with `?audio=true`) through the session hub's bounded queue; a subscriber that lags
 //! is disconnected with 1008 and its loss counted. Unknown sessions and sessions the token may
-//! not watch get the same 404.
+//! not watch get the same 404. Subscribers only listen: their inbound messages and frames are
+//! capped at `SUBSCRIBER_MAX_MESSAGE` bytes, and any data message closes the socket with 1008.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,14 +12,19 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use metrics::{counter, gauge};
+use tokio::time::timeout;
 use tracing::warn;
 use voxgate_session::CloseCode;
 
 use crate::auth::{bearer, Principal};
 use crate::fanout::subscribers::{Hub, SubMessage, Subscription};
+use crate::ingest::client::SEND_DEADLINE;
 use crate::ingest::WS_READ_BUFFER;
 use crate::metrics::{self as m, SESSIONS_REJECTED, SUBSCRIBERS_ACTIVE};
 use crate::shared::Shared;
+
+/// Largest message or frame a subscriber may send (it has nothing to send but control frames).
+pub const SUBSCRIBER_MAX_MESSAGE: usize = 4096;
 
 pub async fn subscribe(
     State(state): State<Arc<Shared>>,
@@ -56,6 +62,8 @@ pub async fn subscribe(
     let queue = state.cfg.subscribers.queue_messages;
     ws.read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(0)
+        .max_message_size(SUBSCRIBER_MAX_MESSAGE)
+        .max_frame_size(SUBSCRIBER_MAX_MESSAGE)
         .on_upgrade(move |socket| {
             let tracker = state.tracker.clone();
             tracker.track_future(run_subscriber(socket, sub, queue))
@@ -95,7 +103,8 @@ async fn run_subscriber(mut socket: WebSocket, mut sub: Subscription, queue: usi
                         SubMessage::Event(s) => Message::Text(s.as_ref().into()),
                         SubMessage::Audio(b) => Message::Binary(b),
                     };
-                    if socket.send(ws_msg).await.is_err() {
+                    // A subscriber that does not read for SEND_DEADLINE is dropped.
+                    if !matches!(timeout(SEND_DEADLINE, socket.send(ws_msg)).await, Ok(Ok(()))) {
                         break (None, "");
                     }
                 }
@@ -109,19 +118,28 @@ async fn run_subscriber(mut socket: WebSocket, mut sub: Subscription, queue: usi
                 warn!(queue, "disconnecting lagging subscriber");
                 break (Some(CloseCode::Policy), "subscriber lagging: queue full; disconnected");
             }
-            incoming = socket.recv() => if matches!(incoming, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
-                break (None, "");
+            incoming = socket.recv() => match incoming {
+                None | Some(Ok(Message::Close(_))) => break (None, ""),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                    counter!(m::CLOSES, "code" => CloseCode::Policy.as_u16().to_string()).increment(1);
+                    break (Some(CloseCode::Policy), "subscribers may not send messages");
+                }
+                // Over the size limit, or a protocol error: say why if the socket still writes.
+                Some(Err(_)) => {
+                    counter!(m::CLOSES, "code" => CloseCode::Policy.as_u16().to_string()).increment(1);
+                    break (Some(CloseCode::Policy), "subscriber message too large or malformed");
+                }
             },
         }
     };
     sub.discard_rest();
     if let Some(code) = code {
-        let _ = socket
-            .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                code: code.as_u16(),
-                reason: reason.into(),
-            })))
-            .await;
+        let close = Message::Close(Some(axum::extract::ws::CloseFrame {
+            code: code.as_u16(),
+            reason: reason.into(),
+        }));
+        let _ = timeout(SEND_DEADLINE, socket.send(close)).await;
     }
     gauge!(SUBSCRIBERS_ACTIVE).decrement(1.0);
 }

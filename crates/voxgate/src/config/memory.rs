@@ -10,6 +10,11 @@ const EVENT: usize = 512;
 /// A parsed `serde_json::Value` tree is up to about 20x its text (an Omi JSON frame's tree lives
 /// while its event is dispatched).
 const JSON_TREE: usize = 20;
+/// Largest request head (line and headers) buffered per connection; larger ones get 431.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+/// What one open connection may hold outside any session: its request-head buffer, the
+/// WebSocket read buffer (4 KiB) and task state.
+pub const CONNECTION_BYTES: usize = MAX_REQUEST_HEAD_BYTES + 4096 + 8192;
 
 impl Config {
     /// Worst-case bytes one session may hold, by formula: the largest WebSocket message, the
@@ -64,6 +69,15 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Worst-case bytes of the process's connections and sessions: every session at its bound
+    /// plus every open connection (`server.max_connections`) at `CONNECTION_BYTES`.
+    pub fn process_memory_bound(&self) -> usize {
+        self.server.max_sessions * self.session_memory_bound()
+            + self.server.max_connections * CONNECTION_BYTES
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, WebhookConfig};
@@ -91,5 +105,16 @@ mod tests {
             + 256 * 512;
         let omi = 2 * 2 * mib + 21 * 64 * 1024;
         assert_eq!(cfg.session_memory_bound(), fixed + 256 * mib * 4 * 8 + omi);
+    }
+
+    #[test]
+    fn the_process_bound_counts_every_open_connection() {
+        let mut cfg = Config::default();
+        let base = cfg.process_memory_bound();
+        cfg.server.max_connections += 10;
+        assert_eq!(
+            cfg.process_memory_bound() - base,
+            10 * super::CONNECTION_BYTES
+        );
     }
 }

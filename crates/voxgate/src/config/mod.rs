@@ -31,6 +31,7 @@ use voxgate_session::SegmenterConfig;
 pub use bus::{BusConfig, MAX_BATCH_SECONDS};
 pub use gap_fill::GapFillConfig;
 pub use hook::OnConnectConfig;
+pub use memory::{CONNECTION_BYTES, MAX_REQUEST_HEAD_BYTES};
 pub use omi::OmiConfig;
 pub use outbound::Retry;
 pub use server::{MediaConfig, SegmentConfig, ServerConfig, SubscriberConfig};

@@ -36,12 +36,37 @@ pub struct ServerConfig {
     /// How long a resumable session (`?resumable=true`) waits for its client to reconnect
     /// after the socket drops (0 = resume off). Default 30 s.
     pub resume_grace_seconds: f64,
-    /// Messages per second one connection may send (token bucket, burst twice that); a flood
-    /// beyond it closes the session with 1008. Default 500.
+    /// Messages per second read from one connection (token bucket, burst twice that). A client
+    /// that sends faster is paced: its socket is not read until the budget refills, so TCP slows
+    /// it down. Ping and Pong frames count. Default 500.
     pub max_messages_per_second: f64,
     /// Shared by the instances of a deployment: lets a resumable session drained from one
     /// instance continue on another (`resume_state` in `Closed`). Unset: no handoff.
     pub resume_secret: Option<String>,
+    /// How long a client may take to send a request's headers (also the idle limit of a
+    /// keep-alive connection between requests); then the connection is closed. Default 10 s.
+    pub header_read_timeout_seconds: f64,
+    /// Open TCP connections (WebSockets included, for their whole life); beyond it a new
+    /// connection gets a minimal 503 with `Retry-After` and is closed. Clamped, with a warning,
+    /// to what the descriptor limit allows. Default 8192.
+    pub max_connections: usize,
+    /// Open TCP connections per client IP (IPv6: per /64); beyond it, 503 and close.
+    /// Default 256.
+    pub max_connections_per_ip: usize,
+    /// Bytes per second read from one connection (token bucket, burst twice that); a faster
+    /// client is paced like `max_messages_per_second`. Default 1 MiB/s (30x 16 kHz PCM16).
+    pub max_bytes_per_second: f64,
+    /// A connection held back by the message budget whose messages averaged fewer bytes than
+    /// this since it was last held back (at least one burst of messages) is closed with 1008
+    /// `message_flood`: pacing bounds its cost, but it carries almost no audio. 0 = never.
+    /// Default 16.
+    pub flood_min_message_bytes: usize,
+    /// Proxies (IPs or CIDRs) whose `X-Forwarded-For` / `Forwarded: for=` name the client for
+    /// the per-IP limits. Headers from any other peer are ignored. Default none.
+    pub trusted_proxies: Vec<String>,
+    /// Log lines buffered for the log writer; beyond it lines are dropped (counted in
+    /// `voxgate_log_lines_dropped_total`) so logging never stalls ingest. Default 10000.
+    pub log_buffer_lines: usize,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +83,13 @@ impl Default for ServerConfig {
             resume_grace_seconds: 30.0,
             max_messages_per_second: 500.0,
             resume_secret: None,
+            header_read_timeout_seconds: 10.0,
+            max_connections: 8192,
+            max_connections_per_ip: 256,
+            max_bytes_per_second: (1 << 20) as f64,
+            flood_min_message_bytes: 16,
+            trusted_proxies: Vec::new(),
+            log_buffer_lines: 10_000,
         }
     }
 }
@@ -97,6 +129,37 @@ impl ServerConfig {
         if self.client_queue_messages == 0 {
             errors.push("server.client_queue_messages: must be > 0".into());
         }
+        self.validate_connections(errors);
+    }
+
+    /// The connection-layer settings: header deadline, connection caps, pacing, proxies.
+    fn validate_connections(&self, errors: &mut Vec<String>) {
+        let h = self.header_read_timeout_seconds;
+        if !(h.is_finite() && h > 0.0 && h <= 3600.0) {
+            errors.push("server.header_read_timeout_seconds: must be in (0, 3600]".into());
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            errors.push("server.max_connections, max_connections_per_ip: must be > 0".into());
+        }
+        let b = self.max_bytes_per_second;
+        if !(b.is_finite() && b >= 1024.0) {
+            errors.push("server.max_bytes_per_second: must be >= 1024".into());
+        }
+        for p in &self.trusted_proxies {
+            if crate::proxy::parse_net(p).is_none() {
+                errors.push(format!(
+                    "server.trusted_proxies: {p:?} is not an IP address or CIDR"
+                ));
+            }
+        }
+        if self.log_buffer_lines == 0 {
+            errors.push("server.log_buffer_lines: must be > 0".into());
+        }
+    }
+
+    /// How long a client may take to send a request's headers.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.header_read_timeout_seconds)
     }
 
     /// Silence (no audio, no KeepAlive) after which a session is closed.

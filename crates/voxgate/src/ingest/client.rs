@@ -1,7 +1,8 @@
 //! The client side of a connection: the socket's read half, and a writer task behind a bounded
 //! queue. A client that does not read its events fills the queue and is marked slow (the driver
 //! closes it); a client that went away is marked gone (nothing more is written to it). A resumed
-//! session hands the writer the new socket's sink.
+//! session hands the writer the new socket's sink. Every write has a deadline, and the writer is
+//! aborted when its session ends, so a client that never reads cannot keep its socket.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -26,8 +27,24 @@ pub fn split(socket: WebSocket) -> (WsSink, WsStream) {
     (Box::pin(sink), Box::pin(stream))
 }
 
-/// How long the close waits for the writer to send what is queued.
+/// How long the close waits for the writer to send what is queued; then it is aborted.
 const WRITER_JOIN: Duration = Duration::from_secs(5);
+/// How long one write (or close) to a client socket may take; a client that does not read for
+/// this long is treated as gone.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Sends `msg` within `SEND_DEADLINE`; `false` when the socket failed or the deadline passed.
+pub async fn send_within(sink: &mut WsSink, msg: Message) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_DEADLINE, sink.send(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Closes `sink` within `SEND_DEADLINE`.
+async fn close_within(sink: &mut WsSink) {
+    let _ = tokio::time::timeout(SEND_DEADLINE, sink.close()).await;
+}
 
 /// One client's I/O: read half, writer task, bounded out queue, and the slow/gone flags.
 pub struct ClientIo {
@@ -93,7 +110,15 @@ impl ClientIo {
             })));
         }
         drop(self.out_tx);
-        let _ = tokio::time::timeout(WRITER_JOIN, self.writer).await;
+        // A writer stuck on a client that does not read is aborted, not detached: its socket
+        // half is dropped with it.
+        if tokio::time::timeout(WRITER_JOIN, &mut self.writer)
+            .await
+            .is_err()
+        {
+            self.writer.abort();
+            counter!(m::CLIENT_ERRORS, "code" => "writer_aborted").increment(1);
+        }
         if !self.gone {
             await_peer_close(&mut self.stream).await;
         }
@@ -112,14 +137,14 @@ async fn write_loop(
             biased;
             Some(new) = sink_rx.recv() => {
                 if let Some(mut old) = sink.replace(new) {
-                    let _ = old.close().await;
+                    close_within(&mut old).await;
                 }
             }
             msg = out_rx.recv() => {
                 let Some(msg) = msg else { break };
                 let is_close = matches!(msg, Message::Close(_));
                 if let Some(s) = sink.as_mut() {
-                    if s.send(msg).await.is_err() {
+                    if !send_within(s, msg).await {
                         sink = None; // gone; events wait for nobody until a resume
                     }
                 }
@@ -130,7 +155,7 @@ async fn write_loop(
         }
     }
     if let Some(mut s) = sink {
-        let _ = s.close().await;
+        close_within(&mut s).await;
     }
 }
 

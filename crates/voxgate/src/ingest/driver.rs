@@ -22,9 +22,11 @@ use voxgate_session::{CloseCode, CloseSummary, Input, Output, ServerEvent, Sessi
 use super::client::ClientIo;
 use super::frontends::{Action, Frontend};
 use super::handoff::HandoffState;
+use super::log_budget::LogBudget;
+use super::pacing::{Flood, Pacer};
 use super::request::Endpoint;
 use super::resume::{Reattach, ResumeCursor, ResumeFrom, ResumeSlot};
-use crate::auth::{TokenBucket, UserSlot};
+use crate::auth::UserSlot;
 use crate::fanout::registry::{Consumers, Finished};
 use crate::fanout::subscribers::Hub;
 use crate::fanout::{Notice, NoticeRx};
@@ -55,8 +57,10 @@ pub struct Connection {
     notices: NoticeRx,
     resume: Option<ResumeSlot>,
     cursor: ResumeCursor,
-    /// Message flood guard: one token bucket per connection.
-    flood: TokenBucket,
+    /// Read budget (messages and bytes per second): the socket is not read while it is spent.
+    pacer: Pacer,
+    /// Client-caused warnings: a few per interval at warn, the rest at debug.
+    logs: LogBudget,
     meter: Meter,
     /// Frontend actions of the current wake (kept to reuse the allocation).
     actions: Vec<Action>,
@@ -93,15 +97,18 @@ impl Meter {
 enum Wake {
     Binary(Bytes),
     Text(String),
-    Nothing,
     Gone,
     Broken(axum::Error),
+    /// A Ping or Pong frame (answered by the socket layer) of this many payload bytes.
+    Control(usize),
+    /// The read budget refilled after the connection was paced.
+    Paced,
     Timeout,
     Shutdown,
     Notice(Notice),
     Reattach(Box<Reattach>),
-    /// Messages arrive faster than `server.max_messages_per_second`.
-    Flood,
+    /// A sustained flood of tiny messages (see `pacing`).
+    Flood(Flood),
 }
 
 impl Wake {
@@ -109,7 +116,7 @@ impl Wake {
         match msg {
             Some(Ok(Message::Binary(data))) => Self::Binary(data),
             Some(Ok(Message::Text(text))) => Self::Text(text.as_str().to_owned()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Self::Nothing,
+            Some(Ok(Message::Ping(p) | Message::Pong(p))) => Self::Control(p.len()),
             Some(Ok(Message::Close(_))) | None => Self::Gone,
             Some(Err(e)) => Self::Broken(e),
         }
@@ -123,7 +130,7 @@ fn now() -> std::time::Instant {
 
 impl Connection {
     pub fn new(shared: Arc<Shared>, endpoint: Endpoint, client: ClientIo, parts: Parts) -> Self {
-        let flood = TokenBucket::new(shared.cfg.server.max_messages_per_second, now());
+        let pacer = Pacer::new(&shared.cfg.server, now());
         Self {
             id: parts.session.id().to_owned(),
             endpoint,
@@ -134,7 +141,8 @@ impl Connection {
             notices: parts.notices,
             resume: parts.resume,
             cursor: ResumeCursor::default(),
-            flood,
+            pacer,
+            logs: LogBudget::new(now()),
             meter: Meter::default(),
             actions: Vec::new(),
             guards: parts.guards,
@@ -216,6 +224,7 @@ impl Connection {
 
     /// An event for the subscribers and, in its protocol's form, the client.
     fn dispatch(&mut self, event: &ServerEvent) {
+        self.logs.event(now(), &self.id, event);
         dispatch(
             self.consumers.hub(),
             &*self.frontend,
@@ -240,6 +249,11 @@ impl Connection {
     async fn next_wake(&mut self) -> Wake {
         let deadline = self.session.poll_timeout();
         let shutdown = &self.shared.shutdown;
+        // While the read budget is spent the socket is not read: TCP pushes back on the client.
+        let paced = self.pacer.ready_at(now());
+        if let Some((_, budget)) = paced {
+            counter!(m::PACED, "budget" => budget.as_str()).increment(1);
+        }
         // Biased: input already waiting is read before an idle deadline can fire (an overloaded
         // server must not mistake its own lag for an idle client).
         let wake = tokio::select! {
@@ -247,11 +261,12 @@ impl Connection {
             () = shutdown.cancelled() => Wake::Shutdown,
             Some(event) = self.notices.recv() => Wake::Notice(event),
             Some(socket) = ResumeSlot::recv(&mut self.resume) => Wake::Reattach(Box::new(socket)),
-            msg = self.client.stream.next() => Wake::from_message(msg),
+            msg = self.client.stream.next(), if paced.is_none() => Wake::from_message(msg),
+            () = sleep_until_opt(paced.map(|(at, _)| at)), if paced.is_some() => Wake::Paced,
             () = sleep_until_opt(deadline) => Wake::Timeout,
         };
         let wake = self.await_resume(wake).await;
-        self.check_flood(wake)
+        self.charge(wake)
     }
 
     /// A resumable session waits for its client instead of closing when the socket drops.
@@ -270,19 +285,26 @@ impl Connection {
         }
     }
 
-    fn check_flood(&mut self, wake: Wake) -> Wake {
-        match wake {
-            Wake::Binary(_) | Wake::Text(_) if self.flood.take(now()).is_err() => {
+    /// Charges what was read to the read budget (data messages and Ping/Pong frames alike).
+    fn charge(&mut self, wake: Wake) -> Wake {
+        let len = match &wake {
+            Wake::Binary(data) => data.len(),
+            Wake::Text(text) => text.len(),
+            Wake::Control(len) => *len,
+            _ => return wake,
+        };
+        match self.pacer.charge(len, now()) {
+            Ok(()) => wake,
+            Err(flood) => {
                 counter!(m::SESSIONS_REJECTED, "reason" => "message_flood").increment(1);
-                Wake::Flood
+                Wake::Flood(flood)
             }
-            other => other,
         }
     }
 
     async fn on_wake(&mut self, wake: Wake) {
         let result = match wake {
-            Wake::Flood => self.on_flood(),
+            Wake::Flood(flood) => self.on_flood(flood),
             Wake::Binary(data) => {
                 self.on_binary(data);
                 Ok(())
@@ -291,7 +313,7 @@ impl Connection {
                 self.frontend.on_text(&text, &mut self.actions);
                 Ok(())
             }
-            Wake::Nothing => Ok(()),
+            Wake::Control(_) | Wake::Paced => Ok(()),
             Wake::Gone => {
                 self.client.gone = true;
                 self.session.handle_input(Input::PeerClosed)
@@ -308,9 +330,11 @@ impl Connection {
         self.refused(result);
     }
 
-    fn refused(&self, result: Result<(), SessionError>) {
+    fn refused(&mut self, result: Result<(), SessionError>) {
         if let Err(e) = result {
-            warn!(session = %self.id, error = %e, "session input refused");
+            let detail = e.to_string();
+            self.logs
+                .warn(now(), &self.id, "session input refused", "refused", &detail);
         }
     }
 
@@ -323,10 +347,12 @@ impl Connection {
         })
     }
 
-    fn on_flood(&mut self) -> Result<(), SessionError> {
+    fn on_flood(&mut self, flood: Flood) -> Result<(), SessionError> {
+        let server = &self.shared.cfg.server;
         let message = format!(
-            "more than {} messages per second (server.max_messages_per_second)",
-            self.shared.cfg.server.max_messages_per_second
+            "a flood of tiny messages: {} bytes on average at more than {} messages per second \
+             (server.flood_min_message_bytes = {})",
+            flood.average_bytes, server.max_messages_per_second, server.flood_min_message_bytes
         );
         self.violate(CloseCode::Policy, "message_flood", &message)
     }
@@ -460,6 +486,7 @@ impl Connection {
             mut notices,
             resume,
             mut meter,
+            mut logs,
             guards,
             ..
         } = self;
@@ -480,6 +507,7 @@ impl Connection {
             .finish_in_order(code, Instant::now() + flush, &mut notices)
             .await;
         for event in &last_words {
+            logs.event(now(), &id, event);
             dispatch(&hub, &*frontend, &mut client, event);
         }
         summary.consumers = summaries;
@@ -518,7 +546,7 @@ impl Connection {
         client.goodbye(last, code.as_u16(), &reason, &id).await;
         counter!(m::CLOSES, "code" => code.as_u16().to_string()).increment(1);
         gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
-        info!(session = %id, code = code.as_u16(), %reason, seconds = summary.seconds_decoded,
+        info!(session = %id, code = code.as_u16(), reason = ?reason, seconds = summary.seconds_decoded,
             decode_errors = summary.decode_errors, resyncs = summary.resyncs, "session closed");
         drop((guards.user_slot, guards.permit));
     }

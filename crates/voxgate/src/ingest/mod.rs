@@ -13,6 +13,8 @@ pub mod frontends;
 pub mod handoff;
 pub mod hook;
 pub mod identity;
+pub mod log_budget;
+pub mod pacing;
 pub mod plan;
 pub mod prepare;
 pub mod refusal;

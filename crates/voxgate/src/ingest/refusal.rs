@@ -4,12 +4,11 @@
 use std::net::SocketAddr;
 
 use axum::extract::ws::{CloseFrame, Message};
-use futures_util::SinkExt;
 use metrics::counter;
 use tracing::info;
 use voxgate_session::{CloseCode, ServerEvent};
 
-use super::client::{await_peer_close, truncate_reason, WsSink, WsStream};
+use super::client::{await_peer_close, send_within, truncate_reason, WsSink, WsStream};
 use crate::metrics as m;
 
 /// Why a connection is refused. `code()` is the client error code and metric label,
@@ -117,16 +116,17 @@ pub async fn refuse(mut sink: WsSink, mut stream: WsStream, peer: SocketAddr, re
     counter!(m::SESSIONS_REJECTED, "reason" => error).increment(1);
     counter!(m::CLIENT_ERRORS, "code" => error).increment(1);
     counter!(m::CLOSES, "code" => code.to_string()).increment(1);
-    info!(%peer, error, message = %refusal.message, "connection refused");
+    info!(%peer, error, message = ?refusal.message, "connection refused");
     let event = ServerEvent::error(error, refusal.message.clone());
     // Send failures mean the client is already gone; the refusal is counted and logged above.
-    let _ = sink.send(Message::Text(event.to_json().into())).await;
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
+    // Each send has a deadline, so a client that does not read cannot hold the refusal.
+    if send_within(&mut sink, Message::Text(event.to_json().into())).await {
+        let close = Message::Close(Some(CloseFrame {
             code,
             reason: truncate_reason(&refusal.message).into(),
-        })))
-        .await;
+        }));
+        send_within(&mut sink, close).await;
+    }
     await_peer_close(&mut stream).await;
 }
 

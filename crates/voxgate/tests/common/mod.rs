@@ -306,5 +306,6 @@ pub fn test_config() -> Config {
     cfg.server.close_flush_seconds = 10.0;
     // Tests open many connections from one address; the rate limit has its own test.
     cfg.auth.connections_per_ip_per_second = 10_000.0;
+    cfg.server.max_connections_per_ip = 10_000;
     cfg
 }

@@ -161,13 +161,13 @@ async fn audio_reaches_the_consumer_and_close_stream_closes_normally() {
 }
 
 #[tokio::test]
-async fn a_message_flood_closes_with_1008() {
+async fn a_flood_of_tiny_messages_closes_with_1008() {
     let mut cfg = Config::default();
     cfg.server.max_messages_per_second = 2.0; // a burst of 4
     let mut run = start(cfg, 64, 64, false);
     for _ in 0..10 {
         run.inbox
-            .send(Ok(text(r#"{"type":"KeepAlive"}"#)))
+            .send(Ok(Message::Binary(Vec::new().into())))
             .await
             .unwrap();
     }
