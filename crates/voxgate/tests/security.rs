@@ -177,6 +177,7 @@ async fn a_denied_address_is_denied_in_every_spelling() {
     cfg.on_connect = Some(voxgate::config::OnConnectConfig {
         url: target_hook().await,
         timeout_ms: 2000,
+        max_webhooks: 8,
     });
     cfg.webhook_policy.allow_private = true;
     cfg.webhook_policy.deny_hosts = vec!["127.0.0.1".into()];
@@ -486,6 +487,7 @@ async fn backend_answers_and_hook_urls_do_not_reach_clients() {
     cfg.on_connect = Some(voxgate::config::OnConnectConfig {
         url: "http://127.0.0.1:1/internal-hook-path".into(),
         timeout_ms: 500,
+        max_webhooks: 8,
     });
     let gw = Gateway::start(cfg).await;
     let run = stream(&gw.ws(LISTEN), pcm(), Duration::ZERO).await;
