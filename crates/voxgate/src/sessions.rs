@@ -156,8 +156,8 @@ pub enum SpendError {
 /// Drained-session states already continued on this instance (by their `jti`) until they
 /// expire: each state continues one session. Bounded by `auth.spent_resume_states_max`; when
 /// full, expired entries are pruned, and if none had expired the new state is refused (fail
-/// closed: forgetting a live entry would allow its replay). Per instance: without the bus (which
-/// also spends states deployment-wide) a state could be continued once on each instance, by its
+/// closed: forgetting a live entry would allow its replay). Per instance: used without the bus
+/// (which spends states deployment-wide instead), so a state could be continued once on each instance, by its
 /// owner alone when tokens are on.
 pub struct SpentStates {
     max: usize,

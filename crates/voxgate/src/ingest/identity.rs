@@ -75,15 +75,13 @@ pub fn spend(spent: &SpentStates, handoff: Option<&HandoffState>) -> Result<(), 
     })
 }
 
-/// With a bus, a drained session's state is also spent deployment-wide (a key in the records
-/// bucket), so no other instance continues it again.
+/// With a bus, a drained session's state is spent deployment-wide instead (a create-only key in
+/// the records bucket), so no other instance continues it again.
 pub async fn spend_on_bus(
-    bus: Option<&crate::bus::Bus>,
+    bus: &crate::bus::Bus,
     handoff: Option<&HandoffState>,
 ) -> Result<(), Refusal> {
-    let (Some(bus), Some(h)) = (bus, handoff) else {
-        return Ok(());
-    };
+    let Some(h) = handoff else { return Ok(()) };
     match bus
         .spend_once(&format!("_spent_resume_state.{}", h.jti))
         .await

@@ -45,8 +45,11 @@ pub async fn prepare(
     let handoff = handoff(cfg, req)?;
     let who = identity::resolve(req, principal, handoff.as_ref())?;
     let user_slot = identity::user_slot(&shared.users, principal, cfg.auth.max_sessions_per_user)?;
-    identity::spend(&shared.spent_states, handoff.as_ref())?;
-    identity::spend_on_bus(shared.bus.as_ref(), handoff.as_ref()).await?;
+    // With a bus the state is spent there (deployment-wide; a bus outage burns nothing).
+    match &shared.bus {
+        Some(bus) => identity::spend_on_bus(bus, handoff.as_ref()).await?,
+        None => identity::spend(&shared.spent_states, handoff.as_ref())?,
+    }
     let plan = plan::choose(shared, req, principal, handoff.as_ref(), &mut *frontend).await?;
     let uid = plan.hook_uid.clone().unwrap_or(who.uid);
     let bus = open_bus(shared, &who.session_id, &uid, principal.is_some(), &plan).await?;
