@@ -34,6 +34,19 @@ impl Seen {
         let closed = self.events.iter().rfind(|e| e["type"] == "Closed");
         &closed.unwrap_or_else(|| panic!("no Closed in {:?}", self.events))["summary"]
     }
+    /// One line of what a session synthesized (shown with `--nocapture`).
+    fn report(&self, what: &str) {
+        let s = self.summary();
+        eprintln!(
+            "{what}: {} messages in {:?}: decoded {} samples, filled {}, not filled {}",
+            s["messages_in"],
+            self.elapsed,
+            s["samples_decoded"],
+            s["gap_samples"],
+            s["gap_dropped_samples"]
+        );
+    }
+
     fn summary_u64(&self, key: &str) -> u64 {
         let v = &self.summary()[key];
         v.as_u64()
@@ -145,6 +158,7 @@ async fn gap_fill_amplification_is_bounded_by_the_session_budget() {
     let url = "/v1/listen?encoding=opus&sample_rate=16000&seq=1&frame_ms=120";
     let device = run(&gw.ws(url), msgs, Duration::ZERO, WAIT).await;
     assert_eq!(device.close_code, Some(1000), "{}", device.close_reason);
+    device.report("device opus seq +51");
     let filled = device.summary_u64("gap_samples");
     assert!(
         filled <= budget(device.elapsed),
@@ -169,6 +183,7 @@ async fn gap_fill_amplification_is_bounded_by_the_session_budget() {
     msgs.push(text(STOP));
     let twilio = run(&gw.ws("/v1/twilio"), msgs, Duration::ZERO, WAIT).await;
     assert_eq!(twilio.close_code, Some(1000), "{}", twilio.close_reason);
+    twilio.report("twilio +10 s");
     let t_filled = twilio.summary_u64("gap_samples");
     assert!(
         t_filled <= budget(twilio.elapsed),
