@@ -443,4 +443,45 @@ mod tests {
             "the webhook backoff defaults"
         );
     }
+
+    #[test]
+    fn session_options_are_checked_against_the_allow_lists() {
+        let mut s = SttConfig::new("a", SttBackend::Openai, "http://x");
+        s.language = Some("en".into());
+        let none = SttOptions::default();
+        assert_eq!(s.permit(&none).unwrap().language.as_deref(), Some("en"));
+        let de = SttOptions {
+            language: Some("de".into()),
+            ..Default::default()
+        };
+        assert!(s.permit(&de).unwrap_err().contains("language \"de\""));
+        s.allowed_languages = vec!["de".into()];
+        assert_eq!(s.permit(&de).unwrap().language.as_deref(), Some("de"));
+        let hint = SttOptions {
+            keyterms: vec!["x".repeat(MAX_PROMPT_CHARS)],
+            prompt: Some("p".into()),
+            ..Default::default()
+        };
+        assert!(
+            s.permit(&hint).unwrap_err().contains("prompt"),
+            "not allowed"
+        );
+        s.allow_prompt = true;
+        assert!(
+            s.permit(&hint).unwrap_err().contains("at most 1000"),
+            "too long"
+        );
+        let claim = SttOptions {
+            model: Some("m1".into()),
+            ..Default::default()
+        };
+        let query = SttOptions {
+            model: Some("m2".into()),
+            language: Some("de".into()),
+            ..Default::default()
+        };
+        let merged = claim.or(&query);
+        assert_eq!(merged.model.as_deref(), Some("m1"), "the first source wins");
+        assert_eq!(merged.language.as_deref(), Some("de"), "field by field");
+    }
 }

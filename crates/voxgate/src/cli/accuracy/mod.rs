@@ -87,7 +87,8 @@ pub async fn measure(
 }
 
 /// Leaves only speech-to-text in `cfg`: no webhooks, hook, bus or auth; backends chosen per
-/// stream; a long flush at close (a streaming backend may take a minute to drain).
+/// stream; a long flush at close (a streaming backend may take a minute to drain) and a
+/// buffer that holds the longest item.
 fn gateway_only(cfg: &mut Config) {
     cfg.webhooks.clear();
     cfg.on_connect = None;
@@ -99,6 +100,8 @@ fn gateway_only(cfg: &mut Config) {
         s.default = false;
         s.transcript_webhook = None;
         s.flush_timeout_ms = s.flush_timeout_ms.max(170_000);
+        // Unpaced, a long item arrives faster than it is transcribed: hold all of it.
+        s.max_buffer_seconds = s.max_buffer_seconds.max(600.0);
     }
 }
 

@@ -34,23 +34,7 @@ use crate::fanout::{Consumer, DropReason, Offer};
 const QUEUE_ITEMS: usize = 4096;
 
 pub use self::conn::{listen_url, DeepgramError};
-
-/// What ingest hands the connection task.
-enum In {
-    Audio(AudioChunk),
-    Started {
-        utterance: u64,
-        start: u64,
-    },
-    Ended {
-        utterance: u64,
-        end: u64,
-    },
-    /// The session closes; the task must be done by `deadline`.
-    Close {
-        deadline: Instant,
-    },
-}
+use self::worker::In;
 
 /// The ingest side of a Deepgram-compatible backend for one session.
 pub struct DeepgramHandle {

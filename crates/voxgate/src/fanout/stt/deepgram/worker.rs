@@ -12,17 +12,33 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, info, warn};
-use voxgate_session::{seconds, ServerEvent};
+use voxgate_session::{seconds, AudioChunk, ServerEvent};
 
 use super::audio::Retained;
 use super::conn::{next_frame, send_text, Conn, Results, CLOSE_STREAM, FINALIZE, KEEP_ALIVE};
 use super::track::{Outcome, Tracker};
-use super::In;
 use crate::config::{FinalizeMode, SttConfig};
 use crate::fanout::retry::Backoff;
 use crate::fanout::stt::ctx::Ctx;
 use crate::fanout::stt::poster::Poster;
 use crate::metrics::{STT_FINALIZE_FALLBACKS, STT_REQUESTS};
+
+/// What ingest hands the connection task.
+pub(super) enum In {
+    Audio(AudioChunk),
+    Started {
+        utterance: u64,
+        start: u64,
+    },
+    Ended {
+        utterance: u64,
+        end: u64,
+    },
+    /// The session closes; the task must be done by `deadline`.
+    Close {
+        deadline: Instant,
+    },
+}
 
 /// Utterances remembered to attribute results to and account for.
 const UTTERANCES_KEPT: usize = 32;
