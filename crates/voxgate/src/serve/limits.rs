@@ -154,7 +154,9 @@ mod tests {
         let b: IpAddr = "2001:db8::1".parse().unwrap();
         let c: IpAddr = "2001:db8::2".parse().unwrap();
         assert_eq!(ip_key(b), ip_key(c), "one /64");
-        assert_eq!(l.admit(b, true).err(), Some(Refused::MaxConnections));
-        assert_eq!(l.tracked(), 1);
+        let _b1 = l.admit(b, true).unwrap();
+        let d: IpAddr = "2001:db9::1".parse().unwrap();
+        assert_eq!(l.admit(d, true).err(), Some(Refused::MaxConnections));
+        assert_eq!(l.tracked(), 2);
     }
 }
