@@ -3,7 +3,7 @@
 //! speech goes through the gateway; the word error rate of its transcripts must be within 0.1
 //! of the server's own transcript of the same audio as a WAV.
 //!
-//! When the server is not installed the test fails, unless `VOXGATE_INTEROP_OPTIONAL=1`: then
+//! When the server is not installed the test fails, unless `INTEROP_OPTIONAL=1`: then
 //! it says loudly that it skipped. `scripts/test` installs the server and runs it.
 
 use std::path::PathBuf;
@@ -33,13 +33,13 @@ async fn start_fws() -> Option<Fws> {
     let bin = tools().join("bin/faster-whisper-server");
     let model = std::fs::read_to_string(tools().join("model-dir")).ok();
     let (true, Some(model)) = (bin.exists(), model) else {
-        let optional = std::env::var("VOXGATE_INTEROP_OPTIONAL").is_ok_and(|v| v == "1");
+        let optional = std::env::var("INTEROP_OPTIONAL").is_ok_and(|v| v == "1");
         assert!(
             optional,
             "faster-whisper-server is not installed: run `scripts/deps fws` \
-             (or set VOXGATE_INTEROP_OPTIONAL=1 to skip this test)"
+             (or set INTEROP_OPTIONAL=1 to skip this test)"
         );
-        eprintln!("\n*** SKIPPED: faster-whisper-server not installed (scripts/deps fws); VOXGATE_INTEROP_OPTIONAL=1 ***\n");
+        eprintln!("\n*** SKIPPED: faster-whisper-server not installed (scripts/deps fws); INTEROP_OPTIONAL=1 ***\n");
         return None;
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0")
