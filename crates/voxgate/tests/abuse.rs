@@ -271,6 +271,9 @@ async fn omi_json_is_capped_and_its_webhook_queue_bounded_by_bytes() {
     let hook = Receiver::start(Mode::Hang).await;
     let mut cfg = test_config();
     cfg.server.close_flush_seconds = 1.0;
+    // The subject is the queue's byte cap: read the 6 MB at once instead of pacing it at the
+    // default 1 MiB/s.
+    cfg.server.max_bytes_per_second = 64.0 * 1024.0 * 1024.0;
     cfg.omi.transcript_webhook = Some(hook.url("t"));
     let gw = Gateway::start(cfg).await;
     let url = gw.ws("/v1/trigger/listen?uid=u&sample_rate=16000");
