@@ -4,7 +4,7 @@
 //! `espeak-ng` (`scripts/deps` installs them with `VOXGATE_STT_DEPS=1`).
 //!
 //! PocketSphinx is demo-grade: on the corpus recording's voice it hears "we are so but lady
-//! all the white really". Per /work/shared/DEPENDENCIES.md §12 the test speaks the corpus text
+//! all the white really". So, as the dependency survey advised, the test speaks the corpus text
 //! with espeak-ng's `en-us+f2` voice at 150 wpm (22.05 kHz, resampled by the gateway).
 #![cfg(feature = "pocketsphinx")]
 
