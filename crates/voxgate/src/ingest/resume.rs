@@ -6,6 +6,7 @@
 
 use axum::extract::ws::WebSocket;
 
+use super::admission;
 use super::client::split;
 use super::refusal::{refuse, Refusal, RefuseReason};
 use super::request::{ConnectRequest, ReattachRequest};
@@ -67,23 +68,9 @@ impl ResumeCursor {
 /// tokens the session is looked up in the token user's namespace, so only its owner (holding
 /// the resume token too) can reattach.
 fn admit(shared: &Shared, req: &ConnectRequest, ask: &ReattachRequest) -> Result<String, Refusal> {
-    if shared.shutdown.is_cancelled() {
-        return Err(Refusal::new(
-            RefuseReason::ShuttingDown,
-            "server is shutting down; retry on another instance",
-        ));
-    }
-    if let Err(retry) = shared.rate.check(req.peer.ip(), std::time::Instant::now()) {
-        let ms = retry.as_millis().max(1);
-        return Err(Refusal::new(
-            RefuseReason::RateLimited,
-            format!("too many new connections from this address; retry after {ms} ms"),
-        ));
-    }
-    let principal = shared
-        .auth
-        .verify(req.token.as_deref())
-        .map_err(|why| Refusal::new(RefuseReason::Unauthorized, why))?;
+    admission::open(shared)?;
+    admission::rate(shared, req)?;
+    let principal = admission::verify(shared, req)?;
     if let Some(p) = &principal {
         if p.session.as_ref().is_some_and(|sid| *sid != ask.session_id) {
             return Err(Refusal::new(

@@ -81,27 +81,12 @@ fn admit_connect(shared: &Shared, req: &ConnectRequest) -> Result<Admitted, Refu
     if req.token.is_some() || !shared.auth.required() {
         return admission::admit(shared, req);
     }
-    let refused = |reason, message: String| Err(Refusal::new(reason, message));
-    if shared.shutdown.is_cancelled() {
-        return refused(RefuseReason::ShuttingDown, "server is shutting down".into());
-    }
-    if let Err(retry) = shared.rate.check(req.peer.ip(), std::time::Instant::now()) {
-        let ms = retry.as_millis().max(1);
-        return refused(
-            RefuseReason::RateLimited,
-            format!("too many new connections from this address; retry after {ms} ms"),
-        );
-    }
-    match shared.permits.clone().try_acquire_owned() {
-        Ok(permit) => Ok(Admitted {
-            principal: None,
-            permit,
-        }),
-        Err(_) => refused(
-            RefuseReason::OverCapacity,
-            "server at capacity; retry later".into(),
-        ),
-    }
+    admission::open(shared)?;
+    admission::rate(shared, req)?;
+    Ok(Admitted {
+        principal: None,
+        permit: admission::permit(shared)?,
+    })
 }
 
 /// Reads until `start`: `Ok(None)` when the client left (or stopped) first. Refused when
