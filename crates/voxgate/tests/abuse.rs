@@ -432,9 +432,7 @@ async fn a_hook_answer_with_too_many_webhooks_is_refused() {
         axum::Json(serde_json::json!({"allow": true, "uid": "u", "webhooks": webhooks}))
     }
     let app = axum::Router::new().route("/connect", axum::routing::post(hook));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::serve(app).await;
     let mut cfg = test_config();
     cfg.on_connect = Some(voxgate::config::OnConnectConfig {
         url: format!("http://{addr}/connect"),

@@ -135,9 +135,7 @@ async fn hook_webhooks_pointing_inside_are_refused() {
         }))
     }
     let app = Router::new().route("/connect", post(hook));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::serve(app).await;
     let mut cfg = test_config();
     cfg.on_connect = Some(voxgate::config::OnConnectConfig {
         url: format!("http://{addr}/connect"),

@@ -695,9 +695,7 @@ async fn final_transcripts_reach_the_transcript_webhook_through_the_bus() {
         "/v1/audio/transcriptions",
         post(|| async { axum::Json(serde_json::json!({"text": "hello"})) }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let stt_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let stt_addr = common::serve(app).await;
 
     let nats = NatsServer::start();
     let sink = Receiver::start(Mode::Ok).await;

@@ -155,9 +155,7 @@ async fn target_hook() -> String {
         }))
     }
     let app = Router::new().route("/connect", post(hook));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::serve(app).await;
     format!("http://{addr}/connect")
 }
 
@@ -447,9 +445,7 @@ async fn backend_answers_and_hook_urls_do_not_reach_clients() {
         (axum::http::StatusCode::UNAUTHORIZED, LEAK)
     }
     let app = Router::new().route("/v1/audio/transcriptions", post(refuse));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = common::serve(app).await;
     let mut cfg = test_config();
     cfg.segmenter.silence_ms = 250;
     let mut stt = SttConfig::new("w", SttBackend::Openai, &format!("http://{addr}"));

@@ -19,7 +19,6 @@ use axum::Router;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use stt_support::*;
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use voxgate::config::Config;
 
@@ -62,9 +61,7 @@ impl OpenAi {
         let app = Router::new()
             .route("/v1/audio/transcriptions", post(transcribe))
             .with_state((got.clone(), attempts.clone(), mode));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = common::serve(app).await;
         Self {
             addr,
             got,
@@ -740,9 +737,7 @@ async fn the_on_connect_hook_chooses_the_speech_to_text_backends() {
             },
         ),
     );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, hook).await });
+    let hook_addr = common::serve(hook).await;
     let mut cfg = stt_config();
     cfg.stt.push(openai_cfg("a", &oa_a.url()));
     let mut b = openai_cfg("b", &oa_b.url());

@@ -136,9 +136,7 @@ impl Receiver {
         let app = Router::new()
             .route("/{name}", post(receive))
             .with_state(state);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = serve(app).await;
         Self { addr, got, mode }
     }
 
@@ -308,4 +306,12 @@ pub fn test_config() -> Config {
     cfg.auth.connections_per_ip_per_second = 10_000.0;
     cfg.server.max_connections_per_ip = 10_000;
     cfg
+}
+
+/// Serves `app` on an ephemeral 127.0.0.1 port until the test ends; its address.
+pub async fn serve(app: Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
 }
