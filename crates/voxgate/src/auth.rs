@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 /// When tokens are required.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -46,6 +47,28 @@ pub struct AuthConfig {
     /// Past it, expired entries are pruned and, if none expired, the continuation is refused
     /// (`resume_failed`, fail closed) and counted. Default 100000 (about 60 s of states).
     pub spent_resume_states_max: usize,
+    /// API keys as Deepgram clients send them (`Authorization: Token <key>`, or the browser
+    /// subprotocol `token, <key>`), each mapped to a user with the same per-user limits as a
+    /// token's `sub`. Only the SHA-256 of a key is configured. Default none.
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// One API key: `printf %s "$KEY" | sha256sum` gives `sha256`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The user the key's sessions belong to.
+    pub user: String,
+    /// The key's SHA-256, 64 hex digits.
+    pub sha256: String,
+}
+
+impl ApiKey {
+    fn digest(&self) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&self.sha256, &mut out).ok()?;
+        Some(out)
+    }
 }
 
 impl Default for AuthConfig {
@@ -61,6 +84,7 @@ impl Default for AuthConfig {
             issuer: None,
             max_token_lifetime_seconds: None,
             spent_resume_states_max: 100_000,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -82,9 +106,10 @@ impl AuthConfig {
         if self.required(listen)
             && self.hs256_secret.is_none()
             && self.ed25519_public_key_pem.is_none()
+            && self.api_keys.is_empty()
         {
             errors.push(format!(
-                "auth: listening on {listen} requires tokens (auth.mode = {:?}); set auth.hs256_secret or auth.ed25519_public_key_pem, or auth.mode = \"off\" to run without authentication",
+                "auth: listening on {listen} requires tokens (auth.mode = {:?}); set auth.hs256_secret, auth.ed25519_public_key_pem or auth.api_keys, or auth.mode = \"off\" to run without authentication",
                 self.mode
             ));
         }
@@ -111,6 +136,14 @@ impl AuthConfig {
         }
         if self.issuer.as_deref() == Some("") {
             errors.push("auth.issuer: must not be empty (or absent)".into());
+        }
+        for (i, k) in self.api_keys.iter().enumerate() {
+            if k.user.is_empty() {
+                errors.push(format!("auth.api_keys[{i}].user: must not be empty"));
+            }
+            if k.digest().is_none() {
+                errors.push(format!("auth.api_keys[{i}].sha256: not 64 hex digits"));
+            }
         }
         if self.spent_resume_states_max == 0 {
             errors.push("auth.spent_resume_states_max: must be > 0".into());
@@ -197,6 +230,8 @@ impl Principal {
 /// Verifies tokens; `None` inside means authentication is off.
 pub struct Authenticator {
     keys: Vec<(DecodingKey, Validation)>,
+    /// API keys by their SHA-256: the user each belongs to.
+    api_keys: HashMap<[u8; 32], String>,
     required: bool,
     max_lifetime: Option<u64>,
     leeway: u64,
@@ -230,8 +265,14 @@ impl Authenticator {
                 keys.push((k, validation(Algorithm::EdDSA)));
             }
         }
+        let api_keys = cfg
+            .api_keys
+            .iter()
+            .filter_map(|k| Some((k.digest()?, k.user.clone())))
+            .collect();
         Self {
             keys,
+            api_keys,
             required: cfg.required(listen),
             max_lifetime: cfg.max_token_lifetime_seconds,
             leeway: cfg.leeway_seconds,
@@ -248,6 +289,12 @@ impl Authenticator {
             return Ok(None);
         }
         let token = token.ok_or("missing token (Authorization: Bearer or ?token=)")?;
+        if let Some(user) = self.api_key_user(token) {
+            return Ok(Some(Principal {
+                user: user.to_owned(),
+                ..Principal::default()
+            }));
+        }
         let mut last = String::from("no verification key configured");
         for (key, validation) in &self.keys {
             match decode::<TokenClaims>(token, key, validation) {
@@ -261,6 +308,16 @@ impl Authenticator {
             }
         }
         Err(format!("invalid token: {last}"))
+    }
+
+    /// The user of a configured API key. The key is compared by its SHA-256 (a map lookup on a
+    /// digest reveals nothing usable about the key).
+    fn api_key_user(&self, key: &str) -> Option<&str> {
+        if self.api_keys.is_empty() {
+            return None;
+        }
+        let digest: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+        self.api_keys.get(&digest).map(String::as_str)
     }
 
     /// The checks `jsonwebtoken` does not make: a non-empty `sub`, the lifetime cap.
@@ -460,5 +517,28 @@ mod tests {
         assert!(u.acquire("ann", 1).is_none());
         drop(a);
         assert!(u.acquire("ann", 1).is_some());
+    }
+
+    #[test]
+    fn api_keys_are_known_by_their_digest_and_map_to_a_user() {
+        let digest = hex::encode(sha2::Sha256::digest(b"dg-key-1"));
+        let mut cfg = AuthConfig {
+            mode: AuthMode::Jwt,
+            api_keys: vec![ApiKey {
+                user: "ann".into(),
+                sha256: digest,
+            }],
+            ..AuthConfig::default()
+        };
+        let mut errors = Vec::new();
+        cfg.validate("0.0.0.0:1", &mut errors);
+        assert!(errors.is_empty(), "keys alone are enough: {errors:?}");
+        let auth = Authenticator::new(&cfg, "0.0.0.0:1");
+        let p = auth.verify(Some("dg-key-1")).unwrap().unwrap();
+        assert_eq!(p.user, "ann");
+        assert!(auth.verify(Some("dg-key-2")).is_err());
+        cfg.api_keys[0].sha256 = "zz".into();
+        cfg.validate("0.0.0.0:1", &mut errors);
+        assert_eq!(errors, ["auth.api_keys[0].sha256: not 64 hex digits"]);
     }
 }

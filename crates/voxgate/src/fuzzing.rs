@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use voxgate_media::SourceFormat;
-use voxgate_session::{Input, Output, Session, SessionConfig, SAMPLE_RATE};
+use voxgate_session::{Input, Output, ServerEvent, Session, SessionConfig, SAMPLE_RATE};
 
 use crate::ingest::frontends::listen::Listen;
 use crate::ingest::frontends::omi::Omi;
@@ -34,6 +34,13 @@ fn messages(mut data: &[u8]) -> Vec<(u64, &[u8])> {
         data = &rest[n..];
     }
     out
+}
+
+/// Renders an event as the driver would (the messages are dropped: rendering must not panic).
+fn render(frontend: &mut dyn Frontend, event: &ServerEvent) {
+    let mut out = Vec::new();
+    let _ = event.to_json();
+    frontend.render(event, &mut out);
 }
 
 /// A session of `source` on a fake clock, fed with a frontend's actions.
@@ -63,7 +70,7 @@ impl Harness {
     }
 
     /// Applies actions like the driver; false once the session closed.
-    fn apply(&mut self, frontend: &dyn Frontend, actions: &mut Vec<Action>) -> bool {
+    fn apply(&mut self, frontend: &mut dyn Frontend, actions: &mut Vec<Action>) -> bool {
         for action in actions.drain(..) {
             if self.session.is_closed() {
                 return false;
@@ -79,9 +86,10 @@ impl Harness {
                 }
                 Action::Silence(samples) => fill_gap(&mut self.session, now, samples),
                 Action::Notice(event) => {
-                    let _ = (event.to_json(), frontend.render(&event));
+                    render(frontend, &event);
                     Ok(())
                 }
+                Action::Reply(_) => Ok(()),
                 Action::Violation {
                     code,
                     error,
@@ -99,10 +107,10 @@ impl Harness {
         !self.session.is_closed()
     }
 
-    fn drain(&mut self, frontend: &dyn Frontend) {
+    fn drain(&mut self, frontend: &mut dyn Frontend) {
         while let Some(out) = self.session.poll_output() {
             if let Output::Event(event) = out {
-                let _ = (event.to_json(), frontend.render(&event));
+                render(frontend, &event);
             }
         }
     }
@@ -135,7 +143,7 @@ pub fn device_opus(data: &[u8]) {
     for (step, body) in messages(data) {
         h.step(step);
         frontend.on_binary(Bytes::copy_from_slice(body), &mut actions);
-        if !h.apply(&frontend, &mut actions) {
+        if !h.apply(&mut frontend, &mut actions) {
             return;
         }
     }
@@ -159,7 +167,7 @@ pub fn omi(data: &[u8]) {
             [b'T', text @ ..] => frontend.on_text(&String::from_utf8_lossy(text), &mut actions),
             _ => frontend.on_binary(Bytes::copy_from_slice(body), &mut actions),
         }
-        if !h.apply(&frontend, &mut actions) {
+        if !h.apply(&mut frontend, &mut actions) {
             return;
         }
     }
@@ -187,7 +195,7 @@ pub fn twilio(data: &[u8]) {
             continue;
         };
         t.on_text(&text, &mut actions);
-        if !h.apply(&*t, &mut actions) {
+        if !h.apply(t, &mut actions) {
             return;
         }
     }

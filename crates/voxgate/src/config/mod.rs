@@ -8,6 +8,7 @@
 //! `memory` derives the per-session memory bound from the whole tree.
 
 mod bus;
+mod deepgram;
 mod gap_fill;
 mod hook;
 mod memory;
@@ -29,6 +30,7 @@ use voxgate_media::Limits;
 use voxgate_session::SegmenterConfig;
 
 pub use bus::{BusConfig, MAX_BATCH_SECONDS};
+pub use deepgram::{DeepgramConfig, Dialect};
 pub use gap_fill::GapFillConfig;
 pub use hook::OnConnectConfig;
 pub use memory::{CONNECTION_BYTES, MAX_REQUEST_HEAD_BYTES};
@@ -75,6 +77,8 @@ pub struct Config {
     pub gap_fill: GapFillConfig,
     /// Twilio Media Streams (`/v1/twilio`) before `start`.
     pub twilio: TwilioConfig,
+    /// Deepgram's live API on `/v1/listen`.
+    pub deepgram: DeepgramConfig,
 }
 
 /// Every problem found in a configuration.
@@ -134,10 +138,29 @@ impl Config {
         self.omi.validate(&mut errors);
         self.gap_fill.validate(&mut errors);
         self.twilio.validate(&mut errors);
+        self.deepgram.validate(&mut errors);
+        self.check_stt_aliases(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ConfigErrors(errors))
+        }
+    }
+
+    /// A `model=` selects one backend: names and aliases are unique across `[[stt]]`.
+    fn check_stt_aliases(&self, errors: &mut Vec<String>) {
+        let mut seen = HashSet::new();
+        for s in &self.stt {
+            seen.insert(s.name.as_str());
+        }
+        for (i, s) in self.stt.iter().enumerate() {
+            for alias in &s.aliases {
+                if !seen.insert(alias.as_str()) {
+                    errors.push(format!(
+                        "stt[{i}].aliases: {alias:?} already names a backend"
+                    ));
+                }
+            }
         }
     }
 

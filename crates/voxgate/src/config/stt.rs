@@ -49,6 +49,10 @@ impl SttBackend {
 #[serde(deny_unknown_fields)]
 pub struct SttConfig {
     pub name: String,
+    /// Other names a Deepgram client may select this backend by (its `model=`), e.g.
+    /// `["nova-3", "nova-2"]`. Default none.
+    #[serde(default)]
+    pub aliases: Vec<String>,
     pub backend: SttBackend,
     /// Base URL (`http(s)://` for openai; `ws(s)://` or `http(s)://` for deepgram). Unused by
     /// pocketsphinx.
@@ -204,6 +208,7 @@ impl SttConfig {
     pub fn new(name: &str, backend: SttBackend, url: &str) -> Self {
         Self {
             name: name.into(),
+            aliases: Vec::new(),
             backend,
             url: url.into(),
             model: None,
@@ -229,6 +234,11 @@ impl SttConfig {
             allowed_models: Vec::new(),
             allow_prompt: false,
         }
+    }
+
+    /// Whether a Deepgram client's `model=` selects this backend (its name or an alias).
+    pub fn answers_to(&self, model: &str) -> bool {
+        self.name == model || self.aliases.iter().any(|a| a == model)
     }
 
     /// What this backend uses for a session asking `asked`; `Err` names the first option the

@@ -89,11 +89,11 @@ impl ClientIo {
         self.sink_tx.send(sink).await.is_ok()
     }
 
-    /// Sends the last event and the close frame (unless the client is gone), waits for the
+    /// Sends the last events (the protocol's form of `Closed`) and the close frame (unless the client is gone), waits for the
     /// writer, and reads until the peer's close so the frame is not lost to a TCP reset.
-    pub async fn goodbye(mut self, last: Option<Message>, code: u16, reason: &str, session: &str) {
+    pub async fn goodbye(mut self, last: Vec<Message>, code: u16, reason: &str, session: &str) {
         if !self.gone {
-            if let Some(msg) = last {
+            for msg in last {
                 if self.out_tx.try_send(msg).is_err() {
                     counter!(m::CLIENT_ERRORS, "code" => "closed_undelivered").increment(1);
                     warn!(

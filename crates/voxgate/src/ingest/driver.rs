@@ -64,13 +64,14 @@ pub struct Connection {
     meter: Meter,
     /// Frontend actions of the current wake (kept to reuse the allocation).
     actions: Vec<Action>,
+    /// Rendered client messages (kept to reuse the allocation).
+    rendered: Vec<Message>,
     guards: Guards,
 }
 
 /// Everything `prepare` built for a connection.
 pub struct Parts {
     pub session: Session,
-    pub frontend: Box<dyn Frontend>,
     pub consumers: Consumers,
     pub notices: NoticeRx,
     pub resume: Option<ResumeSlot>,
@@ -129,13 +130,19 @@ fn now() -> std::time::Instant {
 }
 
 impl Connection {
-    pub fn new(shared: Arc<Shared>, endpoint: Endpoint, client: ClientIo, parts: Parts) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        endpoint: Endpoint,
+        client: ClientIo,
+        parts: Parts,
+        frontend: Box<dyn Frontend>,
+    ) -> Self {
         let pacer = Pacer::new(&shared.cfg.server, now());
         Self {
             id: parts.session.id().to_owned(),
             endpoint,
             session: parts.session,
-            frontend: parts.frontend,
+            frontend,
             consumers: parts.consumers,
             client,
             notices: parts.notices,
@@ -145,6 +152,7 @@ impl Connection {
             logs: LogBudget::new(now()),
             meter: Meter::default(),
             actions: Vec::new(),
+            rendered: Vec::new(),
             guards: parts.guards,
             shared,
         }
@@ -181,7 +189,8 @@ impl Connection {
                 grace_seconds: r.grace.as_secs_f64(),
             };
             // The client queue (capacity >= 1) is empty before the first event.
-            if let Some(msg) = self.frontend.render(&event) {
+            self.frontend.render(&event, &mut self.rendered);
+            for msg in self.rendered.drain(..) {
                 self.client.send(msg);
             }
         }
@@ -227,9 +236,10 @@ impl Connection {
         self.logs.event(now(), &self.id, event);
         dispatch(
             self.consumers.hub(),
-            &*self.frontend,
+            &mut *self.frontend,
             &mut self.client,
             event,
+            &mut self.rendered,
         );
     }
 
@@ -466,6 +476,10 @@ impl Connection {
                 self.dispatch(&event);
                 Ok(())
             }
+            Action::Reply(msg) => {
+                self.client.send(msg);
+                Ok(())
+            }
             Action::Violation {
                 code,
                 error,
@@ -480,8 +494,9 @@ impl Connection {
         let Connection {
             shared,
             id,
-            frontend,
+            mut frontend,
             consumers,
+            mut rendered,
             mut client,
             mut notices,
             resume,
@@ -508,7 +523,7 @@ impl Connection {
             .await;
         for event in &last_words {
             logs.event(now(), &id, event);
-            dispatch(&hub, &*frontend, &mut client, event);
+            dispatch(&hub, &mut *frontend, &mut client, event, &mut rendered);
         }
         summary.consumers = summaries;
         let closed = ServerEvent::Closed {
@@ -538,12 +553,11 @@ impl Connection {
         };
         hub.close();
         drop(guards.session);
-        let last = if client.gone {
-            None
-        } else {
-            frontend.render(&closed)
-        };
-        client.goodbye(last, code.as_u16(), &reason, &id).await;
+        rendered.clear();
+        if !client.gone {
+            frontend.render(&closed, &mut rendered);
+        }
+        client.goodbye(rendered, code.as_u16(), &reason, &id).await;
         counter!(m::CLOSES, "code" => code.as_u16().to_string()).increment(1);
         gauge!(m::SESSIONS_ACTIVE).decrement(1.0);
         info!(session = %id, code = code.as_u16(), reason = ?reason, seconds = summary.seconds_decoded,
@@ -571,10 +585,17 @@ fn handoff(
 }
 
 /// An event for the subscribers and, in its protocol's form, the client.
-fn dispatch(hub: &Hub, frontend: &dyn Frontend, client: &mut ClientIo, event: &ServerEvent) {
+fn dispatch(
+    hub: &Hub,
+    frontend: &mut dyn Frontend,
+    client: &mut ClientIo,
+    event: &ServerEvent,
+    rendered: &mut Vec<Message>,
+) {
     m::observe_event(event);
     hub.publish_event(&event.to_json());
-    if let Some(msg) = frontend.render(event) {
+    frontend.render(event, rendered);
+    for msg in rendered.drain(..) {
         client.send(msg);
     }
 }

@@ -28,14 +28,14 @@ use std::sync::Arc;
 
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 
 use self::client::ClientIo;
 use self::driver::Connection;
-use self::frontends::{listen::Listen, Accept};
+use self::frontends::{deepgram, listen::Listen, Accept, Frontend};
 use self::refusal::refuse;
 use self::request::{ConnectRequest, Endpoint};
 use crate::auth::bearer;
@@ -71,51 +71,86 @@ type IngestRequest = (
 );
 
 /// Upgrades an ingest connection with the size and buffer limits, tracked for shutdown.
+/// `/v1/listen` speaks Deepgram's protocol to Deepgram clients (`frontends::deepgram::chosen`),
+/// admitted before the upgrade.
 fn upgrade(endpoint: Endpoint, request: IngestRequest) -> Response {
     let (State(shared), ConnectInfo(peer), Query(query), headers, ws) = request;
-    let token = bearer(&headers).or_else(|| query.get("token").cloned());
-    let req = ConnectRequest::parse(endpoint, peer, token, query);
     let max = shared.cfg.server.max_message_bytes;
-    ws.max_message_size(max)
+    let ws = ws
+        .max_message_size(max)
         .max_frame_size(max)
         // tungstenite's default 128 KiB read buffer per socket dominated idle memory.
         .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| {
-            let tracker = shared.tracker.clone();
-            tracker.track_future(serve_connection(shared, socket, req))
-        })
+        .write_buffer_size(0);
+    let dialect = shared.cfg.deepgram.dialect;
+    if endpoint == Endpoint::Listen && deepgram::chosen(dialect, &headers, &query) {
+        let (req, frontend) = match deepgram::handshake(&shared, peer, &headers, query) {
+            Ok(accepted) => accepted,
+            Err(response) => return *response,
+        };
+        let id = HeaderValue::from_str(frontend.request_id()).ok();
+        let mut response = ws
+            .protocols(deepgram::SUBPROTOCOLS)
+            .on_upgrade(move |socket| {
+                let tracker = shared.tracker.clone();
+                tracker.track_future(serve_connection(
+                    shared,
+                    socket,
+                    req,
+                    Some(Box::new(frontend)),
+                ))
+            });
+        if let Some(id) = id {
+            response.headers_mut().insert("dg-request-id", id);
+        }
+        return response;
+    }
+    let token = bearer(&headers).or_else(|| query.get("token").cloned());
+    let req = ConnectRequest::parse(endpoint, peer, token, query);
+    ws.on_upgrade(move |socket| {
+        let tracker = shared.tracker.clone();
+        tracker.track_future(serve_connection(shared, socket, req, None))
+    })
 }
 
-/// One upgraded socket: its frontend accepts it, `prepare` builds the session, the driver runs.
-async fn serve_connection(shared: Arc<Shared>, socket: WebSocket, mut req: ConnectRequest) {
+/// One upgraded socket: its frontend accepts it (or was built at the handshake), `prepare`
+/// builds the session, the driver runs.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    mut req: ConnectRequest,
+    built: Option<Box<dyn Frontend>>,
+) {
     if req.endpoint == Endpoint::Listen {
         if let Some(ask) = req.reattach.take() {
             return resume::reattach(&shared, socket, &req, ask).await;
         }
     }
     let (mut sink, mut stream) = client::split(socket);
-    let accepted = match req.endpoint {
-        Endpoint::Listen => {
+    let accepted = match (built, req.endpoint) {
+        (Some(frontend), _) => Accept::Session(req, frontend),
+        (None, Endpoint::Listen | Endpoint::Deepgram) => {
             let frontend = Box::new(Listen::new(&req.raw_query));
             Accept::Session(req, frontend)
         }
-        Endpoint::Twilio => frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await,
-        Endpoint::Omi => frontends::omi::accept(&shared.cfg, req),
+        (None, Endpoint::Twilio) => {
+            frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await
+        }
+        (None, Endpoint::Omi) => frontends::omi::accept(&shared.cfg, req),
     };
-    let (req, frontend) = match accepted {
+    let (req, mut frontend) = match accepted {
         Accept::Session(req, frontend) => (req, frontend),
-        Accept::Refuse(req, refusal) => return refuse(sink, stream, req.peer, refusal).await,
+        Accept::Refuse(req, refusal) => return refuse(sink, stream, req.peer, refusal, None).await,
         Accept::Done => return,
     };
-    match prepare::prepare(&shared, &req, frontend).await {
+    match prepare::prepare(&shared, &req, &mut *frontend).await {
         Ok(parts) => {
             let queue = shared.cfg.server.client_queue_messages;
             let client = ClientIo::start(sink, stream, queue);
-            Connection::new(shared.clone(), req.endpoint, client, parts)
+            Connection::new(shared.clone(), req.endpoint, client, parts, frontend)
                 .run()
                 .await
         }
-        Err(refusal) => refuse(sink, stream, req.peer, refusal).await,
+        Err(refusal) => refuse(sink, stream, req.peer, refusal, Some(&mut *frontend)).await,
     }
 }

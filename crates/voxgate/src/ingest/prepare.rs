@@ -30,7 +30,7 @@ const NOTICE_QUEUE: usize = 64;
 pub async fn prepare(
     shared: &Shared,
     req: &ConnectRequest,
-    mut frontend: Box<dyn Frontend>,
+    frontend: &mut dyn Frontend,
 ) -> Result<Parts, Refusal> {
     let cfg = &shared.cfg;
     let admitted = match frontend.take_admission() {
@@ -50,7 +50,7 @@ pub async fn prepare(
         Some(bus) => identity::spend_on_bus(bus, handoff.as_ref()).await?,
         None => identity::spend(&shared.spent_states, handoff.as_ref())?,
     }
-    let plan = plan::choose(shared, req, principal, handoff.as_ref(), &mut *frontend).await?;
+    let plan = plan::choose(shared, req, principal, handoff.as_ref(), frontend).await?;
     let uid = plan.hook_uid.clone().unwrap_or(who.uid);
     let bus = open_bus(shared, &who.session_id, &uid, principal.is_some(), &plan).await?;
     let uid = bus.as_ref().map_or(uid, |b| b.record.uid.clone());
@@ -82,7 +82,7 @@ pub async fn prepare(
         shared,
         &ctx,
         plan,
-        &mut *frontend,
+        frontend,
         bus,
         handoff.as_ref(),
         live.hub,
@@ -90,7 +90,6 @@ pub async fn prepare(
     frontend.on_registered(consumers.hub());
     Ok(Parts {
         session,
-        frontend,
         consumers,
         notices,
         resume: live.resume,

@@ -9,6 +9,7 @@ use tracing::info;
 use voxgate_session::{CloseCode, ServerEvent};
 
 use super::client::{await_peer_close, send_within, truncate_reason, WsSink, WsStream};
+use super::frontends::Frontend;
 use crate::metrics as m;
 
 /// Why a connection is refused. `code()` is the client error code and metric label,
@@ -109,8 +110,15 @@ impl Refusal {
     }
 }
 
-/// Tells the client why (an `Error` event and a close frame), counted and logged.
-pub async fn refuse(mut sink: WsSink, mut stream: WsStream, peer: SocketAddr, refusal: Refusal) {
+/// Tells the client why (an `Error` event, in its frontend's form when it has one, and a close
+/// frame), counted and logged.
+pub async fn refuse(
+    mut sink: WsSink,
+    mut stream: WsStream,
+    peer: SocketAddr,
+    refusal: Refusal,
+    frontend: Option<&mut dyn Frontend>,
+) {
     let error = refusal.reason.code();
     let code = refusal.reason.close_code().as_u16();
     counter!(m::SESSIONS_REJECTED, "reason" => error).increment(1);
@@ -120,7 +128,11 @@ pub async fn refuse(mut sink: WsSink, mut stream: WsStream, peer: SocketAddr, re
     let event = ServerEvent::error(error, refusal.message.clone());
     // Send failures mean the client is already gone; the refusal is counted and logged above.
     // Each send has a deadline, so a client that does not read cannot hold the refusal.
-    if send_within(&mut sink, Message::Text(event.to_json().into())).await {
+    let first = match frontend {
+        Some(f) => f.render_refusal(&event),
+        None => Message::Text(event.to_json().into()),
+    };
+    if send_within(&mut sink, first).await {
         let close = Message::Close(Some(CloseFrame {
             code,
             reason: truncate_reason(&refusal.message).into(),

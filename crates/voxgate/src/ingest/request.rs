@@ -17,6 +17,8 @@ pub enum Endpoint {
     Twilio,
     /// `/v1/trigger/listen`: Omi's pusher protocol.
     Omi,
+    /// `/v1/listen` speaking Deepgram's live API (chosen per connection, see `deepgram`).
+    Deepgram,
 }
 
 impl Endpoint {
@@ -25,6 +27,7 @@ impl Endpoint {
             Self::Listen => "listen",
             Self::Twilio => "twilio",
             Self::Omi => "omi",
+            Self::Deepgram => "deepgram",
         }
     }
 }
@@ -58,6 +61,9 @@ pub struct ConnectRequest {
     pub resume_state: Option<String>,
     /// `resume=<id>&resume_token=&resume_from=`: reattach to a live resumable session.
     pub reattach: Option<ReattachRequest>,
+    /// The silence that ends an utterance in this session, when its protocol sets one (a
+    /// Deepgram client's `endpointing`); `None`: `segmenter.silence_ms`.
+    pub silence_ms: Option<u64>,
 }
 
 /// `/v1/listen?resume=<session_id>&resume_token=<token>[&resume_from=<byte>]`.
@@ -103,6 +109,7 @@ impl ConnectRequest {
             fresh_recorder: flag(&query, "fresh_recorder"),
             resume_state: get("resume_state"),
             reattach,
+            silence_ms: None,
             raw_query: query,
         }
     }

@@ -94,7 +94,7 @@ pub async fn reattach(
         Ok(owner) => owner,
         Err(refusal) => {
             let (sink, stream) = split(socket);
-            return refuse(sink, stream, peer, refusal).await;
+            return refuse(sink, stream, peer, refusal, None).await;
         }
     };
     let Some(tx) = shared.resumable.sender(&owner, &ask.session_id, &ask.token) else {
@@ -106,7 +106,7 @@ pub async fn reattach(
                 ask.session_id
             ),
         );
-        return refuse(sink, stream, peer, refusal).await;
+        return refuse(sink, stream, peer, refusal, None).await;
     };
     if let Err(e) = tx.send((socket, ask.from)).await {
         let (sink, stream) = split((e.0).0);
@@ -114,7 +114,7 @@ pub async fn reattach(
             RefuseReason::ResumeFailed,
             "the session ended while resuming",
         );
-        refuse(sink, stream, peer, refusal).await;
+        refuse(sink, stream, peer, refusal, None).await;
     }
 }
 

@@ -91,7 +91,6 @@ fn start(cfg: Config, client_queue: usize, outbox: usize, closer: bool) -> Run {
     }));
     let parts = Parts {
         session,
-        frontend: Box::new(Listen::new(&HashMap::new())),
         consumers,
         notices,
         resume: None,
@@ -102,7 +101,8 @@ fn start(cfg: Config, client_queue: usize, outbox: usize, closer: bool) -> Run {
             permit: shared.permits.clone().try_acquire_owned().unwrap(),
         },
     };
-    let conn = Connection::new(shared.clone(), Endpoint::Listen, client, parts);
+    let frontend = Box::new(Listen::new(&HashMap::new()));
+    let conn = Connection::new(shared.clone(), Endpoint::Listen, client, parts, frontend);
     Run {
         inbox,
         outbox: out_rx,

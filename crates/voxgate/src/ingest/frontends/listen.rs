@@ -74,8 +74,8 @@ impl Frontend for Listen {
         out.push(Action::ControlText(text.to_owned()));
     }
 
-    fn render(&self, event: &ServerEvent) -> Option<Message> {
-        Some(Message::Text(event.to_json().into()))
+    fn render(&mut self, event: &ServerEvent, out: &mut Vec<Message>) {
+        out.push(Message::Text(event.to_json().into()));
     }
 
     fn supports_resume(&self) -> bool {

@@ -48,6 +48,8 @@ pub enum Action {
     Silence(u64),
     /// An event for the consumers, the client (if its protocol shows events) and subscribers.
     Notice(ServerEvent),
+    /// A message for the client alone, in its protocol (an answer to a control message).
+    Reply(Message),
     /// The message breaks the protocol: tell the client, flush, close with `code`.
     Violation {
         code: CloseCode,
@@ -61,8 +63,14 @@ pub enum Action {
 pub trait Frontend: Send + Sync {
     fn on_binary(&mut self, data: Bytes, out: &mut Vec<Action>);
     fn on_text(&mut self, text: &str, out: &mut Vec<Action>);
-    /// How a session event reaches this protocol's client (`None`: it does not).
-    fn render(&self, event: &ServerEvent) -> Option<Message>;
+    /// How a session event reaches this protocol's client: the messages it becomes, in order
+    /// (none when the protocol does not show it).
+    fn render(&mut self, event: &ServerEvent, out: &mut Vec<Message>);
+    /// The message that tells this protocol's client why its connection is refused (voxgate's
+    /// `Error` event unless the protocol has its own shape).
+    fn render_refusal(&mut self, event: &ServerEvent) -> Message {
+        Message::Text(event.to_json().into())
+    }
 
     /// Whether a client of this protocol can park and resume its session (`resumable=true`).
     fn supports_resume(&self) -> bool {

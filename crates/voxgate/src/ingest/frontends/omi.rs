@@ -250,14 +250,13 @@ impl Frontend for Omi {
         consumers(ctx, targets)
     }
 
-    fn render(&self, event: &ServerEvent) -> Option<Message> {
-        match event {
-            ServerEvent::Conversation { event, data, .. } if event == "finalize_result" => {
+    fn render(&mut self, event: &ServerEvent, out: &mut Vec<Message>) {
+        if let ServerEvent::Conversation { event, data, .. } = event {
+            if event == "finalize_result" {
                 let mut frame = 201u32.to_le_bytes().to_vec();
                 frame.extend_from_slice(data.to_string().as_bytes());
-                Some(Message::Binary(frame.into()))
+                out.push(Message::Binary(frame.into()));
             }
-            _ => None,
         }
     }
 }

@@ -422,14 +422,14 @@ impl Frontend for Twilio {
         }
     }
 
-    fn render(&self, event: &ServerEvent) -> Option<Message> {
+    fn render(&mut self, event: &ServerEvent, out: &mut Vec<Message>) {
         // Twilio ignores messages it does not know; only problems and the summary are sent
         // (for simulators and logs), the rest goes to subscribers.
-        match event {
-            ServerEvent::Warning { .. }
-            | ServerEvent::Error { .. }
-            | ServerEvent::Closed { .. } => Some(Message::Text(event.to_json().into())),
-            _ => None,
+        if let ServerEvent::Warning { .. }
+        | ServerEvent::Error { .. }
+        | ServerEvent::Closed { .. } = event
+        {
+            out.push(Message::Text(event.to_json().into()));
         }
     }
 }
@@ -538,13 +538,15 @@ mod tests {
 
     #[test]
     fn only_problems_and_the_summary_are_rendered_for_twilio() {
-        let t = Twilio::new(start());
-        assert!(t.render(&ServerEvent::warning("w", "m")).is_some());
-        assert!(t
-            .render(&ServerEvent::Telephony {
-                event: "mark".into(),
-                detail: json!({})
-            })
-            .is_none());
+        let mut t = Twilio::new(start());
+        let mut out = Vec::new();
+        t.render(&ServerEvent::warning("w", "m"), &mut out);
+        assert_eq!(out.len(), 1);
+        let mark = ServerEvent::Telephony {
+            event: "mark".into(),
+            detail: json!({}),
+        };
+        t.render(&mark, &mut out);
+        assert_eq!(out.len(), 1, "a mark is for subscribers only");
     }
 }

@@ -7,7 +7,7 @@
 //! is known from the `UtteranceEnd` that came before it; the renderer remembers the last few.
 
 use std::collections::VecDeque;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde_json::{json, Value};
 use voxgate_session::{CloseSummary, ServerEvent, UtteranceReason};
@@ -24,6 +24,10 @@ pub struct Options {
     pub request_id: String,
     /// The `model` the client asked for, echoed in `model_info.name`.
     pub model: String,
+    /// The backend whose transcripts the client gets (a session may have others for its
+    /// webhooks). `None`: no backend serves the session, so every utterance is answered with an
+    /// empty final at its end (turn detection only).
+    pub backend: Option<String>,
     /// `vad_events=true`: send `SpeechStarted`.
     pub vad_events: bool,
     /// `utterance_end_ms` given: send `UtteranceEnd` after each utterance's last final.
@@ -37,7 +41,10 @@ pub struct Options {
 struct Ending {
     utterance: u64,
     reason: UtteranceReason,
+    start: f64,
     end: f64,
+    /// A final was sent for it.
+    answered: bool,
 }
 
 /// Renders one session's events for a Deepgram client.
@@ -48,6 +55,8 @@ pub struct Renderer {
     /// Whether the segmenter is inside an utterance (a `Finalize` then ends it; otherwise the
     /// frontend answers with an empty final at once).
     speaking: bool,
+    /// Media seconds decoded so far (where an empty `Finalize` answer is placed).
+    media_seconds: f64,
 }
 
 impl Renderer {
@@ -56,6 +65,7 @@ impl Renderer {
             opts,
             endings: VecDeque::with_capacity(REMEMBERED_ENDINGS),
             speaking: false,
+            media_seconds: 0.0,
         }
     }
 
@@ -81,16 +91,23 @@ impl Renderer {
             }
             ServerEvent::UtteranceEnd {
                 utterance,
+                start,
                 end,
                 reason,
-                ..
             } => {
                 self.speaking = false;
-                self.remember(Ending {
+                self.media_seconds = self.media_seconds.max(*end);
+                let ending = Ending {
                     utterance: *utterance,
                     reason: *reason,
+                    start: *start,
                     end: *end,
-                });
+                    answered: false,
+                };
+                if self.opts.backend.is_none() {
+                    return self.answer_empty(ending);
+                }
+                self.remember(ending);
                 Vec::new()
             }
             ServerEvent::Transcript {
@@ -99,17 +116,64 @@ impl Renderer {
                 is_final,
                 start,
                 end,
-                ..
-            } => self.transcript(*utterance, text, *is_final, *start, *end),
+                backend,
+            } if self.opts.backend.as_deref() == Some(backend) => {
+                self.transcript(*utterance, text, *is_final, *start, *end)
+            }
+            ServerEvent::Progress {
+                seconds_decoded, ..
+            } => {
+                self.media_seconds = *seconds_decoded;
+                Vec::new()
+            }
+            // The backend gave up on some utterances: a client waiting for its `Finalize`
+            // answer is released with an empty final (the loss is counted and logged).
+            ServerEvent::Warning { code, .. } if code == "stt_lost" => self.release_finalized(),
             ServerEvent::Closed { summary, .. } => vec![self.metadata(summary).to_string()],
             ServerEvent::Error { code, message } => vec![error(code, message).to_string()],
             _ => Vec::new(),
         }
     }
 
+    /// An empty final for an utterance no transcript will come for.
+    fn answer_empty(&self, e: Ending) -> Vec<String> {
+        let mut out = vec![self
+            .results(&ResultsFields {
+                text: "",
+                start: e.start,
+                end: e.end,
+                is_final: true,
+                speech_final: matches!(e.reason, UtteranceReason::Silence | UtteranceReason::Close),
+                from_finalize: e.reason == UtteranceReason::Finalize,
+            })
+            .to_string()];
+        if self.opts.utterance_end {
+            out.push(utterance_end(e.end).to_string());
+        }
+        out
+    }
+
+    fn release_finalized(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        let waiting: Vec<Ending> = self
+            .endings
+            .iter_mut()
+            .filter(|e| !e.answered && e.reason == UtteranceReason::Finalize)
+            .map(|e| {
+                e.answered = true;
+                *e
+            })
+            .collect();
+        for e in waiting {
+            out.extend(self.answer_empty(e));
+        }
+        out
+    }
+
     /// The answer to a `Finalize` when no utterance is open: an empty final, so that clients
     /// waiting for `from_finalize` are released.
-    pub fn empty_finalize(&self, at: f64) -> String {
+    pub fn empty_finalize(&self) -> String {
+        let at = self.media_seconds;
         self.results(&ResultsFields {
             text: "",
             start: at,
@@ -139,8 +203,17 @@ impl Renderer {
         if !is_final && !self.opts.interim_results {
             return Vec::new();
         }
+        // The first final of an ending carries its flags; a late one after an empty release
+        // is sent as a plain final.
         let ending = is_final
-            .then(|| self.endings.iter().find(|e| e.utterance == utt).copied())
+            .then(|| {
+                let e = self
+                    .endings
+                    .iter_mut()
+                    .find(|e| e.utterance == utt && !e.answered)?;
+                e.answered = true;
+                Some(*e)
+            })
             .flatten();
         let reason = ending.map(|e| e.reason);
         let mut out = vec![self
@@ -228,28 +301,11 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// `2026-12-02T07:15:02.123Z` (UTC, milliseconds).
+/// `2026-12-02T07:15:02.123456789Z` (UTC).
 fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm, proleptic Gregorian).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -261,6 +317,7 @@ mod tests {
         Renderer::new(Options {
             request_id: "r-1".into(),
             model: "nova-3".into(),
+            backend: Some("b".into()),
             vad_events: true,
             utterance_end,
             interim_results: false,
@@ -361,7 +418,7 @@ mod tests {
 
     #[test]
     fn an_empty_finalize_answer_releases_waiting_clients() {
-        let v = parse(&renderer(false).empty_finalize(3.0));
+        let v = parse(&renderer(false).empty_finalize());
         assert_eq!(v["is_final"], true);
         assert_eq!(v["from_finalize"], true);
         assert_eq!(v["channel"]["alternatives"][0]["transcript"], "");
@@ -378,8 +435,45 @@ mod tests {
 
     #[test]
     fn created_is_rfc3339_utc() {
-        let t = UNIX_EPOCH + Duration::from_millis(1_796_195_702_123);
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_796_195_702_123);
         assert_eq!(rfc3339(t), "2026-12-02T07:15:02.123Z");
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn other_backends_are_not_shown_and_without_a_backend_endings_answer_themselves() {
+        let mut r = renderer(false);
+        let other = ServerEvent::Transcript {
+            utterance: 0,
+            text: "x".into(),
+            is_final: true,
+            backend: "webhook-only".into(),
+            start: 0.0,
+            end: 1.0,
+        };
+        assert!(r.render(&other).is_empty());
+        r.opts.backend = None;
+        let v = parse(&r.render(&ended(0, UtteranceReason::Finalize))[0]);
+        assert_eq!(
+            (v["is_final"].as_bool(), v["from_finalize"].as_bool()),
+            (Some(true), Some(true))
+        );
+    }
+
+    #[test]
+    fn a_lost_finalized_utterance_is_answered_empty_once() {
+        let mut r = renderer(false);
+        r.render(&ended(0, UtteranceReason::Finalize));
+        r.render(&ended(1, UtteranceReason::Silence));
+        let out = r.render(&ServerEvent::warning("stt_lost", "gave up"));
+        assert_eq!(out.len(), 1, "only the Finalize ending is waited for");
+        assert_eq!(parse(&out[0])["from_finalize"], true);
+        assert!(r
+            .render(&ServerEvent::warning("stt_lost", "again"))
+            .is_empty());
+        let late = parse(&r.render(&transcript(0, "late", true))[0]);
+        assert_eq!(
+            late["from_finalize"], false,
+            "a late final is a plain final"
+        );
     }
 }
