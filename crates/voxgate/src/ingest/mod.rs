@@ -151,6 +151,9 @@ async fn serve_connection(
                 .run()
                 .await
         }
-        Err(refusal) => refuse(sink, stream, req.peer, refusal, Some(&mut *frontend)).await,
+        Err(refusal) => {
+            let first = frontend.render_refusal(&refusal.event());
+            refuse(sink, stream, req.peer, refusal, Some(first)).await
+        }
     }
 }

@@ -9,7 +9,6 @@ use tracing::info;
 use voxgate_session::{CloseCode, ServerEvent};
 
 use super::client::{await_peer_close, send_within, truncate_reason, WsSink, WsStream};
-use super::frontends::Frontend;
 use crate::metrics as m;
 
 /// Why a connection is refused. `code()` is the client error code and metric label,
@@ -102,6 +101,11 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// The `Error` event that tells the client.
+    pub fn event(&self) -> ServerEvent {
+        ServerEvent::error(self.reason.code(), self.message.clone())
+    }
+
     pub fn new(reason: RefuseReason, message: impl Into<String>) -> Self {
         Self {
             reason,
@@ -110,14 +114,14 @@ impl Refusal {
     }
 }
 
-/// Tells the client why (an `Error` event, in its frontend's form when it has one, and a close
-/// frame), counted and logged.
+/// Tells the client why (`first`, the `Error` event in its frontend's form, or voxgate's own
+/// `Error` event; then a close frame), counted and logged.
 pub async fn refuse(
     mut sink: WsSink,
     mut stream: WsStream,
     peer: SocketAddr,
     refusal: Refusal,
-    frontend: Option<&mut dyn Frontend>,
+    first: Option<Message>,
 ) {
     let error = refusal.reason.code();
     let code = refusal.reason.close_code().as_u16();
@@ -125,13 +129,9 @@ pub async fn refuse(
     counter!(m::CLIENT_ERRORS, "code" => error).increment(1);
     counter!(m::CLOSES, "code" => code.to_string()).increment(1);
     info!(%peer, error, message = ?refusal.message, "connection refused");
-    let event = ServerEvent::error(error, refusal.message.clone());
     // Send failures mean the client is already gone; the refusal is counted and logged above.
     // Each send has a deadline, so a client that does not read cannot hold the refusal.
-    let first = match frontend {
-        Some(f) => f.render_refusal(&event),
-        None => Message::Text(event.to_json().into()),
-    };
+    let first = first.unwrap_or_else(|| Message::Text(refusal.event().to_json().into()));
     if send_within(&mut sink, first).await {
         let close = Message::Close(Some(CloseFrame {
             code,
