@@ -2,9 +2,13 @@
 // Node), unmodified but for its base URL, and prints one JSON report on stdout: every message the
 // SDK delivered. Sends Finalize after FINALIZE_AT seconds of audio and CloseStream at the end.
 //
-//   node sdk_client.mjs ws://127.0.0.1:PORT KEY file.wav FINALIZE_AT
+//   DG_JS=target/tools/dg-js node sdk_client.mjs ws://127.0.0.1:PORT KEY file.wav FINALIZE_AT
+// (DG_JS: where `scripts/deps dg` installed the SDK.)
 import { readFileSync } from "node:fs";
-import { DeepgramClient } from "@deepgram/sdk";
+import { createRequire } from "node:module";
+import { resolve } from "node:path";
+
+const { DeepgramClient } = createRequire(resolve(process.env.DG_JS, "package.json"))("@deepgram/sdk");
 
 const [url, key, path, finalizeAt] = process.argv.slice(2);
 const wav = readFileSync(path);
