@@ -78,6 +78,11 @@ pub struct Segmenter {
 }
 
 impl Segmenter {
+    /// New thresholds from now on; an open utterance stays open (and ends by the new rules).
+    pub fn reconfigure(&mut self, cfg: SegmenterConfig) {
+        self.cfg = cfg;
+    }
+
     pub fn new(cfg: SegmenterConfig) -> Self {
         Self {
             cfg,

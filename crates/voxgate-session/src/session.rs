@@ -290,6 +290,23 @@ impl Session {
         Ok(())
     }
 
+    /// The client's audio format changed (a protocol that sets it mid-connection, like OpenAI's
+    /// `session.update`): decoding continues in `source`, media time and utterances go on.
+    pub fn set_source(&mut self, source: SourceFormat) -> Result<(), SessionError> {
+        let previous = std::mem::replace(&mut self.cfg.source, source);
+        if let Err(e) = self.restart_stream() {
+            self.cfg.source = previous;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// New segmenter thresholds from now on (an open utterance stays open).
+    pub fn set_segmenter(&mut self, cfg: SegmenterConfig) {
+        self.cfg.segmenter = cfg.clone();
+        self.segmenter.reconfigure(cfg);
+    }
+
     /// Unparsed bytes the decoder holds right now.
     pub fn pending_bytes(&self) -> usize {
         self.decoder.stats().pending_bytes

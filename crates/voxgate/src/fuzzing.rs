@@ -90,6 +90,11 @@ impl Harness {
                     Ok(())
                 }
                 Action::Reply(_) => Ok(()),
+                Action::SetSource(source) => self.session.set_source(source),
+                Action::SetSegmenter(cfg) => {
+                    self.session.set_segmenter(cfg);
+                    Ok(())
+                }
                 Action::Violation {
                     code,
                     error,

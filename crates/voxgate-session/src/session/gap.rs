@@ -134,4 +134,35 @@ mod tests {
         assert_eq!(s.stats().samples, 30 * 32_000);
         assert_eq!(s.gap_budget(t0), 32_000);
     }
+
+    #[test]
+    fn a_new_source_format_continues_media_time() {
+        let mut s = session();
+        #[allow(clippy::disallowed_methods)] // the test is the driver: it owns the clock
+        let now = Instant::now();
+        s.start(now);
+        // 0.5 s of 16 kHz PCM16, then the client says its audio is mu-law 8 kHz from now on.
+        s.handle_input(Input::Audio {
+            now,
+            data: &[0u8; 16_000],
+        })
+        .unwrap();
+        s.set_source(SourceFormat::Mulaw {
+            sample_rate: 8_000,
+            channels: 1,
+        })
+        .unwrap();
+        s.handle_input(Input::Audio {
+            now,
+            data: &[0xffu8; 4_000],
+        })
+        .unwrap();
+        while s.poll_output().is_some() {}
+        // The 8 kHz resampler holds a few samples until more audio (or the end) comes.
+        let samples = s.stats().samples;
+        assert!(
+            (15_900..=16_000).contains(&samples),
+            "0.5 s + 0.5 s at 16 kHz: {samples}"
+        );
+    }
 }

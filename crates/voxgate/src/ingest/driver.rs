@@ -161,6 +161,8 @@ impl Connection {
     /// Runs the session from start to close.
     pub async fn run(mut self) {
         self.start();
+        self.frontend.on_start(&mut self.actions);
+        self.apply_actions();
         let (code, reason, summary) = loop {
             if let Some(close) = self.drain_outputs() {
                 break close;
@@ -478,6 +480,11 @@ impl Connection {
             }
             Action::Reply(msg) => {
                 self.client.send(msg);
+                Ok(())
+            }
+            Action::SetSource(source) => self.session.set_source(source),
+            Action::SetSegmenter(cfg) => {
+                self.session.set_segmenter(cfg);
                 Ok(())
             }
             Action::Violation {

@@ -93,6 +93,21 @@ impl RefuseReason {
     }
 }
 
+impl RefuseReason {
+    /// The HTTP status of a refusal at the handshake (protocols whose clients expect one):
+    /// 401 for credentials, 503 for anything that passes (capacity, rate, draining; with
+    /// `Retry-After`), 400 for the request itself.
+    pub fn http_status(self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self.close_code() {
+            _ if self == Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            CloseCode::TryAgainLater => StatusCode::SERVICE_UNAVAILABLE,
+            CloseCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
 /// A refusal before the session starts: an `Error` event, then a close with a reason.
 #[derive(Debug)]
 pub struct Refusal {
@@ -112,6 +127,34 @@ impl Refusal {
             message: message.into(),
         }
     }
+}
+
+/// Answers a refused handshake with `refusal`'s HTTP status and `body` (JSON), counted and
+/// logged; a 503 carries `Retry-After: 1`.
+pub fn http_refusal(
+    peer: SocketAddr,
+    refusal: &Refusal,
+    body: serde_json::Value,
+    headers: &[(&'static str, &str)],
+) -> axum::response::Response {
+    use axum::http::{header, HeaderValue, StatusCode};
+    use axum::response::IntoResponse;
+    let error = refusal.reason.code();
+    counter!(m::SESSIONS_REJECTED, "reason" => error).increment(1);
+    counter!(m::CLIENT_ERRORS, "code" => error).increment(1);
+    info!(%peer, error, message = ?refusal.message, "connection refused at the handshake");
+    let status = refusal.reason.http_status();
+    let mut response = (status, axum::Json(body)).into_response();
+    let out = response.headers_mut();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        out.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            out.insert(*name, v);
+        }
+    }
+    response
 }
 
 /// Tells the client why (`first`, the `Error` event in its frontend's form, or voxgate's own

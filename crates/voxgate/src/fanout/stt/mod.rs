@@ -14,6 +14,7 @@
 
 mod backend;
 mod ctx;
+pub use ctx::lost_utterances;
 pub mod deepgram;
 mod error;
 pub mod openai;

@@ -50,6 +50,10 @@ pub enum Action {
     Notice(ServerEvent),
     /// A message for the client alone, in its protocol (an answer to a control message).
     Reply(Message),
+    /// The client's audio format from now on (a protocol that sets it mid-connection).
+    SetSource(voxgate_media::SourceFormat),
+    /// The segmenter's thresholds from now on (a protocol whose client tunes turn detection).
+    SetSegmenter(voxgate_session::SegmenterConfig),
     /// The message breaks the protocol: tell the client, flush, close with `code`.
     Violation {
         code: CloseCode,
@@ -71,6 +75,10 @@ pub trait Frontend: Send + Sync {
     fn render_refusal(&mut self, event: &ServerEvent) -> Message {
         Message::Text(event.to_json().into())
     }
+
+    /// The session starts: actions the protocol's handshake left for it (a first message read
+    /// while the connection was accepted).
+    fn on_start(&mut self, _out: &mut Vec<Action>) {}
 
     /// Whether a client of this protocol can park and resume its session (`resumable=true`).
     fn supports_resume(&self) -> bool {

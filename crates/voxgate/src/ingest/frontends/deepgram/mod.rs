@@ -15,17 +15,14 @@ pub mod render;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use metrics::counter;
-use tracing::info;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
 
 use self::frontend::Deepgram;
 use crate::config::Dialect;
 use crate::ingest::admission;
-use crate::ingest::refusal::{Refusal, RefuseReason};
+use crate::ingest::refusal::{self, Refusal, RefuseReason};
 use crate::ingest::request::{ConnectRequest, Endpoint};
-use crate::metrics as m;
 use crate::shared::Shared;
 
 /// The subprotocols a browser Deepgram client offers before its key (`token, <key>`).
@@ -103,37 +100,20 @@ pub fn handshake(
     Ok((req, Deepgram::new(opts, admitted)))
 }
 
-/// A refused handshake: 401 for credentials, 503 with `Retry-After` for anything that passes
-/// (capacity, rate, draining), 400 for the request itself; a Deepgram-style JSON body.
+/// A refused handshake, with a Deepgram-style body (see `refusal::http_refusal`).
 fn http_refusal(peer: SocketAddr, request_id: &str, refusal: Refusal) -> Response {
-    let error = refusal.reason.code();
-    counter!(m::SESSIONS_REJECTED, "reason" => error).increment(1);
-    counter!(m::CLIENT_ERRORS, "code" => error).increment(1);
-    info!(%peer, error, message = ?refusal.message, "Deepgram connection refused at the handshake");
-    let (status, err_code) = match refusal.reason {
-        RefuseReason::Unauthorized => (StatusCode::UNAUTHORIZED, "INVALID_AUTH"),
-        RefuseReason::ShuttingDown
-        | RefuseReason::RateLimited
-        | RefuseReason::OverCapacity
-        | RefuseReason::UserOverCapacity
-        | RefuseReason::BusUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "TOO_MANY_REQUESTS"),
-        _ => (StatusCode::BAD_REQUEST, "Bad Request"),
+    let err_code = match refusal.reason.http_status() {
+        StatusCode::UNAUTHORIZED => "INVALID_AUTH",
+        StatusCode::SERVICE_UNAVAILABLE => "TOO_MANY_REQUESTS",
+        _ => "Bad Request",
     };
     let body = serde_json::json!({
         "err_code": err_code,
         "err_msg": refusal.message,
         "request_id": request_id,
-        "category": error,
+        "category": refusal.reason.code(),
     });
-    let mut response = (status, axum::Json(body)).into_response();
-    let headers = response.headers_mut();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    if let Ok(id) = HeaderValue::from_str(request_id) {
-        headers.insert("dg-request-id", id);
-    }
-    response
+    refusal::http_refusal(peer, &refusal, body, &[("dg-request-id", request_id)])
 }
 
 #[cfg(test)]

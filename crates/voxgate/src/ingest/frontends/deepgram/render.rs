@@ -126,9 +126,11 @@ impl Renderer {
                 self.media_seconds = *seconds_decoded;
                 Vec::new()
             }
-            // The backend gave up on some utterances: a client waiting for its `Finalize`
-            // answer is released with an empty final (the loss is counted and logged).
-            ServerEvent::Warning { code, .. } if code == "stt_lost" => self.release_finalized(),
+            // The backend gave up on some utterances: each gets an empty final, so a client
+            // waiting for it is released (the loss is counted and logged).
+            ServerEvent::Warning { code, message } if code == "stt_lost" => {
+                self.release(&crate::fanout::stt::lost_utterances(message))
+            }
             ServerEvent::Closed { summary, .. } => vec![self.metadata(summary).to_string()],
             ServerEvent::Error { code, message } => vec![error(code, message).to_string()],
             _ => Vec::new(),
@@ -153,12 +155,12 @@ impl Renderer {
         out
     }
 
-    fn release_finalized(&mut self) -> Vec<String> {
+    fn release(&mut self, lost: &[u64]) -> Vec<String> {
         let mut out = Vec::new();
         let waiting: Vec<Ending> = self
             .endings
             .iter_mut()
-            .filter(|e| !e.answered && e.reason == UtteranceReason::Finalize)
+            .filter(|e| !e.answered && lost.contains(&e.utterance))
             .map(|e| {
                 e.answered = true;
                 *e
