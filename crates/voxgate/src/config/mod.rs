@@ -14,6 +14,7 @@ mod hook;
 mod memory;
 mod omi;
 mod outbound;
+mod realtime;
 mod server;
 mod stt;
 mod twilio;
@@ -36,6 +37,7 @@ pub use hook::OnConnectConfig;
 pub use memory::{CONNECTION_BYTES, MAX_REQUEST_HEAD_BYTES};
 pub use omi::OmiConfig;
 pub use outbound::Retry;
+pub use realtime::RealtimeConfig;
 pub use server::{MediaConfig, SegmentConfig, ServerConfig, SubscriberConfig};
 pub use stt::{FinalizeMode, SessionStt, SttBackend, SttConfig, SttOptions, MAX_PROMPT_CHARS};
 pub use twilio::TwilioConfig;
@@ -79,6 +81,8 @@ pub struct Config {
     pub twilio: TwilioConfig,
     /// Deepgram's live API on `/v1/listen`.
     pub deepgram: DeepgramConfig,
+    /// OpenAI's Realtime API (transcription) on `/v1/realtime`.
+    pub realtime: RealtimeConfig,
 }
 
 /// Every problem found in a configuration.
@@ -139,6 +143,7 @@ impl Config {
         self.gap_fill.validate(&mut errors);
         self.twilio.validate(&mut errors);
         self.deepgram.validate(&mut errors);
+        self.realtime.validate(&mut errors);
         self.check_stt_aliases(&mut errors);
         if errors.is_empty() {
             Ok(())

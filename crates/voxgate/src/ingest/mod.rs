@@ -35,7 +35,7 @@ use axum::Router;
 
 use self::client::ClientIo;
 use self::driver::Connection;
-use self::frontends::{deepgram, listen::Listen, Accept, Frontend};
+use self::frontends::{deepgram, listen::Listen, realtime, Accept, Frontend};
 use self::refusal::refuse;
 use self::request::{ConnectRequest, Endpoint};
 use crate::auth::bearer;
@@ -50,6 +50,10 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route(
             "/v1/listen",
             get(|r: IngestRequest| async { upgrade(Endpoint::Listen, r) }),
+        )
+        .route(
+            "/v1/realtime",
+            get(|r: IngestRequest| async { upgrade(Endpoint::Realtime, r) }),
         )
         .route(
             "/v1/twilio",
@@ -97,7 +101,7 @@ fn upgrade(endpoint: Endpoint, request: IngestRequest) -> Response {
                     shared,
                     socket,
                     req,
-                    Some(Box::new(frontend)),
+                    Built::Ready(Box::new(frontend)),
                 ))
             });
         if let Some(id) = id {
@@ -105,12 +109,34 @@ fn upgrade(endpoint: Endpoint, request: IngestRequest) -> Response {
         }
         return response;
     }
+    if endpoint == Endpoint::Realtime {
+        let (req, frontend) = match realtime::handshake(&shared, peer, &headers, query) {
+            Ok(accepted) => accepted,
+            Err(response) => return *response,
+        };
+        let built = Built::Realtime(Box::new(frontend));
+        return ws
+            .protocols([realtime::SUBPROTOCOL])
+            .on_upgrade(move |socket| {
+                let tracker = shared.tracker.clone();
+                tracker.track_future(serve_connection(shared, socket, req, built))
+            });
+    }
     let token = bearer(&headers).or_else(|| query.get("token").cloned());
     let req = ConnectRequest::parse(endpoint, peer, token, query);
     ws.on_upgrade(move |socket| {
         let tracker = shared.tracker.clone();
-        tracker.track_future(serve_connection(shared, socket, req, None))
+        tracker.track_future(serve_connection(shared, socket, req, Built::None))
     })
+}
+
+/// What the handshake already built for a connection.
+enum Built {
+    None,
+    /// A frontend ready for its session.
+    Ready(Box<dyn Frontend>),
+    /// A Realtime frontend whose `accept` still reads the first `session.update`.
+    Realtime(Box<realtime::frontend::Realtime>),
 }
 
 /// One upgraded socket: its frontend accepts it (or was built at the handshake), `prepare`
@@ -119,7 +145,7 @@ async fn serve_connection(
     shared: Arc<Shared>,
     socket: WebSocket,
     mut req: ConnectRequest,
-    built: Option<Box<dyn Frontend>>,
+    built: Built,
 ) {
     if req.endpoint == Endpoint::Listen {
         if let Some(ask) = req.reattach.take() {
@@ -128,15 +154,18 @@ async fn serve_connection(
     }
     let (mut sink, mut stream) = client::split(socket);
     let accepted = match (built, req.endpoint) {
-        (Some(frontend), _) => Accept::Session(req, frontend),
-        (None, Endpoint::Listen | Endpoint::Deepgram) => {
+        (Built::Ready(frontend), _) => Accept::Session(req, frontend),
+        (Built::Realtime(rt), _) => {
+            realtime::accept(&shared, &mut sink, &mut stream, req, *rt).await
+        }
+        (Built::None, Endpoint::Listen | Endpoint::Deepgram | Endpoint::Realtime) => {
             let frontend = Box::new(Listen::new(&req.raw_query));
             Accept::Session(req, frontend)
         }
-        (None, Endpoint::Twilio) => {
+        (Built::None, Endpoint::Twilio) => {
             frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await
         }
-        (None, Endpoint::Omi) => frontends::omi::accept(&shared.cfg, req),
+        (Built::None, Endpoint::Omi) => frontends::omi::accept(&shared.cfg, req),
     };
     let (req, mut frontend) = match accepted {
         Accept::Session(req, frontend) => (req, frontend),

@@ -19,6 +19,8 @@ pub enum Endpoint {
     Omi,
     /// `/v1/listen` speaking Deepgram's live API (chosen per connection, see `deepgram`).
     Deepgram,
+    /// `/v1/realtime`: OpenAI's Realtime API in transcription mode.
+    Realtime,
 }
 
 impl Endpoint {
@@ -28,6 +30,7 @@ impl Endpoint {
             Self::Twilio => "twilio",
             Self::Omi => "omi",
             Self::Deepgram => "deepgram",
+            Self::Realtime => "realtime",
         }
     }
 }
@@ -61,9 +64,9 @@ pub struct ConnectRequest {
     pub resume_state: Option<String>,
     /// `resume=<id>&resume_token=&resume_from=`: reattach to a live resumable session.
     pub reattach: Option<ReattachRequest>,
-    /// The silence that ends an utterance in this session, when its protocol sets one (a
-    /// Deepgram client's `endpointing`); `None`: `segmenter.silence_ms`.
-    pub silence_ms: Option<u64>,
+    /// The session's segmenter, when its protocol tunes it (a Deepgram client's `endpointing`,
+    /// an OpenAI client's `turn_detection`); `None`: `[segmenter]`.
+    pub segmenter: Option<voxgate_session::SegmenterConfig>,
 }
 
 /// `/v1/listen?resume=<session_id>&resume_token=<token>[&resume_from=<byte>]`.
@@ -109,7 +112,7 @@ impl ConnectRequest {
             fresh_recorder: flag(&query, "fresh_recorder"),
             resume_state: get("resume_state"),
             reattach,
-            silence_ms: None,
+            segmenter: None,
             raw_query: query,
         }
     }

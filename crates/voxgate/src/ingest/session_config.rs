@@ -22,10 +22,7 @@ pub fn build(
 ) -> SessionConfig {
     let mut s = SessionConfig::new(session_id.to_owned(), source);
     s.limits = cfg.limits();
-    s.segmenter = cfg.segmenter();
-    if let Some(ms) = req.silence_ms {
-        s.segmenter.silence_samples = ms * u64::from(voxgate_session::SAMPLE_RATE) / 1000;
-    }
+    s.segmenter = req.segmenter.clone().unwrap_or_else(|| cfg.segmenter());
     s.idle_timeout = cfg.idle_timeout();
     s.max_duration = cfg.max_session();
     s.gap_slack_samples = cfg.gap_fill.slack_samples();

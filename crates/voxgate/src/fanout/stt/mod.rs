@@ -14,9 +14,9 @@
 
 mod backend;
 mod ctx;
-pub use ctx::lost_utterances;
 pub mod deepgram;
 mod error;
+pub mod lost;
 pub mod openai;
 #[cfg(feature = "pocketsphinx")]
 pub mod pocketsphinx;

@@ -6,6 +6,7 @@
 pub mod deepgram;
 pub mod listen;
 pub mod omi;
+pub mod realtime;
 pub mod twilio;
 
 use std::sync::Arc;

@@ -96,7 +96,7 @@ pub fn handshake(
     }
     let asked = query::Asked::parse(&req.raw_query, &shared.cfg).map_err(refuse)?;
     let admitted = admission::admit(shared, &req).map_err(refuse)?;
-    let opts = asked.apply(&mut req, request_id);
+    let opts = asked.apply(&mut req, request_id, &shared.cfg);
     Ok((req, Deepgram::new(opts, admitted)))
 }
 

@@ -65,12 +65,16 @@ impl Asked {
 
     /// Sets the request's typed fields (mirrored in the raw query for the `on_connect` hook)
     /// and returns the renderer's options.
-    pub fn apply(self, req: &mut ConnectRequest, request_id: String) -> Options {
+    pub fn apply(self, req: &mut ConnectRequest, request_id: String, cfg: &Config) -> Options {
         req.stt = Some(self.backend.clone().unwrap_or_default());
         req.raw_query
             .insert("stt".into(), self.backend.clone().unwrap_or_default());
         req.stt_options = self.options;
-        req.silence_ms = self.silence_ms;
+        req.segmenter = self.silence_ms.map(|ms| {
+            let mut seg = cfg.segmenter();
+            seg.silence_samples = ms * u64::from(voxgate_session::SAMPLE_RATE) / 1000;
+            seg
+        });
         // Deepgram sessions do not resume (a Deepgram client would not know how).
         req.resumable = false;
         Options {

@@ -129,7 +129,7 @@ impl Renderer {
             // The backend gave up on some utterances: each gets an empty final, so a client
             // waiting for it is released (the loss is counted and logged).
             ServerEvent::Warning { code, message } if code == "stt_lost" => {
-                self.release(&crate::fanout::stt::lost_utterances(message))
+                self.release(&crate::fanout::stt::lost::lost_utterances(message))
             }
             ServerEvent::Closed { summary, .. } => vec![self.metadata(summary).to_string()],
             ServerEvent::Error { code, message } => vec![error(code, message).to_string()],
@@ -462,15 +462,16 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_finalized_utterance_is_answered_empty_once() {
+    fn a_lost_utterance_is_answered_empty_once() {
         let mut r = renderer(false);
         r.render(&ended(0, UtteranceReason::Finalize));
         r.render(&ended(1, UtteranceReason::Silence));
-        let out = r.render(&ServerEvent::warning("stt_lost", "gave up"));
-        assert_eq!(out.len(), 1, "only the Finalize ending is waited for");
+        let lost = |u: &[u64]| crate::fanout::stt::lost::lost_message("b", u, "x");
+        let out = r.render(&ServerEvent::warning("stt_lost", lost(&[0])));
+        assert_eq!(out.len(), 1, "only utterance 0 was lost");
         assert_eq!(parse(&out[0])["from_finalize"], true);
         assert!(r
-            .render(&ServerEvent::warning("stt_lost", "again"))
+            .render(&ServerEvent::warning("stt_lost", lost(&[0])))
             .is_empty());
         let late = parse(&r.render(&transcript(0, "late", true))[0]);
         assert_eq!(
