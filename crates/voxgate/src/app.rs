@@ -45,8 +45,8 @@ pub async fn run(
     let grace = cfg.server.shutdown_grace();
     let bus = connect_bus(&cfg).await?;
     let shared = Shared::new(cfg, shutdown.clone(), bus)?;
-    let opts = ServeOptions::from_config(&shared.cfg);
-    info!(addr = %listener.local_addr()?, max_connections = opts.max_connections,
+    let opts = ServeOptions::from_config(&shared.cfg)?;
+    info!(addr = %listener.local_addr()?, tls = opts.tls.is_some(), max_connections = opts.max_connections,
         process_memory_bound = shared.cfg.process_memory_bound(), "voxgate listening");
     let stop = shutdown.clone();
     let draining = shared.clone();

@@ -64,6 +64,10 @@ pub struct ServerConfig {
     /// Proxies (IPs or CIDRs) whose `X-Forwarded-For` / `Forwarded: for=` name the client for
     /// the per-IP limits. Headers from any other peer are ignored. Default none.
     pub trusted_proxies: Vec<String>,
+    /// TLS on the listener: a PEM certificate chain and its private key (both or neither).
+    /// Default none (plain TCP; put TLS in front, or set these).
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
     /// Log lines buffered for the log writer; beyond it lines are dropped (counted in
     /// `voxgate_log_lines_dropped_total`) so logging never stalls ingest. Default 10000.
     pub log_buffer_lines: usize,
@@ -89,6 +93,8 @@ impl Default for ServerConfig {
             max_bytes_per_second: (1 << 20) as f64,
             flood_min_message_bytes: 16,
             trusted_proxies: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
             log_buffer_lines: 10_000,
         }
     }
@@ -144,6 +150,9 @@ impl ServerConfig {
         let b = self.max_bytes_per_second;
         if !(b.is_finite() && b >= 1024.0) {
             errors.push("server.max_bytes_per_second: must be >= 1024".into());
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            errors.push("server.tls_cert_file and server.tls_key_file: set both or neither".into());
         }
         for p in &self.trusted_proxies {
             if crate::proxy::parse_net(p).is_none() {

@@ -6,6 +6,7 @@
 
 pub mod fd;
 pub mod limits;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -43,21 +44,29 @@ pub struct ServeOptions {
     pub refuse_forwarded: bool,
     /// How long shutdown waits for HTTP connections (not upgraded WebSockets) to finish.
     pub grace: Duration,
+    /// TLS on the listener (`server.tls_cert_file`), or plain TCP.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl ServeOptions {
-    /// The options of `cfg`, with `max_connections` as it fits the descriptor limit.
-    pub fn from_config(cfg: &Config) -> Self {
+    /// The options of `cfg`, with `max_connections` as it fits the descriptor limit; fails
+    /// when the TLS certificate or key cannot be used.
+    pub fn from_config(cfg: &Config) -> Result<Self, tls::TlsError> {
         let auto_off =
             cfg.auth.mode == crate::auth::AuthMode::Auto && !cfg.auth.required(&cfg.server.listen);
-        Self {
+        let tls = match (&cfg.server.tls_cert_file, &cfg.server.tls_key_file) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert.as_ref(), key.as_ref())?),
+            _ => None,
+        };
+        Ok(Self {
             header_read_timeout: cfg.server.header_read_timeout(),
             max_connections: fd::fit_connections(cfg.server.max_connections),
             max_connections_per_ip: cfg.server.max_connections_per_ip,
             proxies: TrustedProxies::new(&cfg.server.trusted_proxies),
             refuse_forwarded: auto_off,
             grace: cfg.server.shutdown_grace(),
-        }
+            tls,
+        })
     }
 }
 
@@ -148,12 +157,12 @@ fn refuse_cheaply(tcp: &TcpStream, why: Refused) {
 
 /// The TCP stream with the connection's slot: the slot lives as long as the IO, which an
 /// upgraded WebSocket keeps.
-struct Guarded {
-    tcp: TcpStream,
+struct Guarded<S = TcpStream> {
+    tcp: S,
     _slot: ConnSlot,
 }
 
-impl AsyncRead for Guarded {
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -163,7 +172,7 @@ impl AsyncRead for Guarded {
     }
 }
 
-impl AsyncWrite for Guarded {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -199,7 +208,30 @@ struct Conn {
 }
 
 impl Conn {
+    /// Serves the connection, after the TLS handshake when TLS is on (within the header-read
+    /// deadline; a failed or slow handshake is counted and closes the socket).
     async fn serve(self, io: Guarded, router: Router, shutdown: CancellationToken) {
+        let Some(acceptor) = self.opts.tls.clone() else {
+            return self.serve_http(io, router, shutdown).await;
+        };
+        let deadline = self.opts.header_read_timeout;
+        match tokio::time::timeout(deadline, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => self.serve_http(tls, router, shutdown).await,
+            Ok(Err(e)) => {
+                counter!(m::CONNECTIONS_REFUSED, "reason" => "tls_handshake").increment(1);
+                debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                counter!(m::CONNECTIONS_REFUSED, "reason" => "tls_timeout").increment(1);
+                debug!(peer = %self.peer, "TLS handshake not done within the header deadline");
+            }
+        }
+    }
+
+    async fn serve_http<S>(self, io: S, router: Router, shutdown: CancellationToken)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(self.opts.header_read_timeout)
