@@ -18,6 +18,10 @@ pub struct RealtimeConfig {
     /// How long a new connection waits for the client's first `session.update` (after
     /// `session.created`) before its session starts on the defaults. Default 2000.
     pub update_wait_ms: u64,
+    /// A Realtime session with no client event for this long is closed (idle_timeout). OpenAI
+    /// clients send no keepalive and wait for transcripts after their last append, so this is
+    /// longer than `server.idle_timeout_seconds`. Default 60.
+    pub idle_timeout_seconds: f64,
 }
 
 impl Default for RealtimeConfig {
@@ -26,6 +30,7 @@ impl Default for RealtimeConfig {
             max_append_bytes: 262_144,
             min_silence_ms: 200,
             update_wait_ms: 2_000,
+            idle_timeout_seconds: 60.0,
         }
     }
 }
@@ -38,9 +43,17 @@ impl RealtimeConfig {
         if !(10..=10_000).contains(&self.min_silence_ms) {
             errors.push("realtime.min_silence_ms: must be in [10, 10000]".into());
         }
+        let idle = self.idle_timeout_seconds;
+        if !(idle.is_finite() && idle > 0.0 && idle <= 3600.0) {
+            errors.push("realtime.idle_timeout_seconds: must be in (0, 3600]".into());
+        }
         if self.update_wait_ms > 60_000 {
             errors.push("realtime.update_wait_ms: must be at most 60000".into());
         }
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.idle_timeout_seconds)
     }
 
     pub fn update_wait(&self) -> Duration {

@@ -67,6 +67,8 @@ pub struct ConnectRequest {
     /// The session's segmenter, when its protocol tunes it (a Deepgram client's `endpointing`,
     /// an OpenAI client's `turn_detection`); `None`: `[segmenter]`.
     pub segmenter: Option<voxgate_session::SegmenterConfig>,
+    /// The session's idle timeout, when its protocol has its own (`None`: the server's).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// `/v1/listen?resume=<session_id>&resume_token=<token>[&resume_from=<byte>]`.
@@ -113,6 +115,7 @@ impl ConnectRequest {
             resume_state: get("resume_state"),
             reattach,
             segmenter: None,
+            idle_timeout: None,
             raw_query: query,
         }
     }

@@ -23,7 +23,7 @@ pub fn build(
     let mut s = SessionConfig::new(session_id.to_owned(), source);
     s.limits = cfg.limits();
     s.segmenter = req.segmenter.clone().unwrap_or_else(|| cfg.segmenter());
-    s.idle_timeout = cfg.idle_timeout();
+    s.idle_timeout = req.idle_timeout.unwrap_or_else(|| cfg.idle_timeout());
     s.max_duration = cfg.max_session();
     s.gap_slack_samples = cfg.gap_fill.slack_samples();
     s.ack = resumable && req.resumable && cfg.server.resume_grace().is_some();

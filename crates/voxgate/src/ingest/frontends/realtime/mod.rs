@@ -135,6 +135,7 @@ fn fix_request(shared: &Shared, req: &mut ConnectRequest, rt: &Realtime) {
     req.stt = Some(backend);
     req.stt_options = s.stt_options(&shared.cfg);
     req.segmenter = Some(s.segmenter(&shared.cfg));
+    req.idle_timeout = Some(shared.cfg.realtime.idle_timeout());
 }
 
 /// A `session.update`'s `session` and `event_id`, if `text` is one.
