@@ -42,11 +42,12 @@ impl Frontend for Deepgram {
 
     fn on_text(&mut self, text: &str, out: &mut Vec<Action>) {
         match ClientControl::parse(text) {
-            // Nothing is open to finalize: answer at once so a client waiting for
-            // `from_finalize` (Pipecat, LiveKit) is released.
+            // Nothing is open to finalize: the final still due answers it, else an empty one
+            // at once, so a client waiting for `from_finalize` (Pipecat) is released.
             Ok(ClientControl::Finalize) if !self.renderer.speaking() => {
-                let answer = self.renderer.empty_finalize();
-                out.push(Action::Reply(Message::Text(answer.into())));
+                if let Some(answer) = self.renderer.finalize_idle() {
+                    out.push(Action::Reply(Message::Text(answer.into())));
+                }
             }
             Ok(control) => out.push(Action::Control(control)),
             // The session reports a bad control message (counted, logged); Deepgram clients

@@ -45,6 +45,15 @@ struct Ending {
     end: f64,
     /// A final was sent for it.
     answered: bool,
+    /// A `Finalize` came after it ended and before its final: the final answers it.
+    finalize_asked: bool,
+}
+
+impl Ending {
+    /// Its final is the answer to a `Finalize`.
+    fn answers_finalize(&self) -> bool {
+        self.reason == UtteranceReason::Finalize || self.finalize_asked
+    }
 }
 
 /// Renders one session's events for a Deepgram client.
@@ -103,6 +112,7 @@ impl Renderer {
                     start: *start,
                     end: *end,
                     answered: false,
+                    finalize_asked: false,
                 };
                 if self.opts.backend.is_none() {
                     return self.answer_empty(ending);
@@ -146,7 +156,7 @@ impl Renderer {
                 end: e.end,
                 is_final: true,
                 speech_final: matches!(e.reason, UtteranceReason::Silence | UtteranceReason::Close),
-                from_finalize: e.reason == UtteranceReason::Finalize,
+                from_finalize: e.answers_finalize(),
             })
             .to_string()];
         if self.opts.utterance_end {
@@ -172,8 +182,22 @@ impl Renderer {
         out
     }
 
-    /// The answer to a `Finalize` when no utterance is open: an empty final, so that clients
-    /// waiting for `from_finalize` are released.
+    /// The answer to a `Finalize` when no utterance is open. Deepgram answers a `Finalize`
+    /// after the results already due, so when the last utterance ended but its final has not
+    /// come yet (a per-utterance backend answers after the end), that final is the answer
+    /// (`from_finalize`, sent when it comes: `None` now); otherwise an empty final now, so that
+    /// clients waiting for `from_finalize` are released.
+    pub fn finalize_idle(&mut self) -> Option<String> {
+        match self.endings.back_mut() {
+            Some(last) if !last.answered => {
+                last.finalize_asked = true;
+                None
+            }
+            _ => Some(self.empty_finalize()),
+        }
+    }
+
+    /// An empty `from_finalize` final at the media time reached.
     pub fn empty_finalize(&self) -> String {
         let at = self.media_seconds;
         self.results(&ResultsFields {
@@ -218,6 +242,7 @@ impl Renderer {
             })
             .flatten();
         let reason = ending.map(|e| e.reason);
+        let from_finalize = ending.is_some_and(|e| e.answers_finalize());
         let mut out = vec![self
             .results(&ResultsFields {
                 text,
@@ -228,7 +253,7 @@ impl Renderer {
                     reason,
                     Some(UtteranceReason::Silence | UtteranceReason::Close)
                 ),
-                from_finalize: reason == Some(UtteranceReason::Finalize),
+                from_finalize,
             })
             .to_string()];
         if let (Some(e), true) = (ending, self.opts.utterance_end) {
@@ -424,6 +449,33 @@ mod tests {
         assert_eq!(v["is_final"], true);
         assert_eq!(v["from_finalize"], true);
         assert_eq!(v["channel"]["alternatives"][0]["transcript"], "");
+    }
+
+    #[test]
+    fn a_finalize_after_the_end_is_answered_by_the_final_still_due() {
+        let mut r = renderer(false);
+        r.render(&ended(0, UtteranceReason::Silence));
+        assert_eq!(r.finalize_idle(), None, "the pending final answers it");
+        let v = parse(&r.render(&transcript(0, "hello", true))[0]);
+        assert_eq!(
+            (v["speech_final"].as_bool(), v["from_finalize"].as_bool()),
+            (Some(true), Some(true))
+        );
+        // Nothing due any more: answered at once, empty.
+        let now = parse(&r.finalize_idle().expect("an empty answer"));
+        assert_eq!(now["from_finalize"], true);
+        assert_eq!(now["channel"]["alternatives"][0]["transcript"], "");
+    }
+
+    #[test]
+    fn a_finalize_waiting_on_a_lost_final_is_released_by_its_empty_final() {
+        let mut r = renderer(false);
+        r.render(&ended(0, UtteranceReason::Silence));
+        assert_eq!(r.finalize_idle(), None);
+        let lost = crate::fanout::stt::lost::lost_message("b", &[0], "x");
+        let out = r.render(&ServerEvent::warning("stt_lost", lost));
+        assert_eq!(out.len(), 1);
+        assert_eq!(parse(&out[0])["from_finalize"], true);
     }
 
     #[test]
