@@ -295,6 +295,9 @@ impl Authenticator {
                 ..Principal::default()
             }));
         }
+        if self.keys.is_empty() {
+            return Err("unknown API key".into());
+        }
         let mut last = String::from("no verification key configured");
         for (key, validation) in &self.keys {
             match decode::<TokenClaims>(token, key, validation) {

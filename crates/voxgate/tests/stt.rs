@@ -421,6 +421,23 @@ async fn failing_and_hanging_backends_warn_count_and_spare_other_sessions() {
         r_hang.of_type("Warning")
     );
     assert!(consumer(&r_hang, "hang")["dropped_bytes"].as_u64().unwrap() > 0);
+    // No utterance ends silently: each one dropped or timed out is named in an stt_lost.
+    let mut lost: Vec<u64> = r_hang
+        .of_type("Warning")
+        .iter()
+        .filter(|w| w["code"] == "stt_lost")
+        .flat_map(|w| voxgate::fanout::stt::lost::lost_utterances(w["message"].as_str().unwrap()))
+        .collect();
+    lost.sort_unstable();
+    let ended: Vec<u64> = r_hang
+        .of_type("UtteranceEnd")
+        .iter()
+        .map(|e| e["utterance"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        lost, ended,
+        "every utterance of the hung backend is counted as lost"
+    );
     let decoded = r_hang.closed()["summary"]["seconds_decoded"]
         .as_f64()
         .unwrap();
@@ -776,4 +793,53 @@ async fn the_on_connect_hook_chooses_the_speech_to_text_backends() {
     assert_eq!(run.of_type("Error")[0]["code"], "unknown_stt");
     assert!(oa_a.requests().is_empty());
     gw.shutdown.cancel();
+}
+
+/// Every utterance of a run whose backend never answers is named in an `stt_lost` warning.
+fn assert_all_lost(run: &ClientRun) {
+    let mut lost: Vec<u64> = run
+        .of_type("Warning")
+        .iter()
+        .filter(|w| w["code"] == "stt_lost")
+        .flat_map(|w| voxgate::fanout::stt::lost::lost_utterances(w["message"].as_str().unwrap()))
+        .collect();
+    lost.sort_unstable();
+    let ended: Vec<u64> = run
+        .of_type("UtteranceEnd")
+        .iter()
+        .map(|e| e["utterance"].as_u64().unwrap())
+        .collect();
+    assert_eq!(lost, ended, "every utterance is counted as lost");
+}
+
+/// Utterances still queued for a backend that never answers when the close flush ends are
+/// counted and told as lost, not dropped silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn utterances_queued_at_the_end_of_the_flush_are_reported_lost() {
+    let hang = OpenAi::start(OaMode::Hang).await;
+    let mut cfg = stt_config();
+    let mut h = openai_cfg("tiny", &hang.url());
+    h.timeout_ms = 60_000;
+    h.max_retries = 0;
+    h.max_concurrency = 1;
+    cfg.stt.push(h);
+    cfg.server.close_flush_seconds = 1.0;
+    let gw = Gateway::start(cfg).await;
+    let run = stream(
+        &gw.ws("/v1/listen?encoding=linear16&stt=tiny"),
+        sentences(4),
+        Duration::from_millis(5),
+    )
+    .await;
+    assert_eq!(run.of_type("UtteranceEnd").len(), 4);
+    let lost: Vec<String> = run
+        .of_type("Warning")
+        .iter()
+        .filter(|w| w["code"] == "stt_lost")
+        .map(|w| w["message"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        lost.iter().any(|m| m.contains("were not transcribed")),
+        "one in flight, three queued, none answered: {lost:?}"
+    );
 }

@@ -80,6 +80,32 @@ impl Ctx {
         ));
     }
 
+    /// `report_lost` from a synchronous path (the ingest side of a consumer): the warning is
+    /// offered to the bounded notice queue (a full queue loses the warning; the loss itself is
+    /// counted and logged).
+    pub fn report_lost_now(&self, utterances: &[u64], why: &str) {
+        counter!(STT_LOST, "backend" => self.name().to_owned()).increment(utterances.len() as u64);
+        warn!(stt = %self.name(), session = %self.target.session_id, ?utterances, why, "speech-to-text results lost");
+        self.notifier.offer(ServerEvent::warning(
+            "stt_lost",
+            super::lost::lost_message(self.name(), utterances, why),
+        ));
+    }
+
+    /// The close flush ended before the backend finished: the utterances its worker still held
+    /// (their audio counted as dropped, `close_timeout`, by bytes; the queue keeps no ids) are
+    /// logged and told to the client in one `stt_lost` warning.
+    pub fn report_unfinished(&self, held_bytes: u64) {
+        let why = format!(
+            "the close flush ended before the backend answered; {held_bytes} bytes of queued utterance audio were not transcribed"
+        );
+        warn!(stt = %self.name(), session = %self.target.session_id, held_bytes, "speech-to-text flush timed out; utterances lost");
+        self.notifier.offer(ServerEvent::warning(
+            "stt_lost",
+            super::lost::lost_message(self.name(), &[], &why),
+        ));
+    }
+
     /// Utterances of this session that got no final result: counted, logged and told to the
     /// client (`stt_lost`) in one warning.
     pub async fn report_lost(&self, utterances: &[u64], why: &str) {

@@ -99,6 +99,9 @@ impl UtteranceHandle {
         // What follows `end` may start the next utterance (a limit split).
         self.trim_idle(end);
         if pcm.is_empty() {
+            // Its audio was dropped while it was spoken (buffer cap): no final will come.
+            self.ctx
+                .report_lost_now(&[utterance], "its audio was dropped (buffer full)");
             return;
         }
         let bytes = pcm.len() as u64 * 2;
@@ -112,6 +115,8 @@ impl UtteranceHandle {
         if self.queue.send(job).is_err() {
             self.ctx.stats.release(bytes);
             self.drop_audio(DropReason::QueueFull, bytes);
+            self.ctx
+                .report_lost_now(&[utterance], "the backend's queue was full");
         }
     }
 }
@@ -169,9 +174,11 @@ impl Consumer for UtteranceHandle {
             // here is lookback audio, never sent by design.
             self.ctx.stats.release(self.buf.len() as u64 * 2);
             self.buf = Vec::new();
-            let held = self.queue.finish(deadline).await.dropped;
-            if held > 0 {
-                warn!(stt = %self.ctx.name(), held, "speech-to-text flush timed out; utterances dropped");
+            let finished = self.queue.finish(deadline).await;
+            if !finished.in_time {
+                // The close flush ended first: what the worker held is dropped (counted in
+                // bytes, `close_timeout`) and the client is told its utterances were lost.
+                self.ctx.report_unfinished(finished.dropped);
             }
             self.queue.summary(self.ctx.name())
         })
