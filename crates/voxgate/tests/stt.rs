@@ -422,22 +422,7 @@ async fn failing_and_hanging_backends_warn_count_and_spare_other_sessions() {
     );
     assert!(consumer(&r_hang, "hang")["dropped_bytes"].as_u64().unwrap() > 0);
     // No utterance ends silently: each one dropped or timed out is named in an stt_lost.
-    let mut lost: Vec<u64> = r_hang
-        .of_type("Warning")
-        .iter()
-        .filter(|w| w["code"] == "stt_lost")
-        .flat_map(|w| voxgate::fanout::stt::lost::lost_utterances(w["message"].as_str().unwrap()))
-        .collect();
-    lost.sort_unstable();
-    let ended: Vec<u64> = r_hang
-        .of_type("UtteranceEnd")
-        .iter()
-        .map(|e| e["utterance"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        lost, ended,
-        "every utterance of the hung backend is counted as lost"
-    );
+    assert_all_lost(&r_hang);
     let decoded = r_hang.closed()["summary"]["seconds_decoded"]
         .as_f64()
         .unwrap();

@@ -1,8 +1,8 @@
 //! Streaming speech-to-text never loses an utterance silently: against backends that refuse
 //! `Finalize`, never answer, answer without words, or close mid-utterance and stay away, every
 //! utterance ends with a final transcript, an empty final, or a counted `stt_lost` with a
-//! client warning, and the session closes on time. Also: per-session options reach the backend
-//! and are checked against its allow-lists.
+//! client warning, and the session closes on time; isolated utterances get a connection each.
+//! Also: per-session options reach the backend and are checked against its allow-lists.
 
 mod common;
 mod stt_support;
@@ -196,6 +196,47 @@ async fn a_backend_that_closes_mid_utterance_and_stays_away_counts_the_loss() {
             .await,
         ends as f64
     );
+    gw.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_utterances_get_a_connection_each_cut_with_close_stream() {
+    let _serial = SERIAL.lock().await;
+    let dg = Deepgram::with(DgBehavior {
+        no_interims: true,
+        silence_is_empty: true,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = stt_config();
+    let mut s = deepgram_cfg("iso", &dg.url());
+    s.finalize = FinalizeMode::None;
+    s.isolate_utterances = true;
+    cfg.stt.push(s);
+    let gw = Gateway::start(cfg).await;
+    let (run, _) = run_sentences(&gw, "", 3).await;
+    assert_eq!(run.close_code, Some(1000), "{}", run.close_reason);
+    let ends = run.of_type("UtteranceEnd").len();
+    assert!(ends >= 3, "{ends}");
+    assert_eq!(accounted(&run, "iso"), (ends, 0, 0), "{:?}", run.events);
+    // One connection per utterance, each cut with CloseStream once the utterance ended (the
+    // fixture answers it with the connection's only final), and one for the trailing silence.
+    let conns = dg.conns();
+    assert_eq!(conns.len(), ends + 1, "{conns:?}");
+    assert!(conns
+        .iter()
+        .all(|c| c.log.last().unwrap().1 == "CloseStream"));
+    assert_eq!(dg.count("CloseStream"), ends + 1);
+    assert_eq!(dg.count("Finalize"), 0);
+    for e in run.of_type("UtteranceEnd") {
+        let words: Vec<_> = transcripts(&run, "iso")
+            .into_iter()
+            .filter(|t| t["utterance"] == e["utterance"] && t["text"] != "")
+            .collect();
+        assert_eq!(words.len(), 1, "one connection's words each: {words:?}");
+    }
+    assert_eq!(warnings(&run, "stt_lost"), 0);
+    assert_eq!(warnings(&run, "stt_unavailable"), 0);
     gw.shutdown.cancel();
 }
 

@@ -116,8 +116,10 @@ pub struct SttConfig {
     /// are counted as lost (`stt_lost`). Default 10000.
     #[serde(default = "default_flush_timeout_ms")]
     pub flush_timeout_ms: u64,
-    /// Deepgram: an ended utterance that got no final result this long after its end is
-    /// counted as lost (`stt_lost`). Default 30000.
+    /// Deepgram: an ended utterance that got no final result this long after its end, and
+    /// this long after the backend's last progress (a final result reaching further than any
+    /// before: a backend lagging behind real time is late, not losing), is counted as lost
+    /// (`stt_lost`). Default 30000.
     #[serde(default = "default_final_timeout_ms")]
     pub final_timeout_ms: u64,
     /// Languages a session may ask for (`language=` in the connect query, the `on_connect`
@@ -132,6 +134,12 @@ pub struct SttConfig {
     /// `MAX_PROMPT_CHARS` characters together). Default false.
     #[serde(default)]
     pub allow_prompt: bool,
+    /// Deepgram, finalize mode `none` (or `auto` once it switched): isolate utterances. At each
+    /// utterance end `CloseStream` is sent, the backend's flush awaited (its normal close), and
+    /// a new connection takes the audio from there, so no result spans two utterances; one
+    /// connection per utterance. Default false (one connection per session).
+    #[serde(default)]
+    pub isolate_utterances: bool,
 }
 
 /// Deepgram: how an utterance's end is made final.
@@ -233,6 +241,7 @@ impl SttConfig {
             allowed_languages: Vec::new(),
             allowed_models: Vec::new(),
             allow_prompt: false,
+            isolate_utterances: false,
         }
     }
 
@@ -319,6 +328,13 @@ impl SttConfig {
         if !(1..=3_600_000).contains(&self.final_timeout_ms) {
             errors.push(format!("{prefix}.final_timeout_ms: must be in 1..=3600000"));
         }
+        if self.isolate_utterances
+            && (self.backend != SttBackend::Deepgram || self.finalize == FinalizeMode::Message)
+        {
+            errors.push(format!(
+                "{prefix}.isolate_utterances: needs backend \"deepgram\" and finalize \"none\" or \"auto\""
+            ));
+        }
         if let Some(hook) = &self.transcript_webhook {
             match url::Url::parse(hook) {
                 Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
@@ -401,12 +417,17 @@ mod tests {
         dup.max_concurrency = 0;
         dup.transcript_webhook = Some("nope".into());
         cfg.stt.push(dup);
+        let mut isolated = SttConfig::new("c", SttBackend::Deepgram, "wss://x");
+        isolated.isolate_utterances = true;
+        isolated.finalize = FinalizeMode::Message;
+        cfg.stt.push(isolated);
         let text = cfg.validate().unwrap_err().to_string();
         for needle in [
             "stt[0].url",
             "stt[1].name: duplicate",
             "stt[1].max_concurrency",
             "stt[1].transcript_webhook",
+            "stt[2].isolate_utterances",
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }

@@ -123,6 +123,11 @@ pub struct DgBehavior {
     pub endpoint_every: Option<u64>,
     /// No interim results.
     pub no_interims: bool,
+    /// A WebSocket ping before anything else (uvicorn pings every 20 s).
+    pub ping_first: bool,
+    /// The flush after `CloseStream` has no words when the audio since the last final result
+    /// was all silence (zero samples), as a real recognizer hears it.
+    pub silence_is_empty: bool,
 }
 
 #[derive(Clone)]
@@ -227,6 +232,8 @@ struct DgSession {
     final_end: u64,
     next_interim: u64,
     finals: u32,
+    /// A non-zero sample arrived since the last final result.
+    heard: bool,
 }
 
 fn secs(s: u64) -> f64 {
@@ -246,6 +253,7 @@ impl DgSession {
             from_finalize,
         );
         self.final_end = self.samples;
+        self.heard = false;
         m
     }
 
@@ -282,12 +290,22 @@ async fn dg_session(
         final_end: 0,
         next_interim: 8_000,
         finals: 0,
+        heard: false,
     };
+    if b.ping_first
+        && socket
+            .send(AxMessage::Ping(b"ping"[..].into()))
+            .await
+            .is_err()
+    {
+        return;
+    }
     while let Some(Ok(msg)) = socket.recv().await {
         let now = Instant::now();
         let answer = match msg {
             AxMessage::Binary(bytes) => {
                 assert_eq!(bytes.len() % 2, 0, "whole PCM16 samples");
+                s.heard |= bytes.iter().any(|&x| x != 0);
                 let answer = s.on_audio(bytes.len(), &b);
                 {
                     let mut c = conns.lock().unwrap();
@@ -321,7 +339,9 @@ async fn dg_session(
                     ("CloseStream", _, OnCloseStream::Hang) => None,
                     ("CloseStream", finalize, OnCloseStream::Flush) => {
                         if s.samples > s.final_end {
-                            let text = if finalize == OnFinalize::AnswerEmpty {
+                            let text = if finalize == OnFinalize::AnswerEmpty
+                                || (b.silence_is_empty && !s.heard)
+                            {
                                 ""
                             } else {
                                 "tail"

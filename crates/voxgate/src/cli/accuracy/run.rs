@@ -86,7 +86,10 @@ pub async fn direct(cfg: &SttConfig, item: &Item, speed: f64) -> anyhow::Result<
             let (mut tx, mut rx) = ws.split();
             let reader = tokio::spawn(async move {
                 let mut finals = Vec::new();
-                while let Some(Ok(Message::Text(t))) = rx.next().await {
+                // Reads until the close: pings (servers send them during long streams) must be
+                // read for their pongs to go out, or the server drops the stream mid-item.
+                while let Some(Ok(msg)) = rx.next().await {
+                    let Message::Text(t) = msg else { continue };
                     let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) else {
                         continue;
                     };

@@ -91,6 +91,9 @@ pub(super) struct Conn {
     pub(super) finalizes_out: u32,
     /// The backend refused `Finalize` on this connection (its close that follows is expected).
     pub(super) refused_finalize: bool,
+    /// `isolate_utterances`: `CloseStream` was sent at an utterance end, when this
+    /// connection's audio reached this session sample.
+    pub(super) cut_at: Option<u64>,
 }
 
 impl Conn {
@@ -124,6 +127,7 @@ impl Conn {
             close_sent: false,
             finalizes_out: 0,
             refused_finalize: false,
+            cut_at: None,
         })
     }
 

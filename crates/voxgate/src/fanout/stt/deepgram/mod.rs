@@ -4,8 +4,10 @@
 //! is decoded; `{"type":"KeepAlive"}` when no audio was sent for `keepalive_seconds`; at each
 //! utterance end `{"type":"Finalize"}` (finalize mode `message`) or nothing (`none`: the
 //! backend's endpointing decides; `auto` switches to it, remembered per backend, when the
-//! backend refuses `Finalize`); `{"type":"CloseStream"}` at session end, then the backend's
-//! flush is awaited up to `flush_timeout_ms`. `Results` come back as interim and final
+//! backend refuses `Finalize`; with `isolate_utterances` a `CloseStream` cuts the connection at
+//! each utterance end, its flush is awaited and a new connection carries on);
+//! `{"type":"CloseStream"}` at session end, then the backend's flush is awaited up to
+//! `flush_timeout_ms`. `Results` come back as interim and final
 //! `Transcript` events; every utterance ends with a final transcript, an empty final, or a
 //! counted loss (`stt_lost`, see `track`).
 //!

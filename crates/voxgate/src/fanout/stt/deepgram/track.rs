@@ -3,9 +3,11 @@
 //!
 //! An ended utterance is covered when a final result reaches its end, starts after it, answers
 //! a `Finalize` (`from_finalize`), or the backend closed normally after `CloseStream` (it has
-//! flushed everything). It is lost when none of that happens within `final_timeout`, when it is
-//! pushed out of the window of remembered utterances, or when the session's flush deadline
-//! passes.
+//! flushed everything). It is lost when none of that happens within `final_timeout` of its end
+//! or of the backend's last progress (a final result reaching further than any before: a
+//! backend that lags behind real time but keeps finalizing earlier audio is late, not losing),
+//! when it is pushed out of the window of remembered utterances, or when the session's flush
+//! deadline passes.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -44,6 +46,8 @@ pub(super) enum Outcome {
 pub(super) struct Tracker {
     list: VecDeque<Utt>,
     cap: usize,
+    /// The furthest end of a final result so far, and when it came.
+    progress: Option<(u64, Instant)>,
 }
 
 impl Tracker {
@@ -51,6 +55,7 @@ impl Tracker {
         Self {
             list: VecDeque::new(),
             cap: cap.max(1),
+            progress: None,
         }
     }
 
@@ -123,10 +128,28 @@ impl Tracker {
         self.resolve(out, |u| u.end.is_some());
     }
 
-    /// Ended utterances without a final result for longer than `timeout` are lost.
+    /// The backend flushed a connection cut at an utterance end whose audio went up to session
+    /// sample `until`: the ended utterances within it are covered (later ones are not: their
+    /// audio goes to the next connection).
+    pub fn flushed_until(&mut self, until: u64, out: &mut Vec<Outcome>) {
+        self.resolve(out, |u| u.end.is_some_and(|e| e <= until));
+    }
+
+    /// A final result reaching session sample `end` came at `now`: progress when it reaches
+    /// further than any before.
+    pub fn progressed(&mut self, end: u64, now: Instant) {
+        if self.progress.is_none_or(|(furthest, _)| end > furthest) {
+            self.progress = Some((end, now));
+        }
+    }
+
+    /// Ended utterances that waited longer than `timeout` since their end and since the
+    /// backend's last progress are lost.
     pub fn expire(&mut self, timeout: Duration, now: Instant, out: &mut Vec<Outcome>) {
+        let progress = self.progress.map(|(_, at)| at);
         for u in self.list.iter_mut().filter(|u| !u.done) {
             if u.ended_at
+                .map(|at| progress.map_or(at, |p| p.max(at)))
                 .is_some_and(|at| now.duration_since(at) > timeout)
             {
                 u.done = true;
@@ -216,6 +239,23 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_connection_covers_only_the_utterances_it_carried() {
+        let now = Instant::now();
+        let mut t = Tracker::new(8);
+        let mut out = Vec::new();
+        for (id, s, e) in [(0, 0, 100), (1, 200, 300)] {
+            t.started(id, s, &mut out);
+            t.ended(id, e, now);
+        }
+        t.final_text(0, 100);
+        t.flushed_until(150, &mut out);
+        assert_eq!(ids(&out), ["final"]);
+        assert!(t.waiting(), "1 ended after the cut");
+        t.flushed_until(300, &mut out);
+        assert_eq!(ids(&out), ["final", "empty 1"]);
+    }
+
+    #[test]
     fn a_finalize_answer_covers_the_oldest_waiting_utterance() {
         let now = Instant::now();
         let mut t = Tracker::new(8);
@@ -250,6 +290,25 @@ mod tests {
         assert_eq!(ids(&out), ["lost 0", "lost 1", "lost 2"]);
         t.give_up(&mut out);
         assert_eq!(out.len(), 3, "each loss is counted once");
+    }
+
+    #[test]
+    fn a_lagging_backend_that_keeps_finalizing_earlier_audio_loses_nothing() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        let mut t = Tracker::new(8);
+        let mut out = Vec::new();
+        t.started(0, 0, &mut out);
+        t.ended(0, 16_000, now);
+        // 20 s and 40 s after the end, finals for audio before it: the backend is behind.
+        t.progressed(8_000, now + s(20));
+        t.progressed(12_000, now + s(40));
+        t.expire(s(30), now + s(60), &mut out);
+        assert!(out.is_empty(), "still progressing: {:?}", ids(&out));
+        // The same final again is no progress.
+        t.progressed(12_000, now + s(65));
+        t.expire(s(30), now + s(71), &mut out);
+        assert_eq!(ids(&out), ["lost 0"], "no progress for 31 s");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The connection task of one streaming session: sends audio and control messages, reads
-//! results, reconnects, switches the finalize mode when the backend refuses `Finalize`, and at
-//! the end flushes with `CloseStream` until the flush deadline, accounting for every utterance.
+//! results, reconnects, switches the finalize mode when the backend refuses `Finalize`, cuts the
+//! connection at each utterance end when utterances are isolated (`isolate_utterances`: the
+//! flush is awaited, then a new connection takes the audio from the cut on), and at the end
+//! flushes with `CloseStream` until the flush deadline, accounting for every utterance.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::AtomicU64;
@@ -38,6 +40,14 @@ pub(super) enum In {
     Close {
         deadline: Instant,
     },
+}
+
+/// `isolate_utterances`: ends the connection at an utterance end with `CloseStream`; its flush
+/// covers the utterances it carried (`Worker::on_flushed`).
+async fn cut(c: &mut Conn) -> Result<(), ()> {
+    c.close_sent = true;
+    c.cut_at = Some(c.sent_until);
+    send_text(c, CLOSE_STREAM).await
 }
 
 /// Utterances remembered to attribute results to and account for.
@@ -179,23 +189,34 @@ impl Worker {
         }
     }
 
-    /// Sends everything retained (unacknowledged) on a new connection, then (mode `message`)
-    /// the Finalize of utterances still waiting for their final result.
+    /// Sends everything retained (unacknowledged) on a new connection, then, for utterances
+    /// still waiting for their final result, `Finalize` (mode `message`) or the cut that
+    /// isolates them.
     async fn resend(&mut self, c: &mut Conn) -> Result<(), ()> {
         self.audio.resend(c).await?;
-        if self.track.waiting() && self.ctx.backend.finalize_mode() == FinalizeMode::Message {
-            send_text(c, FINALIZE).await?;
+        if !self.track.waiting() {
+            return Ok(());
         }
-        Ok(())
+        match self.ctx.backend.finalize_mode() {
+            FinalizeMode::Message => send_text(c, FINALIZE).await,
+            _ if self.isolating() => cut(c).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether each utterance gets its own connection (`isolate_utterances` in mode `none`).
+    fn isolating(&self) -> bool {
+        self.cfg.isolate_utterances && self.ctx.backend.finalize_mode() == FinalizeMode::None
     }
 
     async fn input(&mut self, item: In, conn: Option<&mut Conn>) -> Result<(), ()> {
         match item {
             In::Audio(chunk) => {
                 self.audio.push(chunk);
+                // A connection that was sent `CloseStream` takes no more audio.
                 let result = match conn {
-                    Some(c) => self.audio.send(c, self.audio.len() - 1).await,
-                    None => Ok(()),
+                    Some(c) if !c.close_sent => self.audio.send(c, self.audio.len() - 1).await,
+                    _ => Ok(()),
                 };
                 self.trim();
                 result
@@ -212,9 +233,12 @@ impl Worker {
                 self.open = None;
                 self.track.ended(utterance, end, Instant::now());
                 match conn {
+                    // Being cut already: the next connection's resend cuts after this one.
+                    Some(c) if c.close_sent => Ok(()),
                     Some(c) if self.ctx.backend.finalize_mode() == FinalizeMode::Message => {
                         send_text(c, FINALIZE).await
                     }
+                    Some(c) if self.isolating() => cut(c).await,
                     _ => Ok(()),
                 }
             }
@@ -230,8 +254,8 @@ impl Worker {
         self.audio.trim(idle);
     }
 
-    /// A frame from the backend; `Break` when the backend closed normally after `CloseStream`
-    /// (it has flushed everything).
+    /// A frame from the backend; `Break` when the backend closed normally after the session's
+    /// `CloseStream` (it has flushed everything).
     async fn on_frame(
         &mut self,
         frame: Option<Result<Message, WsError>>,
@@ -253,10 +277,7 @@ impl Worker {
         };
         let clean = matches!(code, Some(1000 | 1005));
         if c.close_sent && clean {
-            let mut out = Vec::new();
-            self.track.flushed(&mut out);
-            self.settle(out, "").await;
-            return ControlFlow::Break(());
+            return self.on_flushed(&c, link).await;
         }
         let refused = c.refused_finalize
             || (code.is_some_and(|k| (4000..5000).contains(&k))
@@ -272,6 +293,28 @@ impl Worker {
             None => "connection lost".to_owned(),
         };
         self.retry_later(link, why);
+        ControlFlow::Continue(())
+    }
+
+    /// The backend closed normally after `CloseStream`: what the connection carried is
+    /// covered. After a cut that isolates an utterance, a new connection takes the audio from
+    /// the cut on (at once: audio keeps flowing); `Break` when the session is over and nothing
+    /// is left to send or to wait for.
+    async fn on_flushed(&mut self, c: &Conn, link: &mut Link) -> ControlFlow<()> {
+        let mut out = Vec::new();
+        match c.cut_at {
+            Some(at) => {
+                self.track.flushed_until(at, &mut out);
+                self.audio.acknowledge(at);
+            }
+            None => self.track.flushed(&mut out),
+        }
+        self.settle(out, "").await;
+        let more = self.track.waiting() || self.audio.has_unsent();
+        if c.cut_at.is_none() || (self.flush_by.is_some() && !more) {
+            return ControlFlow::Break(());
+        }
+        self.reconnect(link).await;
         ControlFlow::Continue(())
     }
 
@@ -363,6 +406,7 @@ impl Worker {
         let utterance = self.track.utterance_of(start, end);
         let mut out = Vec::new();
         if r.is_final {
+            self.track.progressed(end, Instant::now());
             self.audio.acknowledge(end);
             if !text.trim().is_empty() {
                 self.track.final_text(start, end);
