@@ -59,7 +59,15 @@ for (let i = 0; i < pcm.length; i += 4800) {
   await sleep(20);
 }
 if (mode === "commit") rt.send({ type: "input_audio_buffer.commit" });
-for (let n = 0; n < 600 && !(committed.length && completed.length >= committed.length); n++) await sleep(100);
+// Done when every commit sent was acknowledged, every committed item completed, and nothing
+// new came for a second (server VAD may still be closing the last turn).
+const commits = mode === "commit" ? 2 : 1;
+const settled = () => committed.length >= commits && completed.length >= committed.length;
+for (let n = 0, quiet = 0; n < 600 && quiet < 10; n++) {
+  const seen = events.length;
+  await sleep(100);
+  quiet = settled() && events.length === seen ? quiet + 1 : 0;
+}
 rt.close();
 console.log(JSON.stringify({ events, committed, completed, errors }));
 process.exit(0);

@@ -68,9 +68,16 @@ async def main():
             await asyncio.sleep(0.02)  # 5x real time
         if mode == "commit":
             await conn.input_audio_buffer.commit()
-        for _ in range(600):  # every committed item completed, within 60 s
+        # Done when every commit sent was acknowledged, every committed item completed, and
+        # nothing new came for a second (server VAD may still be closing the last turn).
+        commits = 2 if mode == "commit" else 1
+        quiet = 0
+        for _ in range(600):
+            seen = len(events)
             await asyncio.sleep(0.1)
-            if committed and len(completed) >= len(committed):
+            settled = len(committed) >= commits and len(completed) >= len(committed)
+            quiet = quiet + 1 if settled and len(events) == seen else 0
+            if quiet >= 10:
                 break
         reader.cancel()
     print(json.dumps({"events": events, "committed": committed, "completed": completed}))
