@@ -14,12 +14,10 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use sha2::Digest;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
-use voxgate::auth::{ApiKey, AuthMode};
-use voxgate::config::{Config, SttBackend, SttConfig, WebhookConfig};
+use voxgate::config::{SttBackend, SttConfig, WebhookConfig};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -176,16 +174,6 @@ async fn a_finalize_with_nothing_open_is_answered_at_once_and_voxgate_clients_ke
     assert_eq!(got.last().unwrap()["type"], "Closed");
 }
 
-fn keyed_config(key: &str) -> Config {
-    let mut cfg = test_config();
-    cfg.auth.mode = AuthMode::Jwt;
-    cfg.auth.api_keys = vec![ApiKey {
-        user: "ann".into(),
-        sha256: hex::encode(sha2::Sha256::digest(key.as_bytes())),
-    }];
-    cfg
-}
-
 /// The refused handshake's status, headers and JSON body.
 fn refused(e: tungstenite::Error) -> (u16, tungstenite::http::HeaderMap, Value) {
     match e {
@@ -281,12 +269,6 @@ async fn endpointing_sets_the_silence_that_ends_an_utterance() {
 }
 
 // ------------------------------------------------------------------ Deepgram's own SDKs
-
-fn tools(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/tools")
-        .join(name)
-}
 
 /// A gateway whose `nova-3` is a real faster-whisper-server; `None` when skipped.
 async fn whisper_gateway() -> Option<(Gateway, fws_support::Fws)> {

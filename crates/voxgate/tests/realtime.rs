@@ -16,12 +16,10 @@ use base64::Engine;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use sha2::Digest;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
-use voxgate::auth::{ApiKey, AuthMode};
-use voxgate::config::{Config, SttBackend, SttConfig};
+use voxgate::config::{SttBackend, SttConfig};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -232,16 +230,6 @@ async fn client_commits_and_malformed_events_get_errors_while_the_session_goes_o
     );
 }
 
-fn keyed_config(key: &str) -> Config {
-    let mut cfg = test_config();
-    cfg.auth.mode = AuthMode::Jwt;
-    cfg.auth.api_keys = vec![ApiKey {
-        user: "ann".into(),
-        sha256: hex::encode(sha2::Sha256::digest(key.as_bytes())),
-    }];
-    cfg
-}
-
 #[tokio::test]
 async fn keys_come_from_the_bearer_header_or_the_browser_subprotocol() {
     let gw = Gateway::start(keyed_config("good")).await;
@@ -262,12 +250,6 @@ async fn keys_come_from_the_bearer_header_or_the_browser_subprotocol() {
 }
 
 // ------------------------------------------------------------------ OpenAI's own SDKs
-
-fn tools(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/tools")
-        .join(name)
-}
 
 /// A self-signed certificate for 127.0.0.1 (cert, key), written to `dir`.
 fn certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {

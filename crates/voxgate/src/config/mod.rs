@@ -152,6 +152,13 @@ impl Config {
         }
     }
 
+    /// The backend a Deepgram or OpenAI client's `model` selects: the one it names (by `name` or
+    /// `aliases`), else the first default one.
+    pub fn stt_for_model(&self, model: &str) -> Option<&SttConfig> {
+        (self.stt.iter().find(|s| s.answers_to(model)))
+            .or_else(|| self.stt.iter().find(|s| s.default))
+    }
+
     /// A `model=` selects one backend: names and aliases are unique across `[[stt]]`.
     fn check_stt_aliases(&self, errors: &mut Vec<String>) {
         let mut seen = HashSet::new();

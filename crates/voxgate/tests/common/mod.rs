@@ -308,6 +308,25 @@ pub fn test_config() -> Config {
     cfg
 }
 
+/// `test_config` with auth on and one API key (`[[auth.api_keys]]`, user `ann`).
+pub fn keyed_config(key: &str) -> Config {
+    use sha2::Digest;
+    let mut cfg = test_config();
+    cfg.auth.mode = voxgate::auth::AuthMode::Jwt;
+    cfg.auth.api_keys = vec![voxgate::auth::ApiKey {
+        user: "ann".into(),
+        sha256: hex::encode(sha2::Sha256::digest(key.as_bytes())),
+    }];
+    cfg
+}
+
+/// Where `scripts/deps` installs third-party programs (`target/tools/NAME`).
+pub fn tools(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/tools")
+        .join(name)
+}
+
 /// Serves `app` on an ephemeral 127.0.0.1 port until the test ends; its address.
 pub async fn serve(app: Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -33,12 +33,7 @@ impl Asked {
         let backend = match get("stt") {
             // voxgate's own `stt=` (first name) wins for clients that know voxgate.
             Some(names) => names.split(',').next().filter(|n| !n.is_empty()),
-            None => cfg
-                .stt
-                .iter()
-                .find(|s| s.answers_to(&model))
-                .or_else(|| cfg.stt.iter().find(|s| s.default))
-                .map(|s| s.name.as_str()),
+            None => cfg.stt_for_model(&model).map(|s| s.name.as_str()),
         }
         .map(str::to_owned);
         let entry = backend

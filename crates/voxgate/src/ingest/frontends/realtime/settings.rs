@@ -92,12 +92,7 @@ impl Settings {
 
     fn select(&mut self, cfg: &Config, model: &str) {
         self.model = model.to_owned();
-        self.backend = cfg
-            .stt
-            .iter()
-            .find(|s| s.answers_to(model))
-            .or_else(|| cfg.stt.iter().find(|s| s.default))
-            .map(|s| s.name.clone());
+        self.backend = cfg.stt_for_model(model).map(|s| s.name.clone());
     }
 
     /// The options the backend's config allows (others are dropped, as OpenAI clients always
