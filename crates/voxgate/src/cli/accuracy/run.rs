@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::corpus::{Feed, Item};
 use crate::config::{SttBackend, SttConfig, SttOptions};
-use crate::fanout::stt::{deepgram, openai};
+use crate::fanout::stt::{deepgram, openai, Registry};
 
 /// Longest wait for a session (or a direct stream) to close after the last message.
 const CLOSE_WAIT: Duration = Duration::from_secs(300);
@@ -64,7 +64,7 @@ pub async fn via_gateway(
 }
 
 /// The backend's own transcript of the item's WAV: one request (openai), or the whole audio
-/// streamed and closed with `CloseStream` (deepgram).
+/// streamed and closed with `CloseStream` (deepgram), or one job (the embedded recognizers).
 pub async fn direct(cfg: &SttConfig, item: &Item, speed: f64) -> anyhow::Result<String> {
     let opts = cfg
         .permit(&SttOptions::default())
@@ -107,7 +107,15 @@ pub async fn direct(cfg: &SttConfig, item: &Item, speed: f64) -> anyhow::Result<
                 .await
                 .context("the backend did not close the stream")??)
         }
-        SttBackend::Pocketsphinx => anyhow::bail!("pocketsphinx has no direct path here"),
+        // Embedded recognizers: the whole WAV as one job (Whisper reads it in 30 s windows).
+        SttBackend::Pocketsphinx | SttBackend::Whisper => {
+            let backends = Registry::new(std::slice::from_ref(cfg)).select(Some(&cfg.name))?;
+            let backend = backends.first().context("no backend")?;
+            let pcm: std::sync::Arc<[i16]> = item.wav.clone().into();
+            Ok(backend
+                .transcribe(&reqwest::Client::new(), &opts, pcm)
+                .await?)
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The configured backends, shared by every session: each one's concurrency limit (a semaphore)
-//! and health, and per-utterance transcription (`openai`, `pocketsphinx`).
+//! and health, and per-utterance transcription (`openai`, and the embedded `pocketsphinx` and
+//! `whisper`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 use super::error::{SttError, UnknownBackend};
+#[cfg(any(feature = "pocketsphinx", feature = "whisper"))]
+use super::local;
 use super::openai;
-#[cfg(feature = "pocketsphinx")]
-use super::pocketsphinx;
 use crate::config::{FinalizeMode, SessionStt, SttBackend, SttConfig, SttOptions};
 use crate::fanout::retry::RetryPolicy;
 
@@ -65,8 +66,9 @@ pub struct Backend {
     health: Health,
     /// `finalize = "auto"`: the backend refused `Finalize` once; `none` from then on.
     refused_finalize: AtomicBool,
-    #[cfg(feature = "pocketsphinx")]
-    sphinx: std::sync::OnceLock<pocketsphinx::Pool>,
+    /// An embedded recognizer's threads, started by the first utterance.
+    #[cfg(any(feature = "pocketsphinx", feature = "whisper"))]
+    local: std::sync::OnceLock<local::Pool>,
 }
 
 /// Outcomes of a backend over all sessions.
@@ -87,8 +89,8 @@ impl Backend {
             cfg: Arc::new(cfg),
             health: Health::default(),
             refused_finalize: AtomicBool::new(false),
-            #[cfg(feature = "pocketsphinx")]
-            sphinx: std::sync::OnceLock::new(),
+            #[cfg(any(feature = "pocketsphinx", feature = "whisper"))]
+            local: std::sync::OnceLock::new(),
         }
     }
 
@@ -176,14 +178,20 @@ impl Backend {
         match self.cfg.backend {
             SttBackend::Openai => openai::transcribe(client, &self.cfg, opts, &pcm).await,
             #[cfg(feature = "pocketsphinx")]
-            SttBackend::Pocketsphinx => {
-                let pool = self
-                    .sphinx
-                    .get_or_init(|| pocketsphinx::Pool::start(&self.cfg));
-                Ok(pool.recognize(&self.cfg, pcm).await?)
-            }
+            SttBackend::Pocketsphinx => self.local::<super::pocketsphinx::Sphinx>(pcm).await,
+            #[cfg(feature = "whisper")]
+            SttBackend::Whisper => self.local::<super::whisper::Whisper>(pcm).await,
             other => Err(SttError::NotPerUtterance(other.as_str())),
         }
+    }
+
+    /// One utterance on this backend's embedded recognizer `E`.
+    #[cfg(any(feature = "pocketsphinx", feature = "whisper"))]
+    async fn local<E: local::Engine>(&self, pcm: Arc<[i16]>) -> Result<String, SttError> {
+        let pool = self
+            .local
+            .get_or_init(|| local::Pool::start::<E>(&self.cfg));
+        Ok(pool.recognize(&self.cfg, pcm).await?)
     }
 }
 

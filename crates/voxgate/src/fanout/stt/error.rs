@@ -25,9 +25,10 @@ pub enum SttError {
     Closed,
     #[error("{0} is not a per-utterance backend")]
     NotPerUtterance(&'static str),
-    #[cfg(feature = "pocketsphinx")]
+    /// An embedded recognizer (PocketSphinx, Whisper) failed.
+    #[cfg(any(feature = "pocketsphinx", feature = "whisper"))]
     #[error(transparent)]
-    Sphinx(#[from] super::pocketsphinx::SphinxError),
+    Local(#[from] super::local::LocalError),
 }
 
 impl SttError {
@@ -42,8 +43,8 @@ impl SttError {
             Self::Transport(_) => "unreachable",
             Self::Closed => "backend closed",
             Self::NotPerUtterance(_) => "not a per-utterance backend",
-            #[cfg(feature = "pocketsphinx")]
-            Self::Sphinx(_) => "decoder failed",
+            #[cfg(any(feature = "pocketsphinx", feature = "whisper"))]
+            Self::Local(_) => "decoder failed",
         }
     }
 }

@@ -2,7 +2,7 @@
 //! `Transcript` events and, optionally, to a transcript webhook.
 //!
 //! Two shapes:
-//! - per utterance (`openai`, `pocketsphinx`): the handle keeps the audio of the open utterance
+//! - per utterance (`openai`, `pocketsphinx`, `whisper`): the handle keeps the audio of the open utterance
 //!   (plus a lookback of the segmenter's pre-roll while idle, because `SpeechStarted` is
 //!   decided after its first samples went by); at `UtteranceEnd` the audio becomes a job for
 //!   the session's worker, which transcribes jobs one after another, so results come back in
@@ -16,12 +16,16 @@ mod backend;
 mod ctx;
 pub mod deepgram;
 mod error;
+#[cfg(any(feature = "pocketsphinx", feature = "whisper"))]
+mod local;
 pub mod lost;
 pub mod openai;
 #[cfg(feature = "pocketsphinx")]
-pub mod pocketsphinx;
+mod pocketsphinx;
 mod poster;
 mod utterance;
+#[cfg(feature = "whisper")]
+pub mod whisper;
 
 use std::sync::Arc;
 
