@@ -164,6 +164,9 @@ fn decode_loop<E: Engine>(rx: &Mutex<Receiver<Job>>, shared: &SharedModel<E>) {
                 }
             }
         }
+        if job.reply.is_closed() {
+            continue; // the caller gave up while the model loaded
+        }
         let d = decoder.as_mut().expect("decoder was just made");
         let _ = job.reply.send(d.decode(&job.pcm));
     }

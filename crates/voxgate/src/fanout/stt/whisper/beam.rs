@@ -129,14 +129,14 @@ mod tests {
     fn a_wider_beam_finds_what_greedy_misses() {
         // Step 1: token 0 (0.6) beats token 1 (0.4). After 0 the end is unlikely and the
         // text wanders (0.3 each); after 1 the end is nearly certain (0.9).
-        let first = vec![lp([0.6, 0.4, 0.0, 0.0])];
+        let first = lp([0.6, 0.4, 0.0, 0.0]);
         let after = |row: &Hypothesis| match row.tokens.first() {
             Some(0) => lp([0.0, 0.35, 0.35, 0.3]),
             _ => lp([0.05, 0.0, 0.05, 0.9]),
         };
         let run = |width: usize| {
             let mut beams = Beams::new(width, EOT);
-            let mut done = beams.step(&vec![first[0].clone(); width], true);
+            let mut done = beams.step(&vec![first.clone(); width], true);
             for _ in 0..3 {
                 if done {
                     break;
