@@ -118,6 +118,11 @@ pub struct SttConfig {
     /// time, more errors). Default 5, as faster-whisper.
     #[serde(default = "default_beam_size")]
     pub beam_size: usize,
+    /// Whisper: encode only the utterance and this many seconds after it, instead of the whole
+    /// 30 s window Whisper was trained on (cheaper for short utterances; see BENCHMARKS.md for
+    /// what it costs in accuracy). Default unset: the whole window.
+    #[serde(default)]
+    pub context_margin_seconds: Option<f64>,
     /// Deepgram: how an utterance's end is made final. `message` sends `{"type":"Finalize"}`
     /// (Deepgram); `none` sends nothing and relies on the backend's own endpointing; `auto`
     /// (default) starts with `message` and switches this backend to `none` for the rest of the
@@ -254,6 +259,7 @@ impl SttConfig {
             dict: None,
             model_dir: None,
             beam_size: default_beam_size(),
+            context_margin_seconds: None,
             finalize: FinalizeMode::default(),
             flush_timeout_ms: default_flush_timeout_ms(),
             final_timeout_ms: default_final_timeout_ms(),
@@ -330,6 +336,11 @@ impl SttConfig {
                 errors.push(format!(
                     "{prefix}.backend: this voxgate was built without the `whisper` cargo feature"
                 ));
+            }
+            if let Some(m) = self.context_margin_seconds {
+                if !(m.is_finite() && (0.0..=30.0).contains(&m)) {
+                    errors.push(format!("{prefix}.context_margin_seconds: must be in [0, 30]"));
+                }
             }
             if !(1..=16).contains(&self.beam_size) {
                 errors.push(format!("{prefix}.beam_size: must be in 1..=16"));

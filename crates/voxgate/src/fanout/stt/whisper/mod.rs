@@ -52,6 +52,8 @@ pub struct Loaded {
     suppress: Vec<f32>,
     suppress_begin: Vec<u32>,
     beam_size: usize,
+    /// `Some(margin)`: the encoder sees the utterance and `margin` seconds after it, not 30 s.
+    context_seconds: Option<f64>,
 }
 
 /// One thread's decoder.
@@ -122,6 +124,7 @@ impl Engine for Whisper {
             suppress,
             suppress_begin: extra.suppress_ids_begin,
             beam_size: cfg.beam_size,
+            context_seconds: cfg.context_margin_seconds,
         })
     }
 
@@ -151,7 +154,19 @@ impl Whisper {
         let shared = self.shared.clone();
         let v = &shared.vocab;
         let n_mels = self.model.config.num_mel_bins;
-        let mel = Tensor::from_vec(shared.mel.window(pcm), (1, n_mels, N_FRAMES), &Device::Cpu)?;
+        let mut mel = shared.mel.window(pcm);
+        let frames = match shared.context_seconds {
+            // The utterance and the margin after it, in whole encoder positions (2 frames).
+            Some(margin) => {
+                let f = (pcm.len() as f64 / 160.0 + margin * 100.0).ceil() as usize;
+                (f.div_ceil(2) * 2).min(N_FRAMES)
+            }
+            None => N_FRAMES,
+        };
+        if frames < N_FRAMES {
+            mel = mel.chunks_exact(N_FRAMES).flat_map(|band| &band[..frames]).copied().collect();
+        }
+        let mel = Tensor::from_vec(mel, (1, n_mels, frames), &Device::Cpu)?;
         let audio = self.model.encoder.forward(&mel, true)?;
         let mut beams = Beams::new(shared.beam_size, v.eot);
         let audio = Tensor::cat(&vec![&audio; beams.live.len()], 0)?;
