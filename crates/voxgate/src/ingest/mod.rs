@@ -37,7 +37,7 @@ use self::client::ClientIo;
 use self::driver::Connection;
 use self::frontends::{deepgram, listen::Listen, realtime, Accept, Frontend};
 use self::refusal::refuse;
-use self::request::{ConnectRequest, Endpoint};
+use self::request::{Carrier, ConnectRequest, Endpoint};
 use crate::auth::bearer;
 use crate::shared::Shared;
 
@@ -46,7 +46,14 @@ pub const WS_READ_BUFFER: usize = 4096;
 
 /// The ingest routes.
 pub fn routes() -> Router<Arc<Shared>> {
-    Router::new()
+    let mut router = Router::new();
+    for carrier in Carrier::WEBSOCKET {
+        router = router.route(
+            &format!("/v1/{}", carrier.as_str()),
+            get(move |r: IngestRequest| async move { upgrade(Endpoint::Carrier(carrier), r) }),
+        );
+    }
+    router
         .route(
             "/v1/listen",
             get(|r: IngestRequest| async { upgrade(Endpoint::Listen, r) }),
@@ -124,6 +131,14 @@ fn upgrade(endpoint: Endpoint, request: IngestRequest) -> Response {
     }
     let token = bearer(&headers).or_else(|| query.get("token").cloned());
     let req = ConnectRequest::parse(endpoint, peer, token, query);
+    // jambonz and mod_audio_fork offer their own subprotocol and expect it echoed.
+    let ws = match endpoint {
+        Endpoint::Carrier(c) => match frontends::carrier::l16::subprotocol(c) {
+            Some(protocol) => ws.protocols([protocol]),
+            None => ws,
+        },
+        _ => ws,
+    };
     ws.on_upgrade(move |socket| {
         let tracker = shared.tracker.clone();
         tracker.track_future(serve_connection(shared, socket, req, Built::None))
@@ -166,6 +181,9 @@ async fn serve_connection(
             frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await
         }
         (Built::None, Endpoint::Omi) => frontends::omi::accept(&shared.cfg, req),
+        (Built::None, Endpoint::Carrier(carrier)) => {
+            frontends::carrier::accept(&shared, &mut sink, &mut stream, req, carrier).await
+        }
     };
     let (req, mut frontend) = match accepted {
         Accept::Session(req, frontend) => (req, frontend),
