@@ -384,3 +384,75 @@ async fn freeswitch_audio_fork_l16_calls() {
     let meta = r#"{"event":"metadata","uuid":"fs-1","caller":"1000"}"#;
     l16_calls(Carrier::AudioFork, Some("audio.drachtio.org"), meta).await;
 }
+
+/// One AudioSocket frame: kind, big-endian u16 length, payload (docs.asterisk.org AudioSocket
+/// protocol; CyCoreSystems/audiosocket `message.go`).
+fn audiosocket_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![kind];
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Sends an AudioSocket call: the UUID, `frames` 20 ms slin16 (kind 0x12) frames of the corpus
+/// sentence with a DTMF after the 5th, then `end` (a hangup, or an oversized header); returns
+/// what the server wrote back before closing.
+async fn audiosocket_call(
+    addr: &str,
+    uuid: uuid::Uuid,
+    frames: Option<usize>,
+    end: Vec<u8>,
+) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_, samples) = device::read_wav(&corpus("source/short.wav")).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut out = audiosocket_frame(0x01, uuid.as_bytes());
+    let chunks: Vec<_> = samples.chunks(320).collect();
+    for (i, chunk) in chunks
+        .iter()
+        .take(frames.unwrap_or(chunks.len()))
+        .enumerate()
+    {
+        let pcm: Vec<u8> = chunk.iter().flat_map(|s| s.to_le_bytes()).collect();
+        out.extend(audiosocket_frame(0x12, &pcm));
+        if i == 5 {
+            out.extend(audiosocket_frame(0x03, b"4"));
+        }
+    }
+    out.extend(end);
+    tcp.write_all(&out).await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_audiosocket_calls_and_an_oversized_frame() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let rx = Receiver::start(Mode::Ok).await;
+    let mut cfg = test_config();
+    cfg.webhooks
+        .push(WebhookConfig::new("calls", &rx.url("calls"), Some(5.0)));
+    cfg.carriers.audiosocket_listen = Some(addr.clone());
+    let _gw = Gateway::start(cfg).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    // Call A sends 30 frames, then a header announcing 60,000 bytes (over the 8,192 cap).
+    let oversized = vec![0x10, 0xEA, 0x60];
+    let (back_a, back_b) = tokio::join!(
+        audiosocket_call(&addr, a, Some(30), oversized),
+        audiosocket_call(&addr, b, None, audiosocket_frame(0x00, &[]))
+    );
+    assert_eq!(back_a, [0, 0, 0], "the oversized call is hung up");
+    assert_eq!(back_b, [0, 0, 0], "the hangup is answered with a hangup");
+    assert_eq!(samples_of(&rx, &a.to_string(), 9_600).await, 9_600);
+    assert_eq!(
+        samples_of(&rx, &b.to_string(), SHORT_16K_WAV).await,
+        SHORT_16K_WAV
+    );
+}

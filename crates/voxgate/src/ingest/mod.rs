@@ -7,6 +7,7 @@
 //! `fanout::registry` (`Consumers`) → each consumer's own bounded queue and worker.
 
 pub mod admission;
+pub mod audiosocket;
 pub mod client;
 pub mod driver;
 pub mod frontends;
@@ -185,6 +186,16 @@ async fn serve_connection(
             frontends::carrier::accept(&shared, &mut sink, &mut stream, req, carrier).await
         }
     };
+    run_accepted(shared, sink, stream, accepted).await;
+}
+
+/// What a frontend accepted: refused, or prepared and driven to its end.
+async fn run_accepted(
+    shared: Arc<Shared>,
+    sink: client::WsSink,
+    stream: client::WsStream,
+    accepted: Accept,
+) {
     let (req, mut frontend) = match accepted {
         Accept::Session(req, frontend) => (req, frontend),
         Accept::Refuse(req, refusal) => return refuse(sink, stream, req.peer, refusal, None).await,

@@ -1,8 +1,10 @@
 //! Phone carriers and PBXs besides Twilio, by protocol family: `json` (SignalWire, Telnyx,
 //! Plivo, Exotel: JSON events with base64 audio, one table row each in `spec`) and `l16`
-//! (Vonage, jambonz, FreeSWITCH audio fork: a JSON description, then binary L16); what they
+//! (Vonage, jambonz, FreeSWITCH audio fork: a JSON description, then binary L16), and Asterisk's
+//! `audiosocket` (type/length frames over TCP); what they
 //! share is in `call`.
 
+pub mod audiosocket;
 pub mod call;
 pub mod json;
 pub mod l16;
