@@ -55,6 +55,12 @@ pub async fn run(
         draining.ready.store(false, Ordering::SeqCst);
         info!("shutdown: no longer accepting; flushing sessions");
     });
+    if let Some(audiosocket) = crate::ingest::audiosocket::bind(&shared).await? {
+        tokio::spawn(crate::ingest::audiosocket::serve(
+            audiosocket,
+            shared.clone(),
+        ));
+    }
     crate::serve::serve(listener, router(shared.clone()), opts, shutdown).await;
     shared.tracker.close();
     if tokio::time::timeout(grace, shared.tracker.wait())

@@ -41,6 +41,7 @@ pub const CONNECTIONS_REFUSED: &str = "voxgate_connections_refused_total";
 pub const PACED: &str = "voxgate_paced_total";
 pub const LOG_LINES_SUPPRESSED: &str = "voxgate_log_lines_suppressed_total";
 pub const LOG_LINES_DROPPED: &str = "voxgate_log_lines_dropped_total";
+pub const CARRIER_FRAMES: &str = "voxgate_carrier_frames_total";
 
 /// Consumer kinds (the `consumer` label).
 pub const CONSUMER_KINDS: [&str; 4] = ["webhook", "subscriber", "stt", "bus"];
@@ -114,6 +115,10 @@ fn describe() {
     describe_counter!(BYTES_IN, "Bytes of audio messages received");
     describe_counter!(CLOSES, "Sessions closed, by WebSocket close code");
     describe_counter!(CLIENT_ERRORS, "Error events sent to clients, by code");
+    describe_counter!(
+        CARRIER_FRAMES,
+        "Carrier media frames out of order, by carrier and outcome: reordered (held, then placed), lost (given up, filled with silence), late (dropped)"
+    );
     describe_gauge!(SUBSCRIBERS_ACTIVE, "Realtime subscribers connected");
     describe_counter!(
         STT_REQUESTS,

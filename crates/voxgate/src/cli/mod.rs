@@ -1,6 +1,7 @@
 //! Subcommands besides `serve`.
 
 pub mod accuracy;
+pub mod carrier;
 pub mod decode;
 pub mod deliver;
 pub mod device;

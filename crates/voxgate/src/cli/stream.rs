@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::index;
@@ -40,18 +41,26 @@ pub struct StreamArgs {
     /// Telephony simulator: send the WAV FILE (8 or 16 kHz) as a Twilio Media Stream of mu-law.
     #[arg(long, conflicts_with = "encoding")]
     pub twilio: bool,
+    /// Carrier simulator: send the WAV FILE (8 or 16 kHz) as a call in this carrier's framing
+    /// (`signalwire`, `telnyx`, `plivo`, `exotel`, `vonage`, `jambonz`, `audio_fork`), to the
+    /// URL's path, or `/v1/<carrier>` when the URL has none.
+    #[arg(long, conflicts_with_all = ["encoding", "twilio"])]
+    pub carrier: Option<String>,
     /// Twilio customParameters, `key=value` (repeatable), e.g. `consumers=app1`.
     #[arg(long = "param")]
     pub params: Vec<String>,
     /// Open a resumable session: if the connection drops, reconnect with the resume token and
     /// resend from the last acknowledged byte (up to 10 attempts).
-    #[arg(long, conflicts_with = "twilio")]
+    #[arg(long, conflicts_with_all = ["twilio", "carrier"])]
     pub resumable: bool,
 }
 
 /// The messages to send with their send times in ms, and the final URL.
 pub fn plan(args: &StreamArgs) -> anyhow::Result<(String, Vec<(f64, Message)>)> {
     let mut url = url::Url::parse(&args.url)?;
+    if let Some(name) = &args.carrier {
+        return carrier_plan(args, name, url);
+    }
     if args.twilio {
         let (rate, samples) = super::device::read_wav(&args.file)?;
         let mulaw = super::device::to_mulaw_8k(rate, &samples)?;
@@ -122,6 +131,38 @@ pub fn plan(args: &StreamArgs) -> anyhow::Result<(String, Vec<(f64, Message)>)> 
     Ok((url.to_string(), timed))
 }
 
+/// A carrier simulator's messages: the URL's path becomes `/v1/<carrier>` unless it names one.
+fn carrier_plan(
+    args: &StreamArgs,
+    name: &str,
+    mut url: url::Url,
+) -> anyhow::Result<(String, Vec<(f64, Message)>)> {
+    let carrier = super::carrier::carrier_named(name)?;
+    let (rate, samples) = super::device::read_wav(&args.file)?;
+    let params: Vec<(String, String)> = args
+        .params
+        .iter()
+        .filter_map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    let call = super::carrier::call(carrier, rate, &samples, &params)?;
+    if url.path() == "/" || url.path().is_empty() {
+        url.set_path(&format!("/v1/{}", carrier.as_str()));
+    }
+    let timed = call
+        .frames
+        .into_iter()
+        .map(|t| {
+            let msg = match t.frame {
+                super::carrier::Frame::Text(s) => Message::Text(s.into()),
+                super::carrier::Frame::Binary(b) => Message::Binary(b.into()),
+                super::carrier::Frame::Close => Message::Close(None),
+            };
+            (t.at_ms, msg)
+        })
+        .collect();
+    Ok((url.to_string(), timed))
+}
+
 /// Bytes per 100 ms for a raw-audio URL, when the query says enough.
 fn raw_chunk(url: &str) -> Option<usize> {
     let parsed = url::Url::parse(url).ok()?;
@@ -143,8 +184,18 @@ pub async fn run(args: &StreamArgs) -> anyhow::Result<i32> {
         return run_resumable(args).await;
     }
     let (url, timed) = plan(args)?;
-    let twilio = args.twilio;
-    let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    // Telephony streams end with their own stop message, not voxgate's CloseStream.
+    let twilio = args.twilio || args.carrier.is_some();
+    let mut request = url.as_str().into_client_request()?;
+    let carrier = args.carrier.as_deref().map(super::carrier::carrier_named);
+    if let Some(Ok(c)) = carrier {
+        if let Some(p) = crate::ingest::frontends::carrier::l16::subprotocol(c) {
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", p.parse()?);
+        }
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(request).await?;
     let (mut tx, mut rx) = ws.split();
     let speed = args.speed;
     let sender = async move {

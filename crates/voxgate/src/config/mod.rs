@@ -8,6 +8,7 @@
 //! `memory` derives the per-session memory bound from the whole tree.
 
 mod bus;
+mod carriers;
 mod deepgram;
 mod gap_fill;
 mod hook;
@@ -31,6 +32,7 @@ use voxgate_media::Limits;
 use voxgate_session::SegmenterConfig;
 
 pub use bus::{BusConfig, MAX_BATCH_SECONDS};
+pub use carriers::CarriersConfig;
 pub use deepgram::{DeepgramConfig, Dialect};
 pub use gap_fill::GapFillConfig;
 pub use hook::OnConnectConfig;
@@ -83,6 +85,8 @@ pub struct Config {
     pub deepgram: DeepgramConfig,
     /// OpenAI's Realtime API (transcription) on `/v1/realtime`.
     pub realtime: RealtimeConfig,
+    /// Phone carriers and PBXs besides Twilio (`/v1/<carrier>`, the AudioSocket listener).
+    pub carriers: CarriersConfig,
 }
 
 /// Every problem found in a configuration.
@@ -144,6 +148,7 @@ impl Config {
         self.twilio.validate(&mut errors);
         self.deepgram.validate(&mut errors);
         self.realtime.validate(&mut errors);
+        self.carriers.validate(&mut errors);
         self.check_stt_aliases(&mut errors);
         if errors.is_empty() {
             Ok(())

@@ -7,6 +7,7 @@
 //! `fanout::registry` (`Consumers`) → each consumer's own bounded queue and worker.
 
 pub mod admission;
+pub mod audiosocket;
 pub mod client;
 pub mod driver;
 pub mod frontends;
@@ -37,7 +38,7 @@ use self::client::ClientIo;
 use self::driver::Connection;
 use self::frontends::{deepgram, listen::Listen, realtime, Accept, Frontend};
 use self::refusal::refuse;
-use self::request::{ConnectRequest, Endpoint};
+use self::request::{Carrier, ConnectRequest, Endpoint};
 use crate::auth::bearer;
 use crate::shared::Shared;
 
@@ -46,7 +47,14 @@ pub const WS_READ_BUFFER: usize = 4096;
 
 /// The ingest routes.
 pub fn routes() -> Router<Arc<Shared>> {
-    Router::new()
+    let mut router = Router::new();
+    for carrier in Carrier::WEBSOCKET {
+        router = router.route(
+            &format!("/v1/{}", carrier.as_str()),
+            get(move |r: IngestRequest| async move { upgrade(Endpoint::Carrier(carrier), r) }),
+        );
+    }
+    router
         .route(
             "/v1/listen",
             get(|r: IngestRequest| async { upgrade(Endpoint::Listen, r) }),
@@ -124,6 +132,14 @@ fn upgrade(endpoint: Endpoint, request: IngestRequest) -> Response {
     }
     let token = bearer(&headers).or_else(|| query.get("token").cloned());
     let req = ConnectRequest::parse(endpoint, peer, token, query);
+    // jambonz and mod_audio_fork offer their own subprotocol and expect it echoed.
+    let ws = match endpoint {
+        Endpoint::Carrier(c) => match frontends::carrier::l16::subprotocol(c) {
+            Some(protocol) => ws.protocols([protocol]),
+            None => ws,
+        },
+        _ => ws,
+    };
     ws.on_upgrade(move |socket| {
         let tracker = shared.tracker.clone();
         tracker.track_future(serve_connection(shared, socket, req, Built::None))
@@ -166,7 +182,20 @@ async fn serve_connection(
             frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await
         }
         (Built::None, Endpoint::Omi) => frontends::omi::accept(&shared.cfg, req),
+        (Built::None, Endpoint::Carrier(carrier)) => {
+            frontends::carrier::accept(&shared, &mut sink, &mut stream, req, carrier).await
+        }
     };
+    run_accepted(shared, sink, stream, accepted).await;
+}
+
+/// What a frontend accepted: refused, or prepared and driven to its end.
+async fn run_accepted(
+    shared: Arc<Shared>,
+    sink: client::WsSink,
+    stream: client::WsStream,
+    accepted: Accept,
+) {
     let (req, mut frontend) = match accepted {
         Accept::Session(req, frontend) => (req, frontend),
         Accept::Refuse(req, refusal) => return refuse(sink, stream, req.peer, refusal, None).await,

@@ -21,6 +21,56 @@ pub enum Endpoint {
     Deepgram,
     /// `/v1/realtime`: OpenAI's Realtime API in transcription mode.
     Realtime,
+    /// A phone carrier's or PBX's media stream (`/v1/<carrier>`, or the AudioSocket listener).
+    Carrier(Carrier),
+}
+
+/// The phone carriers and PBXs voxgate takes call audio from besides Twilio (a closed set;
+/// `as_str` is the metric label, the hook's `endpoint` and the path under `/v1/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// SignalWire `<Stream>`: Twilio-compatible JSON, mu-law 8 kHz.
+    SignalWire,
+    /// Telnyx media streaming: JSON, PCMU or PCMA 8 kHz, frames possibly out of order.
+    Telnyx,
+    /// Plivo audio streams: JSON, mu-law 8 kHz.
+    Plivo,
+    /// Exotel AgentStream/Voicebot: snake_case JSON, base64 PCM16 LE 8 kHz.
+    Exotel,
+    /// Vonage Voice API WebSocket: a JSON `websocket:connected`, then binary L16.
+    Vonage,
+    /// jambonz `listen`: subprotocol `audio.jambonz.org`, a JSON metadata message, binary L16.
+    Jambonz,
+    /// FreeSWITCH `mod_audio_fork`: subprotocol `audio.drachtio.org`, binary L16.
+    AudioFork,
+    /// Asterisk AudioSocket over TCP (its own listener).
+    AudioSocket,
+}
+
+impl Carrier {
+    /// Every carrier served on a WebSocket path (AudioSocket has its own TCP listener).
+    pub const WEBSOCKET: [Carrier; 7] = [
+        Self::SignalWire,
+        Self::Telnyx,
+        Self::Plivo,
+        Self::Exotel,
+        Self::Vonage,
+        Self::Jambonz,
+        Self::AudioFork,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SignalWire => "signalwire",
+            Self::Telnyx => "telnyx",
+            Self::Plivo => "plivo",
+            Self::Exotel => "exotel",
+            Self::Vonage => "vonage",
+            Self::Jambonz => "jambonz",
+            Self::AudioFork => "audio_fork",
+            Self::AudioSocket => "audiosocket",
+        }
+    }
 }
 
 impl Endpoint {
@@ -31,6 +81,7 @@ impl Endpoint {
             Self::Omi => "omi",
             Self::Deepgram => "deepgram",
             Self::Realtime => "realtime",
+            Self::Carrier(c) => c.as_str(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! socket messages into session actions and renders session events for its client. The ingest
 //! core (admission, plan, driver) never knows which frontend it serves.
 
+pub mod carrier;
 pub mod deepgram;
 pub mod listen;
 pub mod omi;

@@ -5,31 +5,21 @@
 use axum::extract::ws::Message;
 use base64::Engine;
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use metrics::counter;
-use tokio::time::Instant;
-use tracing::{debug, warn};
 use voxgate_session::{ClientControl, ServerEvent, MAX_GAP_SAMPLES};
 
+use super::carrier::start::{self, BeforeStart, StartLimits};
 use super::{Accept, Action, Frontend};
 use crate::fanout::subscribers::Hub;
-use crate::ingest::admission::{self, Admitted};
+use crate::ingest::admission::Admitted;
 use crate::ingest::client::{WsSink, WsStream};
 use crate::ingest::refusal::{Refusal, RefuseReason};
 use crate::ingest::request::{valid_session_id, ConnectRequest};
 use crate::metrics as m;
 use crate::shared::Shared;
 
-/// A warning for the client before `start`, counted; logged at warn once per connection (then
-/// at debug, so a client cannot flood the log).
 fn warning(code: &str, message: String, loud: bool) -> Message {
-    counter!(m::CLIENT_ERRORS, "code" => code.to_owned()).increment(1);
-    if loud {
-        warn!(code, %message, "twilio stream (further warnings of this stream at debug)");
-    } else {
-        debug!(code, %message, "twilio stream");
-    }
-    Message::Text(ServerEvent::warning(code, message).to_json().into())
+    start::warning("twilio", code, message, loud)
 }
 
 /// Admits the connection as any other before `start` (per-IP rate, permit and, when the URL
@@ -41,21 +31,24 @@ pub async fn accept(
     stream: &mut WsStream,
     mut req: ConnectRequest,
 ) -> Accept {
-    let mut admitted = match admit_connect(shared, &req) {
+    let mut admitted = match start::admit_connect(shared, &req) {
         Ok(a) => a,
         Err(refusal) => return Accept::Refuse(req, refusal),
     };
-    let start = match wait_for_start(shared, sink, stream).await {
+    let limits = StartLimits {
+        timeout: shared.cfg.twilio.start_timeout(),
+        max_messages: shared.cfg.twilio.max_messages_before_start,
+        section: "twilio",
+        what: "start event",
+    };
+    let start = match start::wait_for_start(shared, sink, stream, &limits, before_start).await {
         Ok(Some(start)) => start,
         Ok(None) => return Accept::Done,
         Err(refusal) => return Accept::Refuse(req, refusal),
     };
-    if admitted.principal.is_none() && shared.auth.required() {
-        req.token = req.token.or_else(|| start.custom.get("token").cloned());
-        match shared.auth.verify(req.token.as_deref()) {
-            Ok(principal) => admitted.principal = principal,
-            Err(why) => return Accept::Refuse(req, Refusal::new(RefuseReason::Unauthorized, why)),
-        }
+    let token = start.custom.get("token").cloned();
+    if let Err(refusal) = start::check_token(shared, &mut admitted, &mut req, token) {
+        return Accept::Refuse(req, refusal);
     }
     for (k, v) in &start.custom {
         if matches!(k.as_str(), "consumers" | "uid" | "session_id") {
@@ -74,94 +67,9 @@ pub async fn accept(
     Accept::Session(typed, Box::new(twilio))
 }
 
-/// The admission of a connection whose token may only come with `start`: with a token in the
-/// URL (or auth off) the whole `admission::admit`; otherwise its other checks (shutdown, per-IP
-/// rate, session permit) now, and the token at `start`.
-fn admit_connect(shared: &Shared, req: &ConnectRequest) -> Result<Admitted, Refusal> {
-    if req.token.is_some() || !shared.auth.required() {
-        return admission::admit(shared, req);
-    }
-    admission::open(shared)?;
-    admission::rate(shared, req)?;
-    Ok(Admitted {
-        principal: None,
-        permit: admission::permit(shared)?,
-    })
-}
-
-/// Reads until `start`: `Ok(None)` when the client left (or stopped) first. Refused when
-/// `start` does not come within the deadline (from the connect; messages do not extend it),
-/// when more than `twilio.max_messages_before_start` messages come first, or at shutdown.
-async fn wait_for_start(
-    shared: &Shared,
-    sink: &mut WsSink,
-    stream: &mut WsStream,
-) -> Result<Option<TwilioStart>, Refusal> {
-    let limits = &shared.cfg.twilio;
-    let deadline = Instant::now() + limits.start_timeout();
-    let mut seen = 0u32;
-    loop {
-        let next = tokio::select! {
-            () = shared.shutdown.cancelled() => return Err(Refusal::new(
-                RefuseReason::ShuttingDown,
-                "server is shutting down; retry on another instance",
-            )),
-            next = tokio::time::timeout_at(deadline, stream.next()) => next,
-        };
-        let msg = match next {
-            Ok(Some(Ok(msg))) => msg,
-            Ok(_) => return Ok(None),
-            Err(_) => {
-                return Err(Refusal::new(
-                    RefuseReason::StartTimeout,
-                    format!(
-                        "no start event within {} s of the connect (twilio.start_timeout_seconds)",
-                        limits.start_timeout_seconds
-                    ),
-                ))
-            }
-        };
-        seen += 1;
-        if seen > limits.max_messages_before_start {
-            return Err(Refusal::new(
-                RefuseReason::MessageFlood,
-                format!(
-                    "more than {} messages before start (twilio.max_messages_before_start)",
-                    limits.max_messages_before_start
-                ),
-            ));
-        }
-        let (step, reply) = before_start(msg, seen == 1);
-        if let Some(reply) = reply {
-            // A client that does not read cannot hold the task past the deadline.
-            if !matches!(
-                tokio::time::timeout_at(deadline, sink.send(reply)).await,
-                Ok(Ok(()))
-            ) {
-                return Ok(None);
-            }
-        }
-        match step {
-            BeforeStart::Wait => {}
-            BeforeStart::Started(start) => return start.map(Some),
-            BeforeStart::Left => return Ok(None),
-        }
-    }
-}
-
-/// What a message before `start` means.
-enum BeforeStart {
-    /// Keep waiting.
-    Wait,
-    /// `start` arrived (or was refused).
-    Started(Result<TwilioStart, Refusal>),
-    /// The client closed or stopped.
-    Left,
-}
-
 /// Handles one message before `start`, with the warning (if any) to send back; `loud`: log
 /// the warning at warn level.
-fn before_start(msg: Message, loud: bool) -> (BeforeStart, Option<Message>) {
+fn before_start(msg: Message, loud: bool) -> (BeforeStart<TwilioStart>, Option<Message>) {
     let text = match msg {
         Message::Text(t) => t,
         Message::Close(_) => return (BeforeStart::Left, None),
