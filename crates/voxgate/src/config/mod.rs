@@ -15,6 +15,7 @@ mod memory;
 mod omi;
 mod outbound;
 mod realtime;
+mod recording;
 mod server;
 mod stt;
 mod twilio;
@@ -38,6 +39,7 @@ pub use memory::{CONNECTION_BYTES, MAX_REQUEST_HEAD_BYTES};
 pub use omi::OmiConfig;
 pub use outbound::Retry;
 pub use realtime::RealtimeConfig;
+pub use recording::RecordingConfig;
 pub use server::{MediaConfig, SegmentConfig, ServerConfig, SubscriberConfig};
 pub use stt::{FinalizeMode, SessionStt, SttBackend, SttConfig, SttOptions, MAX_PROMPT_CHARS};
 pub use twilio::TwilioConfig;
@@ -83,6 +85,8 @@ pub struct Config {
     pub deepgram: DeepgramConfig,
     /// OpenAI's Realtime API (transcription) on `/v1/realtime`.
     pub realtime: RealtimeConfig,
+    /// The recorder: session audio and events to object storage. Off unless asked for.
+    pub recording: RecordingConfig,
 }
 
 /// Every problem found in a configuration.
@@ -145,6 +149,7 @@ impl Config {
         self.deepgram.validate(&mut errors);
         self.realtime.validate(&mut errors);
         self.check_stt_aliases(&mut errors);
+        self.recording.validate(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {

@@ -6,6 +6,8 @@
 pub mod deepgram;
 pub mod listen;
 pub mod omi;
+mod omi_consumers;
+pub mod omi_timeline;
 pub mod realtime;
 pub mod twilio;
 
