@@ -24,11 +24,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/v1/sessions/{id}/recording",
-            get(crate::recording::http::wav),
+            get(crate::recording_http::wav),
         )
         .route(
             "/v1/sessions/{id}/recording/events",
-            get(crate::recording::http::events),
+            get(crate::recording_http::events),
         )
         .with_state(shared)
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod recording;
+pub mod recording_http;
 pub mod serve;
 pub mod sessions;
 pub mod shared;

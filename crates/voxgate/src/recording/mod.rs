@@ -1,6 +1,6 @@
 //! Recordings in object storage: where a session's audio and events live (`layout`), opening
 //! the configured store (`open`), and reading a recording back as one WAV by streaming its
-//! chunks (`assemble`), for the HTTP endpoint (`http`) and `voxgate recording`. The recorder
+//! chunks (`assemble`), for the HTTP endpoint (`recording_http`) and `voxgate recording`. The recorder
 //! consumer that writes them is `fanout::recorder`.
 //!
 //! Layout under the store URL's prefix, per session (`owner` is the token's user, `_` without
@@ -14,7 +14,6 @@
 //! - `{owner}/{session}/summary.json`: written at close (close code, samples, what was lost).
 
 pub mod assemble;
-pub mod http;
 pub mod layout;
 
 use std::sync::Arc;

@@ -2,7 +2,8 @@
 //! `GET /v1/sessions/{id}/recording/events` (JSON lines, then the summary). Tokens as for
 //! subscribing (`Authorization: Bearer` or `?token=`): a token reads its own user's
 //! recordings, and those its `sid`/`sessions` name in its grant owner's namespace. Unknown and
-//! forbidden recordings get the same 404.
+//! forbidden recordings get the same 404. (Beside `recording`, which the fan-out layer uses:
+//! this module needs `Shared`.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,11 +15,11 @@ use axum::response::{IntoResponse, Response};
 use metrics::counter;
 use tracing::warn;
 
-use super::assemble::{self, FetchError};
-use super::layout::SessionKeys;
-use super::Store;
 use crate::auth::bearer;
 use crate::metrics::RECORDING_FETCHES;
+use crate::recording::assemble::{self, FetchError};
+use crate::recording::layout::SessionKeys;
+use crate::recording::Store;
 use crate::shared::Shared;
 
 /// What a fetch asks for.
