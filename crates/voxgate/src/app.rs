@@ -22,6 +22,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/sessions/{id}/subscribe",
             get(crate::subscribe::subscribe),
         )
+        .route(
+            "/v1/sessions/{id}/recording",
+            get(crate::recording_http::wav),
+        )
+        .route(
+            "/v1/sessions/{id}/recording/events",
+            get(crate::recording_http::events),
+        )
         .with_state(shared)
 }
 

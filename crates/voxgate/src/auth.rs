@@ -193,6 +193,9 @@ struct TokenClaims {
     /// `keyterms`), checked against each backend's allow-lists.
     #[serde(default)]
     stt: Option<crate::stt_options::SttOptions>,
+    /// Whether the token's sessions are recorded (absent: the hook's or the config's choice).
+    #[serde(default)]
+    record: Option<bool>,
 }
 
 /// A verified caller.
@@ -206,6 +209,8 @@ pub struct Principal {
     pub consumers: Option<Vec<String>>,
     /// The token's speech-to-text options claim (`stt`).
     pub stt: Option<crate::stt_options::SttOptions>,
+    /// The token's recording claim (`record`).
+    pub record: Option<bool>,
 }
 
 impl Principal {
@@ -302,10 +307,10 @@ impl Authenticator {
         for (key, validation) in &self.keys {
             match decode::<TokenClaims>(token, key, validation) {
                 Ok(data) => {
-                    let stt = data.claims.stt;
+                    let (stt, record) = (data.claims.stt, data.claims.record);
                     return self
                         .admit_claims(data.claims.base)
-                        .map(|p| Some(Principal { stt, ..p }));
+                        .map(|p| Some(Principal { stt, record, ..p }));
                 }
                 Err(e) => last = e.to_string(),
             }
@@ -345,6 +350,7 @@ impl Authenticator {
             owner: c.owner,
             consumers: c.consumers,
             stt: None,
+            record: None,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! - `ingest`: an upgraded socket → frontend → `ConnectRequest` → prepared session → `Connection`;
 //! - `fanout`: the consumers a session fans out to, each with its bounded queue;
 //! - `bus`: the NATS JetStream publisher and the `voxgate deliver` worker;
+//! - `recording`: recordings in object storage (layout, store, reading one back as a WAV);
 //! - `app`, `admin`, `subscribe`, `shared`, `shutdown`: the process around them;
 //! - `cli`: the subcommands besides `serve`.
 
@@ -20,6 +21,8 @@ pub mod ingest;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod recording;
+pub mod recording_http;
 pub mod serve;
 pub mod sessions;
 pub mod shared;

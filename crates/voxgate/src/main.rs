@@ -38,6 +38,8 @@ enum Command {
     Deliver(cli::deliver::DeliverArgs),
     /// Word error rate of each speech-to-text backend through the gateway vs on the WAV.
     Accuracy(cli::accuracy::AccuracyArgs),
+    /// A recorded session from the store as one WAV (and its events as JSON lines).
+    Recording(cli::recording::RecordingArgs),
 }
 
 /// Logs go to stderr through a bounded, lossy, non-blocking writer: when nobody drains stderr
@@ -82,6 +84,9 @@ fn main() -> ExitCode {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => fail("accuracy", e, ExitCode::FAILURE),
         },
+        Command::Recording(args) => {
+            print_json("recording", runtime().block_on(cli::recording::run(&args)))
+        }
     }
 }
 

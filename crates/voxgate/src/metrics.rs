@@ -42,9 +42,13 @@ pub const PACED: &str = "voxgate_paced_total";
 pub const LOG_LINES_SUPPRESSED: &str = "voxgate_log_lines_suppressed_total";
 pub const LOG_LINES_DROPPED: &str = "voxgate_log_lines_dropped_total";
 pub const CARRIER_FRAMES: &str = "voxgate_carrier_frames_total";
+pub const RECORDING_WRITES: &str = "voxgate_recording_writes_total";
+pub const RECORDING_EVENTS_DROPPED: &str = "voxgate_recording_events_dropped_total";
+pub const RECORDING_FETCHES: &str = "voxgate_recording_fetches_total";
+pub const OMI_REPLAYS: &str = "voxgate_omi_replays_total";
 
 /// Consumer kinds (the `consumer` label).
-pub const CONSUMER_KINDS: [&str; 4] = ["webhook", "subscriber", "stt", "bus"];
+pub const CONSUMER_KINDS: [&str; 5] = ["webhook", "subscriber", "stt", "bus", "recorder"];
 /// Formats (the `format` label of audio seconds).
 const FORMATS: [&str; 8] = [
     "webm", "ogg", "opus", "linear16", "float32", "linear8", "mulaw", "alaw",
@@ -74,6 +78,22 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    describe_counter!(
+        RECORDING_WRITES,
+        "Recording object writes, by object (audio, events, summary) and outcome (ok, retry, failed)"
+    );
+    describe_counter!(
+        RECORDING_EVENTS_DROPPED,
+        "Session events the recorder dropped (its event buffer full, or their write given up)"
+    );
+    describe_counter!(
+        OMI_REPLAYS,
+        "Omi audio_timeline=2 frames overlapping audio already received, by outcome (exact, trimmed, conflict, unverifiable)"
+    );
+    describe_counter!(
+        RECORDING_FETCHES,
+        "Recording fetches over HTTP, by outcome (ok, not_found, unauthorized, failed)"
+    );
     describe_gauge!(SESSIONS_ACTIVE, "Live ingest sessions");
     describe_counter!(SESSIONS_TOTAL, "Sessions accepted, by endpoint");
     describe_counter!(SESSIONS_REJECTED, "Connections refused, by reason");

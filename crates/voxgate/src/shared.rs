@@ -50,6 +50,8 @@ pub struct Shared {
     pub stt: crate::fanout::stt::Registry,
     /// The delivery bus, when `[bus] url` is set.
     pub bus: Option<crate::bus::Bus>,
+    /// Where recorded sessions go and are fetched from (`[recording]`).
+    pub recordings: crate::recording::Store,
 
     // --- lifecycle ---
     /// Cancelled on SIGTERM/SIGINT: sessions drain (flush, `Reconnect`, close 1001).
@@ -79,6 +81,7 @@ impl Shared {
         };
         let http = client().build()?;
         let http_guarded = crate::policy::guarded(client(), &cfg.webhook_policy).build()?;
+        let recordings = crate::recording::Store::open(&cfg.recording)?;
         Ok(Arc::new(Self {
             auth: crate::auth::Authenticator::new(&cfg.auth, &cfg.server.listen),
             rate: crate::auth::RateLimiter::new(cfg.auth.connections_per_ip_per_second),
@@ -92,6 +95,7 @@ impl Shared {
             http_guarded,
             breakers: Breakers::new(cfg.webhook_policy.max_tracked_endpoints),
             bus,
+            recordings,
             metrics: m::install(),
             shutdown,
             tracker: TaskTracker::new(),

@@ -202,3 +202,88 @@ async fn bad_frames_close_with_1003_and_others_are_unaffected() {
     let m = gw.metrics().await;
     assert!(metric_value(&m, "voxgate_ws_closes_total", "code=\"1003\"") >= 4.0);
 }
+
+/// `audio_timeline=2` as Omi's listen side speaks it: the 202 acknowledgement is the first
+/// frame; then frames whose timestamps are the capture time of their first sample, with an
+/// exact replay, a conflicting replay (same start, other bytes) and a replay of the last two
+/// seconds that runs on. The recording holds the timeline exactly once, first data kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_timeline_2_acks_first_and_replays_are_stored_once() {
+    let dir = std::env::temp_dir().join(format!("voxgate-omi-v2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = test_config();
+    cfg.recording.url = dir.to_str().unwrap().into();
+    cfg.recording.default = true;
+    let gw = Gateway::start(cfg).await;
+    let url = gw.ws("/v1/trigger/listen?uid=u9&sample_rate=16000&audio_timeline=2&session_id=v2");
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let first = rx.next().await.unwrap().unwrap().into_data();
+    assert_eq!(&first[..4], &202u32.to_le_bytes(), "the ack comes first");
+    let ack: serde_json::Value = serde_json::from_slice(&first[4..]).unwrap();
+    assert_eq!(
+        ack,
+        serde_json::json!({"type": "audio_timeline_ack", "version": 2})
+    );
+
+    let mut pcm = std::fs::read(corpus("reference/medium.s16le-16k-mono.pcm")).unwrap();
+    pcm.truncate(6 * 32_000);
+    let t0 = 1_760_000_000.25;
+    let at = |byte: usize| t0 + byte as f64 / 32_000.0;
+    let mut frames: Vec<Vec<u8>> = pcm
+        .chunks(16_000)
+        .enumerate()
+        .map(|(i, c)| audio(at(i * 16_000), c))
+        .collect();
+    // An exact replay of frame 3, a conflicting one of frame 4, and after frame 7 the last two
+    // seconds again, running one second further than what was sent.
+    frames.insert(4, frames[3].clone());
+    frames.insert(6, audio(at(4 * 16_000), &vec![0x55; 16_000]));
+    let mut replay = pcm[2 * 32_000..].to_vec();
+    replay.truncate(3 * 32_000);
+    frames.insert(10, audio(at(2 * 32_000), &replay));
+    for f in frames {
+        tx.send(Message::Binary(f.into())).await.unwrap();
+    }
+    tx.send(Message::Close(None)).await.unwrap();
+    while let Some(Ok(m)) = rx.next().await {
+        if m.is_close() {
+            break;
+        }
+    }
+    let base = format!("http://{}/v1/sessions/v2/recording", gw.addr);
+    for _ in 0..50 {
+        let r = reqwest::get(format!("{base}/events")).await.unwrap();
+        if r.text().await.unwrap().contains("RecordingSummary") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wav = reqwest::get(&base).await.unwrap().bytes().await.unwrap();
+    assert_eq!(
+        &wav[44..],
+        &pcm[..],
+        "each sample once, the first data kept"
+    );
+    let m = gw.metrics().await;
+    for outcome in ["exact", "conflict", "trimmed"] {
+        let label = format!("outcome=\"{outcome}\"");
+        assert!(
+            metric_value(&m, "voxgate_omi_replays_total", &label) >= 1.0,
+            "{outcome}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_audio_timeline_version_is_closed_with_1008() {
+    let gw = Gateway::start(test_config()).await;
+    let run = omi(
+        &gw.ws("/v1/trigger/listen?uid=u&sample_rate=16000&audio_timeline=3"),
+        vec![],
+        0,
+    )
+    .await;
+    assert_eq!(run.close_code, Some(1008), "{}", run.close_reason);
+}

@@ -7,5 +7,6 @@ pub mod deliver;
 pub mod device;
 pub mod index;
 pub mod load;
+pub mod recording;
 pub mod sink;
 pub mod stream;

@@ -48,6 +48,14 @@ impl Config {
             + subscriber * self.subscribers.max_per_session
             + self.omi_json_bound()
             + self.hook_webhooks_bound()
+            + self.recording_bound()
+    }
+
+    /// The recorder (any session may be recorded by its token or hook): its audio buffer, its
+    /// event buffer, and the body of the object being written (a copy of a chunk it holds).
+    fn recording_bound(&self) -> usize {
+        let r = &self.recording;
+        r.max_buffer_bytes() + r.max_event_bytes + r.chunk_samples() * 2
     }
 
     /// Audio webhooks from the `on_connect` hook: at most `on_connect.max_webhooks`, each with
@@ -65,7 +73,9 @@ impl Config {
     /// Omi JSON frames: the transcript and conversation webhooks' byte caps, and one parsed
     /// frame (its tree and serialized document).
     fn omi_json_bound(&self) -> usize {
-        2 * self.omi.json_queue_bytes + (JSON_TREE + 1) * self.omi.max_json_bytes
+        2 * self.omi.json_queue_bytes
+            + (JSON_TREE + 1) * self.omi.max_json_bytes
+            + self.omi.replay_window_bytes(48_000)
     }
 }
 
@@ -103,8 +113,12 @@ mod tests {
             + cfg.media.max_element_bytes
             + 16 * 1024
             + 256 * 512;
-        let omi = 2 * 2 * mib + 21 * 64 * 1024;
-        assert_eq!(cfg.session_memory_bound(), fixed + 256 * mib * 4 * 8 + omi);
+        let omi = 2 * 2 * mib + 21 * 64 * 1024 + 10 * 48_000 * 2;
+        let recording = 60 * 32_000 + 256 * 1024 + 10 * 32_000;
+        assert_eq!(
+            cfg.session_memory_bound(),
+            fixed + 256 * mib * 4 * 8 + omi + recording
+        );
     }
 
     #[test]

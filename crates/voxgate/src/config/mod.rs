@@ -16,6 +16,7 @@ mod memory;
 mod omi;
 mod outbound;
 mod realtime;
+mod recording;
 mod server;
 mod stt;
 mod twilio;
@@ -40,6 +41,7 @@ pub use memory::{CONNECTION_BYTES, MAX_REQUEST_HEAD_BYTES};
 pub use omi::OmiConfig;
 pub use outbound::Retry;
 pub use realtime::RealtimeConfig;
+pub use recording::RecordingConfig;
 pub use server::{MediaConfig, SegmentConfig, ServerConfig, SubscriberConfig};
 pub use stt::{FinalizeMode, SessionStt, SttBackend, SttConfig, SttOptions, MAX_PROMPT_CHARS};
 pub use twilio::TwilioConfig;
@@ -87,6 +89,8 @@ pub struct Config {
     pub realtime: RealtimeConfig,
     /// Phone carriers and PBXs besides Twilio (`/v1/<carrier>`, the AudioSocket listener).
     pub carriers: CarriersConfig,
+    /// The recorder: session audio and events to object storage. Off unless asked for.
+    pub recording: RecordingConfig,
 }
 
 /// Every problem found in a configuration.
@@ -150,6 +154,7 @@ impl Config {
         self.realtime.validate(&mut errors);
         self.carriers.validate(&mut errors);
         self.check_stt_aliases(&mut errors);
+        self.recording.validate(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {

@@ -24,6 +24,9 @@ pub struct OmiConfig {
     /// Bytes of documents each transcript or conversation webhook may hold (queued or in
     /// flight); beyond it documents are dropped (`buffer_full`). Default 2 MiB.
     pub json_queue_bytes: usize,
+    /// With `audio_timeline=2`: seconds of the latest audio kept to check replays against (a
+    /// replay reaching further back is dropped unverified). Default 10.
+    pub replay_window_seconds: f64,
 }
 
 impl Default for OmiConfig {
@@ -35,6 +38,7 @@ impl Default for OmiConfig {
             audio_app_delay_seconds: 4.0,
             max_json_bytes: 64 << 10,
             json_queue_bytes: 2 << 20,
+            replay_window_seconds: 10.0,
         }
     }
 }
@@ -63,10 +67,19 @@ impl OmiConfig {
         if !(256..=16 << 20).contains(&self.max_json_bytes) {
             errors.push("omi.max_json_bytes: must be in 256..=16 MiB".into());
         }
+        let w = self.replay_window_seconds;
+        if !(w.is_finite() && (0.0..=300.0).contains(&w)) {
+            errors.push("omi.replay_window_seconds: must be in 0..=300".into());
+        }
         // A document wraps its payload: room for two keeps one always deliverable.
         if self.json_queue_bytes < 2 * self.max_json_bytes {
             errors.push("omi.json_queue_bytes: must be >= 2 x omi.max_json_bytes".into());
         }
+    }
+
+    /// Bytes of the replay window at `rate` (PCM16 mono).
+    pub fn replay_window_bytes(&self, rate: u32) -> usize {
+        (self.replay_window_seconds * f64::from(rate)) as usize * 2
     }
 
     /// Audio per POST to each audio app (valid after `validate`).

@@ -18,6 +18,8 @@ pub enum ConsumerKind {
     Subscriber,
     /// An answer the gateway gives itself when no webhook takes it (Omi's finalize reply).
     Reply,
+    /// The recorder writing to object storage (`recorder.rs`).
+    Recorder,
 }
 
 impl ConsumerKind {
@@ -29,6 +31,7 @@ impl ConsumerKind {
             Self::Bus => "bus",
             Self::Subscriber => "subscriber",
             Self::Reply => "reply",
+            Self::Recorder => "recorder",
         }
     }
 

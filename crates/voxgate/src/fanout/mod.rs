@@ -13,6 +13,7 @@ pub mod json_webhook;
 pub mod labels;
 pub mod notice;
 pub mod queue;
+pub mod recorder;
 pub mod registry;
 pub mod retry;
 pub mod stt;

@@ -45,6 +45,10 @@ pub struct HookAnswer {
     /// checked against each backend's allow-lists.
     #[serde(default)]
     pub stt_options: Option<crate::config::SttOptions>,
+    /// Whether the session is recorded (`[recording]`); absent: `recording.default`. A token's
+    /// `record` claim wins over it.
+    #[serde(default)]
+    pub record: Option<bool>,
 }
 
 /// Why the hook gave no answer (the message goes to the client with `on_connect_failed`, so it

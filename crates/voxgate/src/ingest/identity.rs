@@ -136,6 +136,7 @@ mod tests {
             consumers: None,
             owner: None,
             stt: None,
+            record: None,
         }
     }
 

@@ -181,7 +181,9 @@ async fn serve_connection(
         (Built::None, Endpoint::Twilio) => {
             frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await
         }
-        (Built::None, Endpoint::Omi) => frontends::omi::accept(&shared.cfg, req),
+        (Built::None, Endpoint::Omi) => {
+            frontends::omi::accept(&shared.cfg, shared.shutdown.is_cancelled(), req)
+        }
         (Built::None, Endpoint::Carrier(carrier)) => {
             frontends::carrier::accept(&shared, &mut sink, &mut stream, req, carrier).await
         }

@@ -24,6 +24,9 @@ pub struct ConsumerPlan {
     pub stt_options: crate::config::SttOptions,
     /// The user the hook named (only when no token names one).
     pub hook_uid: Option<String>,
+    /// Whether the session is recorded: the token's `record` claim, else the hook's answer,
+    /// else `recording.default`.
+    pub record: bool,
     /// Whether an `on_connect` hook is configured: its URLs came from outside and are reached
     /// through the guarded client.
     pub from_hook: bool,
@@ -41,6 +44,7 @@ pub async fn choose(
     let mut hook_uid = None;
     let mut hook_stt = None;
     let mut hook_stt_options = None;
+    let mut hook_record = None;
     let mut webhooks = match (handoff, &cfg.on_connect) {
         (Some(h), _) => from_handoff(cfg, h)?,
         (None, Some(hook_cfg)) => {
@@ -50,6 +54,7 @@ pub async fn choose(
             }
             hook_stt = answer.stt.clone();
             hook_stt_options = answer.stt_options.clone();
+            hook_record = answer.record;
             let mut list: Vec<_> = answer.webhooks.iter().cloned().map(Arc::new).collect();
             list.extend(frontend.hook_webhooks(&answer, cfg));
             list
@@ -83,6 +88,9 @@ pub async fn choose(
         stt,
         stt_options,
         hook_uid,
+        record: (principal.and_then(|p| p.record))
+            .or(hook_record)
+            .unwrap_or(cfg.recording.default),
         from_hook: cfg.on_connect.is_some(),
     })
 }

@@ -78,7 +78,9 @@ pub async fn prepare(
         client: shared.webhook_client(plan.from_hook),
         breakers: &shared.breakers,
     };
-    let consumers = build_consumers(
+    let owner = principal.map_or("", |p| p.user.as_str());
+    let recorder = plan.record.then(|| recorder(shared, owner, &target));
+    let mut consumers = build_consumers(
         shared,
         &ctx,
         plan,
@@ -87,6 +89,11 @@ pub async fn prepare(
         handoff.as_ref(),
         live.hub,
     );
+    // After speech-to-text, so it hears the final transcripts they send back as they finish;
+    // before the bus publisher, which is always last.
+    if let Some(r) = recorder {
+        consumers.push(r);
+    }
     frontend.on_registered(consumers.hub());
     Ok(Parts {
         session,
@@ -150,6 +157,19 @@ fn register(
         resumable,
         resume,
     })
+}
+
+/// The session's recorder, writing under its owner's namespace (the token's user).
+fn recorder(shared: &Shared, owner: &str, target: &Target) -> Box<dyn crate::fanout::Consumer> {
+    Box::new(crate::fanout::recorder::Recorder::spawn(
+        Arc::new(shared.cfg.recording.clone()),
+        shared.recordings.clone(),
+        crate::fanout::recorder::RecordingTarget {
+            owner: owner.to_owned(),
+            session_id: target.session_id.clone(),
+            uid: target.uid.clone(),
+        },
+    ))
 }
 
 /// A session drained from another instance, continued here (`resume_state=`).
@@ -233,6 +253,7 @@ fn build_consumers(
     for c in frontend.extra_consumers(ctx) {
         consumers.push(c);
     }
+
     // Lookback for speech-to-text: `SpeechStarted` reaches back by pre-roll + onset.
     let seg = &shared.cfg.segmenter;
     let lookback = seg.pre_roll_samples() + seg.min_speech_samples() + 512;

@@ -43,6 +43,9 @@ pub enum RefuseReason {
     StartTimeout,
     /// More messages before Twilio's `start` than `twilio.max_messages_before_start`.
     MessageFlood,
+    /// Draining, told after the socket was accepted (Omi's listen side trips its circuit
+    /// breaker on a refused upgrade, and reconnects elsewhere on 1001).
+    Draining,
 }
 
 impl RefuseReason {
@@ -74,6 +77,7 @@ impl RefuseReason {
             Self::BusUnavailable => "bus_unavailable",
             Self::StartTimeout => "start_timeout",
             Self::MessageFlood => "message_flood",
+            Self::Draining => "draining",
         }
     }
 
@@ -88,6 +92,7 @@ impl RefuseReason {
             | Self::BusUnavailable => CloseCode::TryAgainLater,
             Self::UnsupportedEncoding | Self::UnsupportedFormat => CloseCode::Unsupported,
             Self::OnConnectFailed | Self::OnConnectInvalid => CloseCode::Internal,
+            Self::Draining => CloseCode::GoingAway,
             _ => CloseCode::Policy,
         }
     }
@@ -101,6 +106,7 @@ impl RefuseReason {
         use axum::http::StatusCode;
         match self.close_code() {
             _ if self == Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            _ if self == Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
             CloseCode::TryAgainLater => StatusCode::SERVICE_UNAVAILABLE,
             CloseCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,

@@ -7,6 +7,8 @@ pub mod carrier;
 pub mod deepgram;
 pub mod listen;
 pub mod omi;
+mod omi_consumers;
+pub mod omi_timeline;
 pub mod realtime;
 pub mod twilio;
 

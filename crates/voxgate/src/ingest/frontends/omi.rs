@@ -10,18 +10,37 @@ use axum::extract::ws::Message;
 use bytes::Bytes;
 use voxgate_session::{ClientControl, CloseCode, ServerEvent, MAX_GAP_SAMPLES, SAMPLE_RATE};
 
+use super::omi_consumers::{consumers, OmiTargets};
+use super::omi_timeline::{Placed, Replay, Timeline};
 use super::{Accept, Action, Frontend};
 use crate::config::{Config, WebhookConfig};
-use crate::fanout::contract::Target;
-use crate::fanout::json_webhook::{JsonWebhook, JsonWebhookConfig, Post, Selector};
 use crate::fanout::registry::BuildCtx;
-use crate::fanout::{Consumer, ConsumerKind, Notifier, Offer};
+use crate::fanout::Consumer;
 use crate::ingest::hook::HookAnswer;
 use crate::ingest::refusal::{Refusal, RefuseReason};
 use crate::ingest::request::ConnectRequest;
+use crate::metrics::OMI_REPLAYS;
+use metrics::counter;
 
-/// Checks `uid` and `sample_rate` (8000..=48000, default 8000): the audio is PCM16 mono.
-pub fn accept(cfg: &Config, mut req: ConnectRequest) -> Accept {
+/// The `audio_timeline` versions this pusher speaks.
+const TIMELINE_VERSION: u32 = 2;
+
+/// Checks `uid`, `sample_rate` (8000..=48000, default 8000: the audio is PCM16 mono) and
+/// `audio_timeline` (absent: legacy; `2`; anything else is refused with 1008). While draining
+/// the socket is accepted, then closed with 1001, as Omi's listen side expects.
+pub fn accept(cfg: &Config, draining: bool, mut req: ConnectRequest) -> Accept {
+    if draining {
+        let why = "server is draining; reconnect to another instance";
+        return Accept::Refuse(req, Refusal::new(RefuseReason::Draining, why));
+    }
+    let timeline = match req.raw_query.get("audio_timeline").map(String::as_str) {
+        None => None,
+        Some(v) if v.parse() == Ok(TIMELINE_VERSION) => Some(TIMELINE_VERSION),
+        Some(v) => {
+            let why = format!("audio_timeline={v:?} is not supported; this pusher speaks 2");
+            return Accept::Refuse(req, Refusal::new(RefuseReason::InvalidParameters, why));
+        }
+    };
     let rate = match req.raw_query.get("sample_rate").map(|r| r.parse::<u32>()) {
         None => Ok(8000),
         Some(Ok(r)) if (8000..=48_000).contains(&r) => Ok(r),
@@ -34,7 +53,11 @@ pub fn accept(cfg: &Config, mut req: ConnectRequest) -> Accept {
     match (rate, uid_ok) {
         (Ok(rate), true) => {
             req.set_source("linear16", rate);
-            Accept::Session(req, Box::new(Omi::new(rate, cfg.omi.max_json_bytes)))
+            let mut omi = Omi::new(rate, cfg.omi.max_json_bytes);
+            if timeline.is_some() {
+                omi.timeline = Some(Timeline::new(rate, cfg.omi.replay_window_bytes(rate)));
+            }
+            Accept::Session(req, Box::new(omi))
         }
         (Err(e), _) => Accept::Refuse(req, e),
         (_, false) => Accept::Refuse(
@@ -42,13 +65,6 @@ pub fn accept(cfg: &Config, mut req: ConnectRequest) -> Accept {
             Refusal::new(RefuseReason::MissingUid, "uid is required"),
         ),
     }
-}
-
-/// Omi consumers besides audio webhooks, from the hook (per user) or the config.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct OmiTargets {
-    transcript_webhook: Option<String>,
-    conversation_webhook: Option<String>,
 }
 
 /// An audio app: an audio webhook named `audio_app_<i>` with `omi.audio_app_delay_seconds`.
@@ -77,6 +93,8 @@ pub struct Omi {
     /// Capture time of the first audio frame and samples received since (at `rate`).
     first_ts: Option<f64>,
     samples_in: u64,
+    /// With `audio_timeline=2`: where each frame goes, and the replay rules.
+    timeline: Option<Timeline>,
 }
 
 /// A late capture timestamp beyond this many seconds counts as a gap (filled, counted).
@@ -91,6 +109,7 @@ impl Omi {
             conversation_id: None,
             first_ts: None,
             samples_in: 0,
+            timeline: None,
         }
     }
 
@@ -150,6 +169,16 @@ impl Omi {
             )));
             return;
         }
+        if let Some(timeline) = self.timeline.as_mut() {
+            if !ts.is_finite() {
+                out.push(Self::malformed(
+                    "opcode 101: audio_timeline=2 needs a finite capture time".into(),
+                ));
+                return;
+            }
+            let placed = timeline.place(ts, pcm);
+            return self.on_placed(ts, placed, out);
+        }
         match self.first_ts {
             None if ts.is_finite() => self.first_ts = Some(ts),
             Some(first) if ts.is_finite() => self.on_capture_time(first, ts, out),
@@ -171,23 +200,52 @@ impl Omi {
             return;
         }
         self.samples_in = self.samples_in.saturating_add((gap * rate) as u64);
-        let samples = (gap * f64::from(SAMPLE_RATE)) as u64;
-        if samples > MAX_GAP_SAMPLES {
-            out.push(Action::Notice(ServerEvent::warning(
-                "timestamp_jump",
-                format!(
-                    "capture time {ts:e} is more than {} s ahead of the audio received; not filled",
-                    MAX_GAP_SAMPLES / u64::from(SAMPLE_RATE)
-                ),
-            )));
-            return;
-        }
-        out.push(Action::Silence(samples));
-        out.push(Action::Notice(ServerEvent::warning(
-            "media_gap",
-            format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
-        )));
+        gap_actions(gap, ts, out);
     }
+
+    /// An `audio_timeline=2` frame placed on the timeline: its gap filled, its replay counted
+    /// (and told once per kind, as a warning), its new audio passed on.
+    fn on_placed(&mut self, ts: f64, placed: Placed, out: &mut Vec<Action>) {
+        if placed.gap > 0 {
+            gap_actions(placed.gap as f64 / f64::from(self.rate), ts, out);
+        }
+        if let Some(replay) = placed.replay {
+            counter!(OMI_REPLAYS, "outcome" => replay.as_str()).increment(1);
+            if matches!(replay, Replay::Conflict | Replay::Unverifiable) {
+                out.push(Action::Notice(ServerEvent::warning(
+                    "replay_conflict",
+                    format!(
+                        "audio at capture time {ts:.3} overlaps audio already received ({}); the first data is kept",
+                        replay.as_str()
+                    ),
+                )));
+            }
+        }
+        if !placed.pcm.is_empty() {
+            out.push(Action::Audio(placed.pcm));
+        }
+    }
+}
+
+/// `gap` seconds missing before capture time `ts`: up to `MAX_GAP_SAMPLES` filled (within the
+/// session's budget); a longer jump is followed but not filled.
+fn gap_actions(gap: f64, ts: f64, out: &mut Vec<Action>) {
+    let samples = (gap * f64::from(SAMPLE_RATE)) as u64;
+    if samples > MAX_GAP_SAMPLES {
+        out.push(Action::Notice(ServerEvent::warning(
+            "timestamp_jump",
+            format!(
+                "capture time {ts:e} is more than {} s ahead of the audio received; not filled",
+                MAX_GAP_SAMPLES / u64::from(SAMPLE_RATE)
+            ),
+        )));
+        return;
+    }
+    out.push(Action::Silence(samples));
+    out.push(Action::Notice(ServerEvent::warning(
+        "media_gap",
+        format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
+    )));
 }
 
 impl Frontend for Omi {
@@ -221,6 +279,17 @@ impl Frontend for Omi {
                 error: "unknown_opcode",
                 message: format!("unknown opcode {other}"),
             }),
+        }
+    }
+
+    /// `audio_timeline=2`: the acknowledgement is the first frame the listen side gets.
+    fn on_start(&mut self, out: &mut Vec<Action>) {
+        if self.timeline.is_some() {
+            let mut frame = 202u32.to_le_bytes().to_vec();
+            let ack =
+                serde_json::json!({"type": "audio_timeline_ack", "version": TIMELINE_VERSION});
+            frame.extend_from_slice(ack.to_string().as_bytes());
+            out.push(Action::Reply(Message::Binary(frame.into())));
         }
     }
 
@@ -261,166 +330,6 @@ impl Frontend for Omi {
     }
 }
 
-/// Builds the transcript and conversation webhooks of an Omi session. Without a conversation
-/// webhook, `104` is answered at once (it was delivered to subscribers).
-fn consumers(ctx: &BuildCtx<'_>, targets: OmiTargets) -> Vec<Box<dyn Consumer>> {
-    let BuildCtx {
-        target,
-        notifier,
-        client,
-        breakers,
-        ..
-    } = *ctx;
-    let mut out: Vec<Box<dyn Consumer>> = Vec::new();
-    // Both webhooks post to `url?uid=` through the endpoint's breaker.
-    let spawn = |name: &str, url: &str, select: Selector| -> Box<dyn Consumer> {
-        let mut cfg = JsonWebhookConfig::new(name, url);
-        cfg.query = vec![("uid".into(), target.uid.clone())];
-        cfg.max_buffer_bytes = ctx.cfg.omi.json_queue_bytes as u64;
-        Box::new(JsonWebhook::spawn(
-            cfg,
-            select,
-            client.clone(),
-            breakers.get(url),
-            notifier.clone(),
-            target.session_id.clone(),
-        ))
-    };
-    if let Some(url) = targets.transcript_webhook {
-        out.push(spawn("transcript_webhook", &url, transcripts(target)));
-    }
-    match targets.conversation_webhook {
-        Some(url) => out.push(spawn("conversation_webhook", &url, conversation(target))),
-        None => out.push(Box::new(AutoReply {
-            notifier: notifier.clone(),
-        })),
-    }
-    out
-}
-
-/// Serializes a webhook document once: its queue holds bytes, not a JSON tree.
-fn document(doc: &impl serde::Serialize) -> bytes::Bytes {
-    bytes::Bytes::from(
-        serde_json::to_vec(doc).expect("documents serialize: JSON values and strings"),
-    )
-}
-
-/// Omi's realtime transcript webhook document (borrowing the event's data).
-#[derive(serde::Serialize)]
-struct TranscriptDoc<'a> {
-    segments: &'a serde_json::Value,
-    memory_id: &'a serde_json::Value,
-    session_id: &'a str,
-    conversation_id: &'a Option<String>,
-}
-
-/// `102` transcripts as Omi's realtime transcript webhook document.
-fn transcripts(target: &Target) -> Selector {
-    let session_id = target.session_id.clone();
-    Box::new(move |e: &ServerEvent| match e {
-        ServerEvent::Conversation {
-            event,
-            conversation_id,
-            data,
-        } if event == "transcript" => Some(Post {
-            body: document(&TranscriptDoc {
-                segments: data.get("segments").unwrap_or(&serde_json::Value::Null),
-                memory_id: data.get("memory_id").unwrap_or(&serde_json::Value::Null),
-                session_id: &session_id,
-                conversation_id,
-            }),
-            reply: None,
-        }),
-        _ => None,
-    })
-}
-
-/// A conversation webhook document (borrowing the event's data).
-#[derive(serde::Serialize)]
-struct ConversationDoc<'a> {
-    event: &'a str,
-    uid: &'a str,
-    session_id: &'a str,
-    conversation_id: &'a Option<String>,
-    data: &'a serde_json::Value,
-}
-
-/// `104` finalize (answered with `201` once delivered) and `105` speaker samples.
-fn conversation(target: &Target) -> Selector {
-    let session_id = target.session_id.clone();
-    let uid = target.uid.clone();
-    Box::new(move |e: &ServerEvent| match e {
-        ServerEvent::Conversation {
-            event,
-            conversation_id,
-            data,
-        } if event == "finalize" || event == "speaker_sample" => Some(Post {
-            body: document(&ConversationDoc {
-                event,
-                uid: &uid,
-                session_id: &session_id,
-                conversation_id,
-                data,
-            }),
-            reply: (event == "finalize").then(|| finalize_result(conversation_id)),
-        }),
-        _ => None,
-    })
-}
-
-fn finalize_result(conversation_id: &Option<String>) -> ServerEvent {
-    ServerEvent::Conversation {
-        event: "finalize_result".into(),
-        conversation_id: conversation_id.clone(),
-        data: serde_json::json!({ "conversation_id": conversation_id, "success": true }),
-    }
-}
-
-/// Answers `104` when there is no conversation webhook to deliver it to.
-struct AutoReply {
-    notifier: Notifier,
-}
-
-impl Consumer for AutoReply {
-    fn name(&self) -> &str {
-        "finalize_reply"
-    }
-    fn wants_audio(&self) -> bool {
-        false
-    }
-    fn on_audio(&mut self, _chunk: &voxgate_session::AudioChunk) -> Offer {
-        Offer::Accepted
-    }
-    fn on_event(&mut self, event: &ServerEvent) {
-        if let ServerEvent::Conversation {
-            event,
-            conversation_id,
-            ..
-        } = event
-        {
-            if event == "finalize" {
-                self.notifier.offer(finalize_result(conversation_id));
-            }
-        }
-    }
-    fn finish(
-        self: Box<Self>,
-        _deadline: tokio::time::Instant,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = voxgate_session::ConsumerSummary> + Send>>
-    {
-        Box::pin(async {
-            voxgate_session::ConsumerSummary {
-                name: "finalize_reply".into(),
-                kind: ConsumerKind::Reply.as_str().into(),
-                delivered_bytes: 0,
-                dropped_bytes: 0,
-                requests: 0,
-                next_seq: 0,
-            }
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,16 +360,54 @@ mod tests {
     #[test]
     fn accept_needs_a_uid_and_a_sane_rate() {
         assert!(
-            matches!(accept(&Config::default(), request(&[("uid", "u")])), Accept::Session(r, _)
+            matches!(accept(&Config::default(), false, request(&[("uid", "u")])), Accept::Session(r, _)
             if matches!(r.source, Ok(voxgate_media::SourceFormat::Linear16 { sample_rate: 8000, channels: 1 })))
         );
         assert!(
-            matches!(accept(&Config::default(), request(&[])), Accept::Refuse(_, r) if r.reason == RefuseReason::MissingUid)
+            matches!(accept(&Config::default(), false, request(&[])), Accept::Refuse(_, r) if r.reason == RefuseReason::MissingUid)
         );
         assert!(
-            matches!(accept(&Config::default(), request(&[("uid", "u"), ("sample_rate", "4000")])),
+            matches!(accept(&Config::default(), false, request(&[("uid", "u"), ("sample_rate", "4000")])),
             Accept::Refuse(_, r) if r.reason == RefuseReason::InvalidSampleRate)
         );
+    }
+
+    #[test]
+    fn the_timeline_version_is_negotiated_and_draining_is_told_after_accept() {
+        let cfg = Config::default();
+        let v = |v: &str| accept(&cfg, false, request(&[("uid", "u"), ("audio_timeline", v)]));
+        assert!(matches!(v("2"), Accept::Session(..)));
+        for bad in ["3", "1", "two", ""] {
+            assert!(
+                matches!(v(bad), Accept::Refuse(_, r) if r.reason.close_code() == CloseCode::Policy),
+                "audio_timeline={bad}"
+            );
+        }
+        let draining = accept(&cfg, true, request(&[("uid", "u")]));
+        assert!(
+            matches!(draining, Accept::Refuse(_, r) if r.reason.close_code() == CloseCode::GoingAway)
+        );
+        // The acknowledgement comes first, and only with the parameter.
+        let Accept::Session(_, mut omi) = v("2") else {
+            unreachable!()
+        };
+        let mut out = Vec::new();
+        omi.on_start(&mut out);
+        let Some(Action::Reply(Message::Binary(ack))) = out.first() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(&ack[..4], &202u32.to_le_bytes());
+        let body: serde_json::Value = serde_json::from_slice(&ack[4..]).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"type": "audio_timeline_ack", "version": 2})
+        );
+        let Accept::Session(_, mut legacy) = accept(&cfg, false, request(&[("uid", "u")])) else {
+            unreachable!()
+        };
+        let mut out = Vec::new();
+        legacy.on_start(&mut out);
+        assert!(out.is_empty(), "no ack without the parameter");
     }
 
     #[test]
