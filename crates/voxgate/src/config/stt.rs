@@ -339,7 +339,9 @@ impl SttConfig {
             }
             if let Some(m) = self.context_margin_seconds {
                 if !(m.is_finite() && (0.0..=30.0).contains(&m)) {
-                    errors.push(format!("{prefix}.context_margin_seconds: must be in [0, 30]"));
+                    errors.push(format!(
+                        "{prefix}.context_margin_seconds: must be in [0, 30]"
+                    ));
                 }
             }
             if !(1..=16).contains(&self.beam_size) {

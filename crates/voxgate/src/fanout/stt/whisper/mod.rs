@@ -164,7 +164,11 @@ impl Whisper {
             None => N_FRAMES,
         };
         if frames < N_FRAMES {
-            mel = mel.chunks_exact(N_FRAMES).flat_map(|band| &band[..frames]).copied().collect();
+            mel = mel
+                .chunks_exact(N_FRAMES)
+                .flat_map(|band| &band[..frames])
+                .copied()
+                .collect();
         }
         let mel = Tensor::from_vec(mel, (1, n_mels, frames), &Device::Cpu)?;
         let audio = self.model.encoder.forward(&mel, true)?;
