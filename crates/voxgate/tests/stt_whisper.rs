@@ -110,14 +110,12 @@ async fn whisper_transcribes_corpus_speech_in_process() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn decoding_past_the_timeout_is_reported_and_counted() {
+/// Streams two corpus sentences to a gateway with only `backend`; the client must be warned
+/// `stt_unavailable` and `voxgate_stt_requests_total{outcome}` must count the failure.
+async fn failure_is_warned_and_counted(backend: SttConfig, outcome: &str) -> Gateway {
+    let name = backend.name.clone();
     let mut cfg = stt_config();
-    let mut slow = whisper_cfg("slow");
-    // Loading the model alone takes longer than this.
-    slow.timeout_ms = 1;
-    slow.max_retries = 0;
-    cfg.stt.push(slow);
+    cfg.stt.push(backend);
     let gw = Gateway::start(cfg).await;
     let run = stream(
         &gw.ws("/v1/listen?encoding=linear16"),
@@ -127,41 +125,30 @@ async fn decoding_past_the_timeout_is_reported_and_counted() {
     .await;
     assert_eq!(run.close_code, Some(1000), "{:?}", run.close_reason);
     assert!(!run.of_type("UtteranceEnd").is_empty());
-    assert!(transcripts(&run, "slow").iter().all(|t| t["text"] == ""));
+    assert!(transcripts(&run, &name).iter().all(|t| t["text"] == ""));
     assert!(warnings(&run, "stt_unavailable") >= 1, "{:?}", run.events);
-    let timeouts = gw
-        .metric(
-            "voxgate_stt_requests_total",
-            "backend=\"slow\",outcome=\"timeout\"",
-        )
-        .await;
-    assert!(timeouts >= 1.0, "timeouts counted: {timeouts}");
+    let label = format!("backend=\"{name}\",outcome=\"{outcome}\"");
+    let counted = gw.metric("voxgate_stt_requests_total", &label).await;
+    assert!(counted >= 1.0, "{label}: {counted}");
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoding_past_the_timeout_is_reported_and_counted() {
+    let mut slow = whisper_cfg("slow");
+    // Loading the model alone takes longer than this.
+    slow.timeout_ms = 1;
+    slow.max_retries = 0;
+    let gw = failure_is_warned_and_counted(slow, "timeout").await;
     gw.shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_model_is_reported_not_silent() {
-    let mut cfg = stt_config();
     let mut gone = SttConfig::new("gone", SttBackend::Whisper, "");
     gone.model_dir = Some("/nonexistent/whisper".into());
     gone.max_retries = 0;
-    cfg.stt.push(gone);
-    let gw = Gateway::start(cfg).await;
-    let run = stream(
-        &gw.ws("/v1/listen?encoding=linear16"),
-        sentences(1),
-        Duration::from_millis(2),
-    )
-    .await;
-    assert_eq!(run.close_code, Some(1000), "{:?}", run.close_reason);
-    assert!(warnings(&run, "stt_unavailable") >= 1, "{:?}", run.events);
-    let errors = gw
-        .metric(
-            "voxgate_stt_requests_total",
-            "backend=\"gone\",outcome=\"error\"",
-        )
-        .await;
-    assert!(errors >= 1.0);
+    let gw = failure_is_warned_and_counted(gone, "error").await;
     let ready = reqwest::get(format!("http://{}/readyz", gw.addr))
         .await
         .unwrap()
