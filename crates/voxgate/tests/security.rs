@@ -467,12 +467,7 @@ async fn backend_answers_and_hook_urls_do_not_reach_clients() {
         "{}",
         unavailable[0]
     );
-    let ready = reqwest::get(format!("http://{}/readyz", gw.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ready = gw.page("/readyz").await;
     assert!(
         ready.contains("stt w (openai)") && !ready.contains("SECRET"),
         "{ready}"

@@ -149,12 +149,7 @@ async fn a_missing_model_is_reported_not_silent() {
     gone.model_dir = Some("/nonexistent/whisper".into());
     gone.max_retries = 0;
     let gw = failure_is_warned_and_counted(gone, "error").await;
-    let ready = reqwest::get(format!("http://{}/readyz", gw.addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ready = gw.page("/readyz").await;
     assert!(
         ready.contains("stt gone (whisper)") && ready.contains("decoder failed"),
         "{ready}"

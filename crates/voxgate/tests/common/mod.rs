@@ -47,13 +47,18 @@ impl Gateway {
         format!("ws://{}{}", self.addr, path_and_query)
     }
 
-    pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.addr))
+    /// The body of an operator page (`/metrics`, `/readyz`), whatever its status.
+    pub async fn page(&self, path: &str) -> String {
+        reqwest::get(format!("http://{}{path}", self.addr))
             .await
             .unwrap()
             .text()
             .await
             .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.page("/metrics").await
     }
 
     /// Sum of every series of `name` whose labels contain `label` (e.g. `consumer="webhook"`).

@@ -159,6 +159,7 @@ fn decode_loop<E: Engine>(rx: &Mutex<Receiver<Job>>, shared: &SharedModel<E>) {
             match shared.get().and_then(|s| E::new(&s)) {
                 Ok(d) => decoder = Some(d),
                 Err(e) => {
+                    // A closed reply means the caller timed out, which it counted already.
                     let _ = job.reply.send(Err(e));
                     continue;
                 }
@@ -168,6 +169,7 @@ fn decode_loop<E: Engine>(rx: &Mutex<Receiver<Job>>, shared: &SharedModel<E>) {
             continue; // the caller gave up while the model loaded
         }
         let d = decoder.as_mut().expect("decoder was just made");
+        // As above: a caller that stopped waiting counted its timeout.
         let _ = job.reply.send(d.decode(&job.pcm));
     }
 }
