@@ -7,6 +7,7 @@
 mod protocol;
 mod segmenter;
 mod session;
+mod vad;
 
 pub use protocol::{ClientControl, CloseSummary, ConsumerSummary, ServerEvent, UtteranceReason};
 pub use segmenter::{Segment, Segmenter, SegmenterConfig};
@@ -14,6 +15,7 @@ pub use session::{
     AudioChunk, CloseCode, ContinuePoint, Input, Output, Session, SessionConfig, SessionError,
     SessionStats, MAX_GAP_SAMPLES,
 };
+pub use vad::{VadMode, VadStats};
 
 /// Output sample rate of every session (16 kHz mono PCM16).
 pub const SAMPLE_RATE: u32 = voxgate_media::OUTPUT_RATE;

@@ -1,10 +1,9 @@
-//! Utterance segmentation in media time: earshot VAD on 16 ms frames, with onset, pre-roll,
-//! hangover and a hard `max_utterance` limit. Positions are 16 kHz sample counts, never wall time.
+//! Utterance segmentation in media time: voice activity on 16 ms frames (see `vad`), with onset,
+//! pre-roll, hangover and a hard `max_utterance` limit. Positions are 16 kHz sample counts, never
+//! wall time.
 
 use crate::protocol::UtteranceReason;
-
-/// VAD frame: 256 samples = 16 ms at 16 kHz (earshot's frame).
-const FRAME: usize = 256;
+use crate::vad::{Vad, VadMode, VadStats, FRAME};
 
 /// Segmentation settings, in samples at 16 kHz.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +19,8 @@ pub struct SegmenterConfig {
     /// Longest utterance; at the limit it is finalized and a new one starts at the same sample.
     /// Default 60 s.
     pub max_utterance_samples: u64,
+    /// Where the neural detector runs (default: only where a frame's energy leaves it open).
+    pub vad: VadMode,
 }
 
 impl Default for SegmenterConfig {
@@ -30,6 +31,7 @@ impl Default for SegmenterConfig {
             silence_samples: 12_800,
             pre_roll_samples: 4_800,
             max_utterance_samples: 60 * 16_000,
+            vad: VadMode::default(),
         }
     }
 }
@@ -64,7 +66,7 @@ enum State {
 /// The segmenter: constant memory (one VAD state and one frame).
 pub struct Segmenter {
     cfg: SegmenterConfig,
-    vad: Box<earshot::Detector>,
+    vad: Vad,
     frame: [i16; FRAME],
     fill: usize,
     /// Samples run through the VAD (a multiple of `FRAME`).
@@ -74,7 +76,6 @@ pub struct Segmenter {
     voiced_run: u64,
     next_utterance: u64,
     state: State,
-    last_score: f32,
 }
 
 impl Segmenter {
@@ -85,8 +86,8 @@ impl Segmenter {
 
     pub fn new(cfg: SegmenterConfig) -> Self {
         Self {
+            vad: Vad::new(cfg.vad),
             cfg,
-            vad: earshot::Detector::default_boxed(),
             frame: [0; FRAME],
             fill: 0,
             framed: 0,
@@ -94,7 +95,6 @@ impl Segmenter {
             voiced_run: 0,
             next_utterance: 0,
             state: State::Idle,
-            last_score: 0.0,
         }
     }
 
@@ -124,7 +124,12 @@ impl Segmenter {
 
     /// Most recent VAD score, for level/activity displays.
     pub fn last_score(&self) -> f32 {
-        self.last_score
+        self.vad.last_score()
+    }
+
+    /// Frames seen and frames the neural detector ran on.
+    pub fn vad_stats(&self) -> VadStats {
+        self.vad.stats()
     }
 
     /// Feeds decoded 16 kHz mono samples; decisions are appended to `out`.
@@ -136,9 +141,10 @@ impl Segmenter {
             pcm = &pcm[take..];
             if self.fill == FRAME {
                 self.fill = 0;
-                let score = self.vad.predict_i16(&self.frame);
-                self.last_score = score;
-                self.on_frame(score >= self.cfg.threshold, out);
+                let voiced = self
+                    .vad
+                    .is_voice(&self.frame, self.is_speaking(), self.cfg.threshold);
+                self.on_frame(voiced, out);
             }
         }
     }
@@ -302,5 +308,40 @@ mod tests {
         let a = run(1);
         assert_eq!(a, run(320));
         assert_eq!(a, run(4096));
+    }
+
+    #[test]
+    fn gated_detector_segments_like_the_full_one_for_a_fraction_of_the_runs() {
+        let mut signal = vec![0i16; 16_000];
+        for _ in 0..3 {
+            signal.extend(tone(24_000, 0));
+            signal.extend(vec![0i16; 20_000]);
+        }
+        let run = |vad: VadMode| {
+            let mut seg = Segmenter::new(SegmenterConfig {
+                vad,
+                ..SegmenterConfig::default()
+            });
+            let mut out = Vec::new();
+            for c in signal.chunks(640) {
+                seg.push(c, &mut out);
+            }
+            seg.finalize(UtteranceReason::Close, &mut out);
+            (out, seg.vad_stats())
+        };
+        let (always, full) = run(VadMode::Always);
+        let (gated, cheap) = run(VadMode::Gated);
+        assert_eq!(always.len(), 6, "{always:?}");
+        assert_eq!(gated.len(), always.len(), "{gated:?} vs {always:?}");
+        for (a, b) in always.iter().zip(&gated) {
+            let (sa, sb) = match (a, b) {
+                (Segment::Started { start: x, .. }, Segment::Started { start: y, .. }) => (*x, *y),
+                (Segment::Ended { end: x, .. }, Segment::Ended { end: y, .. }) => (*x, *y),
+                _ => panic!("{a:?} vs {b:?}"),
+            };
+            assert!(sa.abs_diff(sb) <= 4 * FRAME as u64, "{a:?} vs {b:?}");
+        }
+        assert_eq!(full.predictions, full.frames);
+        assert!(cheap.predictions * 2 < cheap.frames, "{cheap:?}");
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use voxgate_media::Limits;
-use voxgate_session::SegmenterConfig;
+use voxgate_session::{SegmenterConfig, VadMode};
 
 use super::{SAMPLES_PER_MS, SAMPLES_PER_SECOND};
 
@@ -259,6 +259,10 @@ pub struct SegmentConfig {
     pub pre_roll_ms: u64,
     /// Longest utterance before it is finalized (`utterance_limit_reached`). Default 60 s.
     pub max_utterance_seconds: f64,
+    /// Where the neural voice detector runs: `"gated"` (default) only on frames whose energy
+    /// leaves the decision open (about a quarter of them in speech, none in digital silence),
+    /// `"always"` on every 16 ms frame.
+    pub vad: VadMode,
 }
 
 impl Default for SegmentConfig {
@@ -269,6 +273,7 @@ impl Default for SegmentConfig {
             silence_ms: 800,
             pre_roll_ms: 300,
             max_utterance_seconds: 60.0,
+            vad: VadMode::Gated,
         }
     }
 }
@@ -294,6 +299,7 @@ impl SegmentConfig {
             silence_samples: self.silence_samples(),
             pre_roll_samples: self.pre_roll_samples(),
             max_utterance_samples: self.max_utterance_samples(),
+            vad: self.vad,
         }
     }
 
