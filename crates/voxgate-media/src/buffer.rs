@@ -34,6 +34,12 @@ impl PushBuffer {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
+        if self.buf.capacity() == 0 {
+            // Room for a slice plus a typical unparsed tail at once, so a steady stream never
+            // grows the buffer message by message (reserved on the first bytes: an idle session
+            // holds none).
+            self.buf.reserve_exact((2 * FEED_SLICE).min(self.cap));
+        }
         let take = chunk.len().min(self.cap - self.buf.len()).min(FEED_SLICE);
         self.buf.extend_from_slice(&chunk[..take]);
         self.peak = self.peak.max(self.buf.len());

@@ -222,9 +222,11 @@ impl Session {
             next_progress: start + cfg.progress_every_samples,
             cfg,
             decoder,
-            pcm: Vec::new(),
-            segments: Vec::new(),
-            outputs: VecDeque::new(),
+            // Sized once for a typical message (a second of audio, a handful of events), so a
+            // steady stream does not allocate per message (tests/alloc.rs).
+            pcm: Vec::with_capacity(SAMPLE_RATE as usize),
+            segments: Vec::with_capacity(8),
+            outputs: VecDeque::with_capacity(32),
             stats: SessionStats {
                 samples: start,
                 utterances,
@@ -509,7 +511,9 @@ impl Session {
     }
 
     fn route_segments(&mut self) {
-        for segment in std::mem::take(&mut self.segments) {
+        // Taken and put back so its capacity is reused (no allocation per utterance).
+        let mut segments = std::mem::take(&mut self.segments);
+        for segment in segments.drain(..) {
             match segment {
                 Segment::Started { utterance, start } => {
                     self.stats.utterances += 1;
@@ -541,6 +545,7 @@ impl Session {
                 }
             }
         }
+        self.segments = segments;
     }
 
     fn fail(&mut self, error: &MediaError) {
