@@ -48,6 +48,8 @@ pub(super) struct Capture {
     pub(super) raw: bool,
     /// Media ms of one pass (pacing of the loop).
     pass_ms: f64,
+    /// CPU ms to decode one second of this capture here (`decode_cost`), when it decodes locally.
+    pub(super) decode_cpu_ms_per_audio_s: Option<f64>,
 }
 
 impl Capture {
@@ -78,6 +80,9 @@ impl Capture {
             Some((c, t)) => (Some(c), t),
             None => (None, 0),
         };
+        let decode_cpu_ms_per_audio_s = cum
+            .as_ref()
+            .and_then(|c| decode_cost(format, &data, &messages, c.last().copied()? + tail));
         Ok(Self {
             data,
             messages,
@@ -85,6 +90,7 @@ impl Capture {
             tail,
             raw,
             pass_ms,
+            decode_cpu_ms_per_audio_s,
         })
     }
 
@@ -206,6 +212,30 @@ fn local_decode(
     Some((cum, pcm.len() as u64))
 }
 
+/// CPU milliseconds this thread spends decoding one second of the capture's audio, decoding it
+/// (as the server does, message by message) until at least half a CPU second was spent: the
+/// floor a gateway stream cannot go under.
+fn decode_cost(
+    format: SourceFormat,
+    data: &[u8],
+    messages: &[index::Message],
+    samples_per_pass: u64,
+) -> Option<f64> {
+    if samples_per_pass == 0 {
+        return None;
+    }
+    let from = super::sampler::thread_cpu_seconds()?;
+    let mut passes = 0u32;
+    let mut spent = 0.0;
+    while passes < 1_000 && (spent < 0.5 || passes < 3) {
+        local_decode(format, data, messages)?;
+        passes += 1;
+        spent = super::sampler::thread_cpu_seconds()? - from;
+    }
+    let audio_s = f64::from(passes) * samples_per_pass as f64 / 16_000.0;
+    Some(spent * 1e3 / audio_s)
+}
+
 /// For tests: 16 kHz mono PCM `data` cut into `chunk`-byte messages 100 ms apart, looping.
 #[cfg(test)]
 pub(super) fn pcm_fixture(data: Vec<u8>, chunk: usize) -> Capture {
@@ -223,6 +253,7 @@ pub(super) fn pcm_fixture(data: Vec<u8>, chunk: usize) -> Capture {
         cum: Some(cum),
         tail,
         raw: true,
+        decode_cpu_ms_per_audio_s: None,
     }
 }
 

@@ -157,6 +157,7 @@ async fn drive(
         messages_sent: ctx.live.messages.load(Ordering::Relaxed),
         bytes_sent: ctx.live.bytes.load(Ordering::Relaxed),
         lead_in_s: BASELINE_LEAD.as_secs_f64(),
+        decode_cpu_ms_per_audio_s: ctx.capture.decode_cpu_ms_per_audio_s,
     })
 }
 

@@ -96,7 +96,22 @@ pub struct LoadReport {
     pub processes: Vec<ProcessReport>,
     /// The embedded webhook receiver's findings (with `--sink-listen`).
     pub sink: Option<SinkReport>,
+    /// What a stream cost the gateway next to what decoding its audio costs.
+    pub stream_cost: StreamCost,
     pub timeline: Vec<Sample>,
+}
+
+/// Gateway CPU per second of audio next to the decode-only floor for the same capture.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamCost {
+    /// CPU ms the (first) `--server-pid` spent over the run per second of audio it decoded
+    /// (`Closed` summaries): connection setup, decode, detection, consumers, everything.
+    pub server_cpu_ms_per_audio_s: Option<f64>,
+    /// CPU ms this tool spends decoding one second of the same capture, message by message, in
+    /// one thread with voxgate's decoder (what `voxgate decode` does without writing a file).
+    pub decode_cpu_ms_per_audio_s: Option<f64>,
+    /// server / decode: 1.0 would mean the gateway costs no more than decoding.
+    pub ratio: Option<f64>,
 }
 
 /// Everything a run collected, for [`LoadReport::build`].
@@ -110,6 +125,7 @@ pub(super) struct Collected {
     pub(super) bytes_sent: u64,
     /// Seconds from the tool's start to the first session's start (the sampler's baseline).
     pub(super) lead_in_s: f64,
+    pub(super) decode_cpu_ms_per_audio_s: Option<f64>,
 }
 
 impl LoadReport {
@@ -133,8 +149,28 @@ impl LoadReport {
         let loaded_from = args.ramp + c.lead_in_s;
         r.summarize_timeline(&c.timeline, loaded_from, loaded_from + args.duration);
         r.processes = c.processes;
+        r.stream_cost = r.stream_cost(c.decode_cpu_ms_per_audio_s);
         r.timeline = c.timeline;
         r
+    }
+
+    fn stream_cost(&self, decode: Option<f64>) -> StreamCost {
+        let server = self
+            .processes
+            .iter()
+            .find(|p| p.role == "server")
+            .and_then(|p| p.cpu_seconds_run)
+            .filter(|_| self.closed_seconds_decoded > 0.0)
+            .map(|cpu| cpu * 1e3 / self.closed_seconds_decoded);
+        let ratio = match (server, decode) {
+            (Some(s), Some(d)) if d > 0.0 => Some(s / d),
+            _ => None,
+        };
+        StreamCost {
+            server_cpu_ms_per_audio_s: server,
+            decode_cpu_ms_per_audio_s: decode,
+            ratio,
+        }
     }
 
     /// Sums what every session slot saw.
@@ -233,6 +269,7 @@ pub fn human(r: &LoadReport) -> String {
     for p in &r.processes {
         write_process(&mut s, p);
     }
+    write_cost(&mut s, &r.stream_cost);
     if r.errors.is_empty() {
         let _ = write!(s, "  errors: none");
     } else {
@@ -348,6 +385,17 @@ fn write_sink(s: &mut String, k: &SinkReport) {
             );
         }
     }
+}
+
+fn write_cost(s: &mut String, c: &StreamCost) {
+    let or_dash = |v: Option<f64>, digits: usize| v.map_or("-".into(), |c| format!("{c:.digits$}"));
+    let _ = writeln!(
+        s,
+        "  cost per stream: server {} ms CPU per audio second, decode alone {} ms, ratio {}",
+        or_dash(c.server_cpu_ms_per_audio_s, 3),
+        or_dash(c.decode_cpu_ms_per_audio_s, 3),
+        or_dash(c.ratio, 2)
+    );
 }
 
 fn write_process(s: &mut String, p: &ProcessReport) {
@@ -496,7 +544,28 @@ voxgate load: 2 sessions x 10 s at 2.5x (streaming), wall 12.3 s
   sink 127.0.0.1:9: 0 requests, 0 batches, 0 samples; duplicates 0 (mismatched 0), gaps 0, missing 0 samples, overlaps 0, extra 0, bad 0, unknown session 0; sessions complete 3/3 (settled in 0.0 s)
   chunk-to-webhook latency: not measured; longest silence 0.50 s at t=0.0 s
   cpu nats (pid 7): CPU 1.50 s under full load (- s/s), - s over the run; RSS peak - (exited)
+  cost per stream: server - ms CPU per audio second, decode alone - ms, ratio -
   errors: close_1011=2";
         assert_eq!(human(&r), want);
+    }
+
+    #[test]
+    fn stream_cost_is_server_cpu_over_decoded_audio() {
+        let server = |role: &str, cpu: f64| ProcessReport {
+            role: role.into(),
+            cpu_seconds_run: Some(cpu),
+            ..ProcessReport::default()
+        };
+        let r = LoadReport {
+            closed_seconds_decoded: 1_000.0,
+            processes: vec![server("cpu", 9.0), server("server", 3.0)],
+            ..LoadReport::default()
+        };
+        let c = r.stream_cost(Some(1.5));
+        assert_eq!(c.server_cpu_ms_per_audio_s, Some(3.0));
+        assert_eq!(c.ratio, Some(2.0));
+        let none = LoadReport::default().stream_cost(Some(1.5));
+        assert_eq!(none.server_cpu_ms_per_audio_s, None);
+        assert_eq!(none.ratio, None);
     }
 }

@@ -133,6 +133,14 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// CPU time of the calling thread in seconds (`/proc/thread-self/schedstat`, nanoseconds: finer
+/// than the clock ticks of `stat`).
+pub(super) fn thread_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(ns as f64 / 1e9)
+}
+
 /// VmRSS of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -371,6 +379,16 @@ mod tests {
         let text = "# HELP x\nvoxgate_buffered_bytes{consumer=\"webhook\"} 10\nvoxgate_buffered_bytes{consumer=\"subscriber\"} 5\nvoxgate_buffered_bytes_other 7\n";
         assert_eq!(metric_sum(text, "voxgate_buffered_bytes"), Some(15.0));
         assert_eq!(metric_sum(text, "voxgate_sessions_active"), None);
+    }
+
+    #[test]
+    fn thread_cpu_time_advances_with_work() {
+        let from = thread_cpu_seconds().expect("schedstat");
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        assert!(thread_cpu_seconds().unwrap() > from, "{x}");
     }
 
     #[test]
