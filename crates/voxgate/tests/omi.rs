@@ -287,3 +287,97 @@ async fn an_unknown_audio_timeline_version_is_closed_with_1008() {
     .await;
     assert_eq!(run.close_code, Some(1008), "{}", run.close_reason);
 }
+
+/// Omi's listen side reconnects mid-conversation: the new socket repeats the handshake and
+/// the `103`, then replays its last 1.5 s before running on. The reconnect continues the
+/// first socket's timeline and recording: the stored chunks cover the timeline exactly once,
+/// contiguous, under the first socket's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_that_replays_its_last_seconds_is_stored_once() {
+    let dir = std::env::temp_dir().join(format!("voxgate-omi-rc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = test_config();
+    cfg.recording.url = dir.to_str().unwrap().into();
+    cfg.recording.default = true;
+    cfg.recording.chunk_seconds = 1.0;
+    cfg.recording.max_buffer_seconds = 10.0;
+    let gw = Gateway::start(cfg).await;
+    let mut pcm = std::fs::read(corpus("reference/medium.s16le-16k-mono.pcm")).unwrap();
+    pcm.truncate(7 * 32_000);
+    let t0 = 1_760_000_100.5;
+    // 0.1 s frames of bytes `from..to`, stamped with their capture time.
+    let run = |from: usize, to: usize| -> Vec<Vec<u8>> {
+        let mut frames = vec![frame(103, b"conv-7")];
+        frames.extend((from..to).step_by(3200).map(|b| {
+            let end = (b + 3200).min(to);
+            audio(t0 + b as f64 / 32_000.0, &pcm[b..end])
+        }));
+        frames
+    };
+    let url = |sid: &str| {
+        gw.ws(&format!(
+            "/v1/trigger/listen?uid=u7&sample_rate=16000&audio_timeline=2&session_id={sid}"
+        ))
+    };
+    let cut = 37 * 3200; // 3.7 s
+    v2_socket(&url("first"), run(0, cut)).await;
+    v2_socket(&url("again"), run(cut - 15 * 3200, pcm.len())).await;
+
+    let summary = dir.join("_").join("first").join("summary.json");
+    for _ in 0..100 {
+        let s = std::fs::read_to_string(&summary).unwrap_or_default();
+        if s.contains("\"session_id\":\"again\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ranges: Vec<(u64, u64)> = std::fs::read_dir(dir.join("_").join("first").join("audio"))
+        .unwrap()
+        .map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let (a, b) = name.strip_suffix(".pcm").unwrap().split_once('-').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    ranges.sort();
+    let mut at = 0;
+    for (start, end) in &ranges {
+        assert_eq!(*start, at, "contiguous, no overlap: {ranges:?}");
+        at = *end;
+    }
+    assert_eq!(at, 7 * 16_000, "{ranges:?}");
+    assert!(
+        !dir.join("_").join("again").join("audio").exists(),
+        "the reconnect continued the first recording"
+    );
+    let wav = reqwest::get(format!("http://{}/v1/sessions/first/recording", gw.addr))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&wav[44..], &pcm[..], "each sample once");
+    let m = gw.metrics().await;
+    let continued = metric_value(&m, "voxgate_omi_timelines_total", "outcome=\"continued\"")
+        + metric_value(&m, "voxgate_omi_timelines_total", "outcome=\"took_over\"");
+    assert_eq!(continued, 1.0);
+    assert!(metric_value(&m, "voxgate_omi_replays_total", "outcome=\"exact\"") >= 14.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An `audio_timeline=2` socket: the ack first, then `frames`, then a normal close.
+async fn v2_socket(url: &str, frames: Vec<Vec<u8>>) {
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let first = rx.next().await.unwrap().unwrap().into_data();
+    assert_eq!(&first[..4], &202u32.to_le_bytes(), "the ack comes first");
+    for f in frames {
+        tx.send(Message::Binary(f.into())).await.unwrap();
+    }
+    tx.send(Message::Close(None)).await.unwrap();
+    while let Some(Ok(m)) = rx.next().await {
+        if m.is_close() {
+            break;
+        }
+    }
+}

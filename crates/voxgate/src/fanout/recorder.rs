@@ -12,7 +12,7 @@
 //! (`gave_up`). Ingest never waits for the store.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use metrics::counter;
@@ -112,7 +112,22 @@ pub struct RecordingTarget {
     pub owner: String,
     pub session_id: String,
     pub uid: String,
+    /// Set by the frontend before the session's first audio when the session continues another
+    /// one's recording (an Omi reconnect); read by the recorder at its first audio.
+    pub continuation: Option<Continuation>,
 }
+
+/// Where a session's audio lands when it continues another session's recording.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContinueAt {
+    /// The session id the recording is kept under.
+    pub recording_id: String,
+    /// The recording's 16 kHz sample this session's sample 0 is.
+    pub start_sample: u64,
+}
+
+/// Shared between a frontend (which sets it once) and the session's recorder.
+pub type Continuation = Arc<OnceLock<ContinueAt>>;
 
 impl Recorder {
     pub fn spawn(cfg: Arc<RecordingConfig>, store: Store, target: RecordingTarget) -> Self {
@@ -122,6 +137,8 @@ impl Recorder {
         let cap_bytes = cfg.max_buffer_bytes();
         let worker = Worker {
             keys: SessionKeys::new(&store.prefix, &target.owner, &target.session_id),
+            continuation: target.continuation.clone(),
+            offset: None,
             cut: Cutter::new(cfg.chunk_samples()),
             store,
             stats: stats.clone(),
@@ -251,6 +268,9 @@ struct Worker {
     event_seq: u32,
     summary: Summary,
     retries: AtomicU64,
+    continuation: Option<Continuation>,
+    /// The recording sample of session sample 0, known at the first audio.
+    offset: Option<u64>,
 }
 
 /// Which object a write is (the `object` label).
@@ -277,9 +297,10 @@ impl Worker {
         while let Some(item) = rx.recv().await {
             match item {
                 Item::Audio(c) => {
-                    self.summary.first_sample.get_or_insert(c.start);
-                    self.summary.end_sample = c.start + c.pcm.len() as u64;
-                    for batch in self.cut.push(c.start, &c.pcm) {
+                    let start = c.start + self.offset();
+                    self.summary.first_sample.get_or_insert(start);
+                    self.summary.end_sample = start + c.pcm.len() as u64;
+                    for batch in self.cut.push(start, &c.pcm) {
                         self.write_audio(batch).await;
                         self.flush_events().await;
                     }
@@ -297,6 +318,23 @@ impl Worker {
         let body = serde_json::to_vec(&self.summary).expect("the summary serializes");
         let path = self.keys.summary();
         let _ = self.put(Object::Summary, &path, body.into()).await;
+    }
+
+    /// The recording sample of session sample 0, fixed at the first audio: 0, or where the
+    /// session continues another's recording (which then also names the keys).
+    fn offset(&mut self) -> u64 {
+        if let Some(offset) = self.offset {
+            return offset;
+        }
+        let at = self.continuation.as_ref().and_then(|c| c.get());
+        let offset = at.map_or(0, |at| at.start_sample);
+        if let Some(at) = at.filter(|at| at.recording_id != self.summary.session_id) {
+            let prefix = &self.store.prefix;
+            self.keys = SessionKeys::new(prefix, &self.summary.owner, &at.recording_id);
+            debug!(recording = %at.recording_id, offset, "continuing a recording");
+        }
+        self.offset = Some(offset);
+        offset
     }
 
     /// Writes one chunk; on return its bytes are delivered or counted as dropped.
