@@ -381,3 +381,78 @@ async fn v2_socket(url: &str, frames: Vec<Vec<u8>>) {
         }
     }
 }
+
+/// `recording.layout = "omi"`: audio goes where Omi's private cloud sync puts it,
+/// `chunks/{uid}/{conversation}/{first}-{last}.batch.bin` (capture times of the first and
+/// last sample, PCM16 LE 16 kHz), one conversation's chunks under its id; a `103` switching
+/// conversations closes the open chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_omi_layout_writes_chunks_per_user_and_conversation() {
+    let dir = std::env::temp_dir().join(format!("voxgate-omi-layout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = test_config();
+    cfg.recording.url = dir.to_str().unwrap().into();
+    cfg.recording.default = true;
+    cfg.recording.chunk_seconds = 1.0;
+    cfg.recording.max_buffer_seconds = 10.0;
+    cfg.recording.layout = voxgate::config::RecordingLayout::Omi;
+    let gw = Gateway::start(cfg).await;
+    let mut pcm = std::fs::read(corpus("reference/medium.s16le-16k-mono.pcm")).unwrap();
+    pcm.truncate(4 * 32_000 + 16_000);
+    let t0 = 1_760_000_200.0;
+    let frames_of = |from: usize, to: usize| {
+        (from..to)
+            .step_by(3200)
+            .map(|b| audio(t0 + b as f64 / 32_000.0, &pcm[b..(b + 3200).min(to)]))
+            .collect::<Vec<_>>()
+    };
+    let mut frames = vec![frame(103, b"conv-a")];
+    frames.extend(frames_of(0, 3 * 32_000 + 16_000));
+    frames.push(frame(103, b"conv-b"));
+    frames.extend(frames_of(3 * 32_000 + 16_000, pcm.len()));
+    let url = "/v1/trigger/listen?uid=u8&sample_rate=16000&audio_timeline=2&session_id=lay";
+    v2_socket(&gw.ws(url), frames).await;
+    let summary = dir.join("_").join("lay").join("summary.json");
+    for _ in 0..100 {
+        if summary.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let chunks = |conv: &str| -> Vec<(String, Vec<u8>)> {
+        let d = dir.join("chunks").join("u8").join(conv);
+        let mut v: Vec<_> = std::fs::read_dir(&d)
+            .unwrap_or_else(|e| panic!("{d:?}: {e}"))
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().into_string().unwrap();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let names = |v: &[(String, Vec<u8>)]| v.iter().map(|c| c.0.clone()).collect::<Vec<_>>();
+    let a = chunks("conv-a");
+    assert_eq!(
+        names(&a),
+        [
+            "1760000200.000-1760000201.000.batch.bin",
+            "1760000201.000-1760000202.000.batch.bin",
+            "1760000202.000-1760000203.000.batch.bin",
+            "1760000203.000-1760000203.500.batch.bin",
+        ]
+    );
+    let b = chunks("conv-b");
+    assert_eq!(
+        names(&b),
+        [
+            "1760000203.500-1760000204.000.batch.bin",
+            "1760000204.000-1760000204.500.batch.bin",
+        ]
+    );
+    let stored: Vec<u8> = a.iter().chain(&b).flat_map(|c| c.1.clone()).collect();
+    assert_eq!(stored, pcm, "each sample once, in order");
+    assert!(!dir.join("_").join("lay").join("audio").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -43,6 +43,20 @@ pub struct RecordingConfig {
     pub backoff_max_ms: u64,
     /// Time limit of one object write. Default 10000.
     pub timeout_ms: u64,
+    /// Where audio objects go: `voxgate` (per session, sample-range keys; fetchable) or `omi`
+    /// (Omi's private cloud sync layout, `chunks/{uid}/{conversation}/{first}-{last}.batch.bin`,
+    /// for Omi's own readers). Events and the summary stay in the voxgate layout. Default
+    /// `voxgate`.
+    pub layout: RecordingLayout,
+}
+
+/// Object layout of recorded audio (`recording.layout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingLayout {
+    #[default]
+    Voxgate,
+    Omi,
 }
 
 impl Default for RecordingConfig {
@@ -58,6 +72,7 @@ impl Default for RecordingConfig {
             backoff_initial_ms: 200,
             backoff_max_ms: 2000,
             timeout_ms: 10_000,
+            layout: RecordingLayout::Voxgate,
         }
     }
 }

@@ -27,9 +27,9 @@ use super::contract::pcm_bytes;
 use super::queue::{ConsumerStats, QueueHandle};
 use super::retry::{with_retries, Attempt, RetryPolicy};
 use super::{Consumer, ConsumerKind, DropReason, Offer};
-use crate::config::RecordingConfig;
+use crate::config::{RecordingConfig, RecordingLayout};
 use crate::metrics::{RECORDING_EVENTS_DROPPED, RECORDING_WRITES};
-use crate::recording::layout::SessionKeys;
+use crate::recording::layout::{omi_chunk, SessionKeys};
 use crate::recording::Store;
 
 /// The consumer's name in summaries and warnings.
@@ -42,6 +42,8 @@ const MIN_CHUNK_BYTES: usize = 320;
 enum Item {
     Audio(AudioChunk),
     Event(Bytes),
+    /// The session's conversation changed (Omi's `103`): names audio objects in the Omi layout.
+    Conversation(String),
     Close(CloseCode),
 }
 
@@ -118,12 +120,15 @@ pub struct RecordingTarget {
 }
 
 /// Where a session's audio lands when it continues another session's recording.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContinueAt {
     /// The session id the recording is kept under.
     pub recording_id: String,
     /// The recording's 16 kHz sample this session's sample 0 is.
     pub start_sample: u64,
+    /// Capture time (unix seconds) of the recording's sample 0, when the client tells it
+    /// (Omi's `audio_timeline=2`); names objects in the Omi layout.
+    pub origin_unix: Option<f64>,
 }
 
 /// Shared between a frontend (which sets it once) and the session's recorder.
@@ -139,6 +144,8 @@ impl Recorder {
             keys: SessionKeys::new(&store.prefix, &target.owner, &target.session_id),
             continuation: target.continuation.clone(),
             offset: None,
+            origin_unix: 0.0,
+            conversation: None,
             cut: Cutter::new(cfg.chunk_samples()),
             store,
             stats: stats.clone(),
@@ -184,6 +191,14 @@ impl Consumer for Recorder {
         line.push(b'\n');
         let len = line.len() as u64;
         let over = self.events_held.load(Ordering::Relaxed) + len > self.max_event_bytes;
+        if let ServerEvent::Conversation {
+            conversation_id: Some(id),
+            ..
+        } = event
+        {
+            // Outside the byte cap (at most 256 bytes, once per conversation change).
+            let _ = self.queue.send(Item::Conversation(id.clone()));
+        }
         if over || self.queue.send(Item::Event(line.into())).is_err() {
             counter!(RECORDING_EVENTS_DROPPED).increment(1);
             self.events_dropped.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +286,10 @@ struct Worker {
     continuation: Option<Continuation>,
     /// The recording sample of session sample 0, known at the first audio.
     offset: Option<u64>,
+    /// Capture time of recording sample 0 (the client's, or the first audio's arrival).
+    origin_unix: f64,
+    /// The conversation the audio belongs to (Omi's `103`; else the session id).
+    conversation: Option<String>,
 }
 
 /// Which object a write is (the `object` label).
@@ -306,6 +325,14 @@ impl Worker {
                     }
                 }
                 Item::Event(line) => self.events.extend_from_slice(&line),
+                Item::Conversation(id) if self.conversation.as_ref() != Some(&id) => {
+                    // Omi's conversation switch: the open chunk belongs to the old one.
+                    if let Some(rest) = self.cut.finish() {
+                        self.write_audio(rest).await;
+                    }
+                    self.conversation = Some(id);
+                }
+                Item::Conversation(_) => {}
                 Item::Close(code) => self.summary.close_code = Some(code.as_u16()),
             }
         }
@@ -328,6 +355,10 @@ impl Worker {
         }
         let at = self.continuation.as_ref().and_then(|c| c.get());
         let offset = at.map_or(0, |at| at.start_sample);
+        self.origin_unix = at.and_then(|at| at.origin_unix).unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            now.map_or(0.0, |d| d.as_secs_f64())
+        });
         if let Some(at) = at.filter(|at| at.recording_id != self.summary.session_id) {
             let prefix = &self.store.prefix;
             self.keys = SessionKeys::new(prefix, &self.summary.owner, &at.recording_id);
@@ -341,7 +372,7 @@ impl Worker {
     async fn write_audio(&mut self, batch: Batch) {
         let samples = batch.pcm.len() as u64;
         let end = batch.start + samples;
-        let path = self.keys.audio(batch.start, end);
+        let path = self.audio_key(batch.start, end);
         let body = Bytes::from(pcm_bytes(&batch.pcm));
         drop(batch);
         let ok = self.put(Object::Audio, &path, body).await;
@@ -353,6 +384,21 @@ impl Worker {
         } else {
             self.stats.count_dropped(DropReason::GaveUp, samples * 2);
             self.summary.lost.push((end - samples, end));
+        }
+    }
+
+    /// The key of recording samples `[start, end)` in the configured layout.
+    fn audio_key(&self, start: u64, end: u64) -> object_store::path::Path {
+        match self.cfg.layout {
+            RecordingLayout::Voxgate => self.keys.audio(start, end),
+            RecordingLayout::Omi => {
+                let rate = f64::from(voxgate_session::SAMPLE_RATE);
+                let at = |sample: u64| self.origin_unix + sample as f64 / rate;
+                let conversation = self.conversation.as_ref();
+                let conversation = conversation.unwrap_or(&self.summary.session_id);
+                let uid = &self.summary.uid;
+                omi_chunk(&self.store.prefix, uid, conversation, at(start), at(end))
+            }
         }
     }
 

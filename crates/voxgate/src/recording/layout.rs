@@ -44,6 +44,17 @@ impl SessionKeys {
     }
 }
 
+/// An audio object in Omi's private cloud sync layout: samples captured from unix second
+/// `first` to `last`, of user `uid`'s conversation `conversation`.
+pub fn omi_chunk(prefix: &Path, uid: &str, conversation: &str, first: f64, last: f64) -> Path {
+    prefix
+        .clone()
+        .join("chunks")
+        .join(uid)
+        .join(conversation)
+        .join(format!("{first:.3}-{last:.3}.batch.bin"))
+}
+
 /// The sample range of an audio object, from its key's last segment.
 pub fn audio_range(path: &Path) -> Option<(u64, u64)> {
     let name = path.filename()?.strip_suffix(".pcm")?;
@@ -65,6 +76,17 @@ mod tests {
             "rec/_/s%2F1/audio/000000160000-000000320000.pcm"
         );
         assert_eq!(audio_range(&a), Some((160_000, 320_000)));
+        assert_eq!(
+            omi_chunk(
+                &Path::from("b"),
+                "u1",
+                "c-9",
+                1_760_000_000.25,
+                1_760_000_010.0
+            )
+            .as_ref(),
+            "b/chunks/u1/c-9/1760000000.250-1760000010.000.batch.bin"
+        );
         assert_eq!(audio_range(&Path::from("x/1-1.pcm")), None, "empty");
         assert_eq!(audio_range(&Path::from("x/a-1.pcm")), None);
         assert_eq!(

@@ -40,6 +40,8 @@ pub struct V2 {
     audio: u64,
     silence: u64,
     pub continuation: Continuation,
+    /// Where this session's audio lands, told at its first placed frame.
+    pending: Option<ContinueAt>,
 }
 
 impl V2 {
@@ -54,6 +56,7 @@ impl V2 {
             audio: 0,
             silence: 0,
             continuation: Continuation::default(),
+            pending: None,
         }
     }
 
@@ -68,10 +71,21 @@ impl V2 {
             self.place = self.checkout(conversation.unwrap_or_default());
         }
         let placed = match &mut self.place {
-            Placement::Private(t) => Some(t.place(ts, pcm)),
-            Placement::Held(hold) => hold.with(|s| s.timeline.place(ts, pcm)),
+            Placement::Private(t) => Some((t.place(ts, pcm), t.origin())),
+            Placement::Held(hold) => {
+                hold.with(|s| (s.timeline.place(ts, pcm), s.timeline.origin()))
+            }
             Placement::Pending => unreachable!("checked out above"),
         };
+        let placed = placed.map(|(placed, origin)| {
+            if let Some(mut at) = self.pending.take() {
+                // Before the frame's audio reaches the session, so before its recorder. The
+                // timeline's sample 0 is the recording's (a reconnect continues both).
+                at.origin_unix = origin;
+                let _ = self.continuation.set(at);
+            }
+            placed
+        });
         if placed.is_none() {
             counter!(OMI_SUPERSEDED_FRAMES).increment(1);
         }
@@ -95,6 +109,11 @@ impl V2 {
     fn checkout(&mut self, conversation: &str) -> Placement {
         let fresh = || Timeline::new(self.rate, self.window_bytes);
         let (Some(ledger), Some((owner, session_id, uid))) = (&self.ledger, &self.who) else {
+            self.pending = Some(ContinueAt {
+                recording_id: self.who.as_ref().map(|w| w.1.clone()).unwrap_or_default(),
+                start_sample: 0,
+                origin_unix: None,
+            });
             return Placement::Private(fresh());
         };
         let key = (owner.clone(), uid.clone(), conversation.to_owned());
@@ -102,11 +121,17 @@ impl V2 {
         counter!(OMI_TIMELINES, "outcome" => outcome.as_str()).increment(1);
         let Some(hold) = hold else {
             warn!(%uid, "omi reconnect ledger full (omi.reconnect_timelines_max); this socket's timeline is private");
+            self.pending = Some(ContinueAt {
+                recording_id: session_id.clone(),
+                start_sample: 0,
+                origin_unix: None,
+            });
             return Placement::Private(fresh());
         };
         let Some(at) = hold.with(|s| ContinueAt {
             recording_id: s.recording_id.clone(),
             start_sample: s.record_end,
+            origin_unix: None,
         }) else {
             // Taken over by a yet newer socket between the checkout and now.
             return Placement::Held(hold);
@@ -116,7 +141,7 @@ impl V2 {
                 at = at.start_sample, "omi timeline continued after a reconnect");
         }
         self.base = at.start_sample;
-        let _ = self.continuation.set(at);
+        self.pending = Some(at);
         Placement::Held(hold)
     }
 }
