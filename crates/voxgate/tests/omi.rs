@@ -456,3 +456,83 @@ async fn the_omi_layout_writes_chunks_per_user_and_conversation() {
     assert!(!dir.join("_").join("lay").join("audio").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `recording.keys`: a user with a key has every audio object AES-256-GCM encrypted at rest
+/// (`.pcm.enc`, not plaintext); the fetch decrypts with the configured key and returns the
+/// identical samples; with a wrong key the fetch fails loudly (500, counted) instead of
+/// returning noise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_recordings_are_not_plaintext_and_fetch_needs_the_right_key() {
+    let dir = std::env::temp_dir().join(format!("voxgate-omi-enc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = |key: &str| {
+        let mut cfg = test_config();
+        cfg.recording.url = dir.to_str().unwrap().into();
+        cfg.recording.default = true;
+        cfg.recording.chunk_seconds = 1.0;
+        cfg.recording.max_buffer_seconds = 10.0;
+        cfg.recording.keys.insert("u5".into(), key.repeat(32));
+        cfg
+    };
+    let gw = Gateway::start(config("a7")).await;
+    let mut pcm = std::fs::read(corpus("reference/medium.s16le-16k-mono.pcm")).unwrap();
+    pcm.truncate(2 * 32_000 + 8_000);
+    let t0 = 1_760_000_300.0;
+    let frames = (0..pcm.len())
+        .step_by(3200)
+        .map(|b| audio(t0 + b as f64 / 32_000.0, &pcm[b..(b + 3200).min(pcm.len())]))
+        .collect();
+    let url = "/v1/trigger/listen?uid=u5&sample_rate=16000&audio_timeline=2&session_id=enc";
+    v2_socket(&gw.ws(url), frames).await;
+    let root = dir.join("_").join("enc");
+    for _ in 0..100 {
+        if root.join("summary.json").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut names: Vec<String> = std::fs::read_dir(root.join("audio"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "000000000000-000000016000.pcm.enc",
+            "000000016000-000000032000.pcm.enc",
+            "000000032000-000000036000.pcm.enc",
+        ]
+    );
+    let first = std::fs::read(root.join("audio").join(&names[0])).unwrap();
+    assert_eq!(first.len(), 12 + 32_000 + 16, "nonce, ciphertext, tag");
+    assert!(
+        !first.windows(64).any(|w| w == &pcm[1000..1064]),
+        "not plaintext"
+    );
+    let fetch = format!("http://{}/v1/sessions/enc/recording", gw.addr);
+    let ok = reqwest::get(&fetch).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        &ok.bytes().await.unwrap()[44..],
+        &pcm[..],
+        "identical samples"
+    );
+    drop(gw);
+
+    let wrong = Gateway::start(config("5c")).await;
+    let url = format!("http://{}/v1/sessions/enc/recording", wrong.addr);
+    let r = reqwest::get(&url).await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert!(r.text().await.unwrap().contains("cannot decrypt"));
+    let m = wrong.metrics().await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "voxgate_recording_fetches_total",
+            "outcome=\"decrypt_failed\""
+        ),
+        1.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -48,6 +48,10 @@ pub struct RecordingConfig {
     /// for Omi's own readers). Events and the summary stay in the voxgate layout. Default
     /// `voxgate`.
     pub layout: RecordingLayout,
+    /// Per-user encryption at rest: uid -> AES-256 key (64 hex digits). A user with a key has
+    /// each audio object AES-256-GCM encrypted (`.pcm.enc`, `.batch.enc` in the Omi layout);
+    /// fetching decrypts with the same key. Default none.
+    pub keys: BTreeMap<String, String>,
 }
 
 /// Object layout of recorded audio (`recording.layout`).
@@ -73,6 +77,7 @@ impl Default for RecordingConfig {
             backoff_max_ms: 2000,
             timeout_ms: 10_000,
             layout: RecordingLayout::Voxgate,
+            keys: BTreeMap::new(),
         }
     }
 }
@@ -95,6 +100,14 @@ impl RecordingConfig {
         }
         if !(4096..=64 << 20).contains(&self.max_event_bytes) {
             errors.push("recording.max_event_bytes: must be in 4096..=64 MiB".into());
+        }
+        for (uid, key) in &self.keys {
+            let hex = key.trim();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                errors.push(format!(
+                    "recording.keys.{uid}: must be 64 hex digits (AES-256)"
+                ));
+            }
         }
         if self.timeout_ms == 0 || self.backoff_initial_ms > self.backoff_max_ms {
             errors.push(

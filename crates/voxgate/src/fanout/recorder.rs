@@ -29,6 +29,7 @@ use super::retry::{with_retries, Attempt, RetryPolicy};
 use super::{Consumer, ConsumerKind, DropReason, Offer};
 use crate::config::{RecordingConfig, RecordingLayout};
 use crate::metrics::{RECORDING_EVENTS_DROPPED, RECORDING_WRITES};
+use crate::recording::crypt::Key;
 use crate::recording::layout::{omi_chunk, SessionKeys};
 use crate::recording::Store;
 
@@ -145,6 +146,10 @@ impl Recorder {
             continuation: target.continuation.clone(),
             offset: None,
             origin_unix: 0.0,
+            key: cfg
+                .keys
+                .get(&target.uid)
+                .and_then(|k| Key::from_hex(k).ok()),
             conversation: None,
             cut: Cutter::new(cfg.chunk_samples()),
             store,
@@ -286,6 +291,8 @@ struct Worker {
     continuation: Option<Continuation>,
     /// The recording sample of session sample 0, known at the first audio.
     offset: Option<u64>,
+    /// The user's key when its audio is encrypted at rest (`recording.keys`).
+    key: Option<Key>,
     /// Capture time of recording sample 0 (the client's, or the first audio's arrival).
     origin_unix: f64,
     /// The conversation the audio belongs to (Omi's `103`; else the session id).
@@ -373,7 +380,10 @@ impl Worker {
         let samples = batch.pcm.len() as u64;
         let end = batch.start + samples;
         let path = self.audio_key(batch.start, end);
-        let body = Bytes::from(pcm_bytes(&batch.pcm));
+        let mut body = Bytes::from(pcm_bytes(&batch.pcm));
+        if let Some(key) = &self.key {
+            body = key.seal(&body).into();
+        }
         drop(batch);
         let ok = self.put(Object::Audio, &path, body).await;
         self.stats.release(samples * 2);
@@ -390,6 +400,7 @@ impl Worker {
     /// The key of recording samples `[start, end)` in the configured layout.
     fn audio_key(&self, start: u64, end: u64) -> object_store::path::Path {
         match self.cfg.layout {
+            RecordingLayout::Voxgate if self.key.is_some() => self.keys.audio_enc(start, end),
             RecordingLayout::Voxgate => self.keys.audio(start, end),
             RecordingLayout::Omi => {
                 let rate = f64::from(voxgate_session::SAMPLE_RATE);
@@ -397,7 +408,14 @@ impl Worker {
                 let conversation = self.conversation.as_ref();
                 let conversation = conversation.unwrap_or(&self.summary.session_id);
                 let uid = &self.summary.uid;
-                omi_chunk(&self.store.prefix, uid, conversation, at(start), at(end))
+                let span = (at(start), at(end));
+                omi_chunk(
+                    &self.store.prefix,
+                    uid,
+                    conversation,
+                    span,
+                    self.key.is_some(),
+                )
             }
         }
     }
