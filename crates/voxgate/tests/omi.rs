@@ -536,3 +536,27 @@ async fn encrypted_recordings_are_not_plaintext_and_fetch_needs_the_right_key() 
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Finalization result protocol 2: a `104` without `finalization_job_id` is answered at once
+/// with the terminal `durable_job_required`; one with a job gets `201` success echoing its job id
+/// and dispatch generation, so Omi's listen side matches the answer to its pending request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalization_protocol_2_answers_carry_the_job() {
+    let gw = Gateway::start(test_config()).await;
+    let frames = vec![
+        frame(103, b"c-2"),
+        frame(104, br#"{"finalization_result_protocol":2}"#),
+        frame(
+            104,
+            br#"{"finalization_result_protocol":2,"finalization_job_id":"j1","dispatch_generation":3}"#,
+        ),
+    ];
+    let run = omi(&gw.ws("/v1/trigger/listen?uid=u4"), frames, 2).await;
+    assert_eq!(run.replies.len(), 2, "{}", run.close_reason);
+    assert_eq!(run.replies[0]["error"], "durable_job_required");
+    assert_eq!(run.replies[0]["terminal"], true);
+    assert_eq!(run.replies[1]["success"], true);
+    assert_eq!(run.replies[1]["finalization_job_id"], "j1");
+    assert_eq!(run.replies[1]["dispatch_generation"], 3);
+    assert_eq!(run.replies[1]["conversation_id"], "c-2");
+}

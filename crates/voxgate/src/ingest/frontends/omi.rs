@@ -10,7 +10,7 @@ use axum::extract::ws::Message;
 use bytes::Bytes;
 use voxgate_session::{ClientControl, CloseCode, ServerEvent, MAX_GAP_SAMPLES, SAMPLE_RATE};
 
-use super::omi_consumers::{consumers, OmiTargets};
+use super::omi_consumers::{consumers, durable_job_required, OmiTargets};
 use super::omi_v2::V2;
 use super::{Accept, Action, Frontend};
 use crate::config::{Config, WebhookConfig};
@@ -153,6 +153,11 @@ impl Omi {
     }
 
     fn conversation(&self, event: &str, data: serde_json::Value) -> Action {
+        if event == "finalize" {
+            if let Some(answer) = durable_job_required(&self.conversation_id, &data) {
+                return Action::Notice(answer);
+            }
+        }
         Action::Notice(ServerEvent::Conversation {
             event: event.to_owned(),
             conversation_id: self.conversation_id.clone(),
