@@ -129,4 +129,21 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn reconnect_limits_are_checked() {
+        let mut o = OmiConfig::default();
+        assert_eq!(o.reconnect(), Duration::from_secs(60));
+        o.reconnect_seconds = f64::NAN;
+        o.reconnect_timelines_max = 0;
+        let mut errors = Vec::new();
+        o.validate(&mut errors);
+        assert_eq!(
+            errors,
+            [
+                "omi.reconnect_seconds: must be in 0..=3600",
+                "omi.reconnect_timelines_max: must be in 1..=1000000",
+            ]
+        );
+    }
 }

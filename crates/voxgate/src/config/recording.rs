@@ -146,6 +146,8 @@ mod tests {
         r.chunk_seconds = 40.0;
         r.max_event_bytes = 1;
         r.url = " ".into();
+        r.keys.insert("u1".into(), "ab".repeat(32));
+        r.keys.insert("u2".into(), "xyz".into());
         r.validate(&mut errors);
         assert_eq!(
             errors,
@@ -153,6 +155,7 @@ mod tests {
                 "recording.url: must not be empty",
                 "recording.max_buffer_seconds: must be >= 2 x chunk_seconds and <= 3600",
                 "recording.max_event_bytes: must be in 4096..=64 MiB",
+                "recording.keys.u2: must be 64 hex digits (AES-256)",
             ]
         );
     }
