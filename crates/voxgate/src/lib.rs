@@ -19,6 +19,7 @@ pub mod fanout;
 pub mod fuzzing;
 pub mod ingest;
 pub mod metrics;
+pub mod omi_timelines;
 pub mod policy;
 pub mod proxy;
 pub mod recording;

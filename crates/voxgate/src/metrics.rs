@@ -46,6 +46,8 @@ pub const RECORDING_WRITES: &str = "voxgate_recording_writes_total";
 pub const RECORDING_EVENTS_DROPPED: &str = "voxgate_recording_events_dropped_total";
 pub const RECORDING_FETCHES: &str = "voxgate_recording_fetches_total";
 pub const OMI_REPLAYS: &str = "voxgate_omi_replays_total";
+pub const OMI_TIMELINES: &str = "voxgate_omi_timelines_total";
+pub const OMI_SUPERSEDED_FRAMES: &str = "voxgate_omi_superseded_frames_total";
 
 /// Consumer kinds (the `consumer` label).
 pub const CONSUMER_KINDS: [&str; 5] = ["webhook", "subscriber", "stt", "bus", "recorder"];
@@ -89,6 +91,14 @@ fn describe() {
     describe_counter!(
         OMI_REPLAYS,
         "Omi audio_timeline=2 frames overlapping audio already received, by outcome (exact, trimmed, conflict, unverifiable)"
+    );
+    describe_counter!(
+        OMI_TIMELINES,
+        "Omi audio_timeline=2 sessions by how their timeline was found (fresh, continued after a reconnect, took_over from an older socket, full: a private one)"
+    );
+    describe_counter!(
+        OMI_SUPERSEDED_FRAMES,
+        "Omi audio frames ignored because a newer socket of the same user and conversation took the timeline"
     );
     describe_counter!(
         RECORDING_FETCHES,

@@ -74,8 +74,13 @@ async fn fetch(
     }
     for owner in owners {
         let keys = SessionKeys::new(&store.prefix, owner, id);
-        match read(store, &keys, part).await {
+        match read(store, &keys, part, &state.cfg.recording.keys).await {
             Err(FetchError::NotFound) => continue,
+            Err(e @ (FetchError::NoKey | FetchError::Decrypt(_))) => {
+                outcome("decrypt_failed");
+                tracing::error!(session = %id, error = %e, "recording fetch cannot decrypt");
+                return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+            }
             Err(e) => {
                 outcome("failed");
                 warn!(session = %id, error = %e, "recording fetch failed");
@@ -95,10 +100,16 @@ async fn fetch(
         .into_response()
 }
 
-async fn read(store: &Store, keys: &SessionKeys, part: Part) -> Result<Response, FetchError> {
+async fn read(
+    store: &Store,
+    keys: &SessionKeys,
+    part: Part,
+    user_keys: &std::collections::BTreeMap<String, String>,
+) -> Result<Response, FetchError> {
     match part {
         Part::Wav => {
-            let wav = assemble::wav(store, keys).await?;
+            let key = assemble::user_key(store, keys, user_keys).await;
+            let wav = assemble::wav(store, keys, key).await?;
             Ok((
                 [
                     (header::CONTENT_TYPE, "audio/wav".to_owned()),

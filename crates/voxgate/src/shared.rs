@@ -52,6 +52,8 @@ pub struct Shared {
     pub bus: Option<crate::bus::Bus>,
     /// Where recorded sessions go and are fetched from (`[recording]`).
     pub recordings: crate::recording::Store,
+    /// Omi `audio_timeline=2` timelines kept between sockets (`omi.reconnect_*`).
+    pub omi_timelines: Arc<crate::omi_timelines::ledger::Ledger>,
 
     // --- lifecycle ---
     /// Cancelled on SIGTERM/SIGINT: sessions drain (flush, `Reconnect`, close 1001).
@@ -96,6 +98,10 @@ impl Shared {
             breakers: Breakers::new(cfg.webhook_policy.max_tracked_endpoints),
             bus,
             recordings,
+            omi_timelines: Arc::new(crate::omi_timelines::ledger::Ledger::new(
+                cfg.omi.reconnect_timelines_max,
+                cfg.omi.reconnect(),
+            )),
             metrics: m::install(),
             shutdown,
             tracker: TaskTracker::new(),

@@ -50,7 +50,9 @@ pub async fn run(args: &RecordingArgs) -> anyhow::Result<RecordingReport> {
     }
     let store = Store::open(&cfg.recording)?;
     let keys = SessionKeys::new(&store.prefix, &args.owner, &args.session);
-    let wav = assemble::wav(&store, &keys)
+    // Encrypted audio opens with its user's key from `recording.keys` in the config.
+    let key = assemble::user_key(&store, &keys, &cfg.recording.keys).await;
+    let wav = assemble::wav(&store, &keys, key)
         .await
         .with_context(|| format!("session {:?}", args.session))?;
     let mut out = tokio::fs::File::create(&args.output)

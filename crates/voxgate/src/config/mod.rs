@@ -41,7 +41,7 @@ pub use memory::{CONNECTION_BYTES, MAX_REQUEST_HEAD_BYTES};
 pub use omi::OmiConfig;
 pub use outbound::Retry;
 pub use realtime::RealtimeConfig;
-pub use recording::RecordingConfig;
+pub use recording::{RecordingConfig, RecordingLayout};
 pub use server::{MediaConfig, SegmentConfig, ServerConfig, SubscriberConfig};
 pub use stt::{FinalizeMode, SessionStt, SttBackend, SttConfig, SttOptions, MAX_PROMPT_CHARS};
 pub use twilio::TwilioConfig;

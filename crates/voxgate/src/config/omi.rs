@@ -27,6 +27,14 @@ pub struct OmiConfig {
     /// With `audio_timeline=2`: seconds of the latest audio kept to check replays against (a
     /// replay reaching further back is dropped unverified). Default 10.
     pub replay_window_seconds: f64,
+    /// With `audio_timeline=2`: seconds a session's timeline is kept after its socket closes,
+    /// so a reconnect of the same user and conversation continues it (its replay checked, its
+    /// recording continued). Default 60.
+    pub reconnect_seconds: f64,
+    /// Timelines kept for reconnects (held by live sessions or waiting); each holds up to
+    /// `replay_window_seconds` of audio. When full, a new session keeps a private timeline
+    /// (`voxgate_omi_timelines_total{outcome="full"}`). Default 256.
+    pub reconnect_timelines_max: usize,
 }
 
 impl Default for OmiConfig {
@@ -39,6 +47,8 @@ impl Default for OmiConfig {
             max_json_bytes: 64 << 10,
             json_queue_bytes: 2 << 20,
             replay_window_seconds: 10.0,
+            reconnect_seconds: 60.0,
+            reconnect_timelines_max: 256,
         }
     }
 }
@@ -71,10 +81,21 @@ impl OmiConfig {
         if !(w.is_finite() && (0.0..=300.0).contains(&w)) {
             errors.push("omi.replay_window_seconds: must be in 0..=300".into());
         }
+        let r = self.reconnect_seconds;
+        if !(r.is_finite() && (0.0..=3600.0).contains(&r)) {
+            errors.push("omi.reconnect_seconds: must be in 0..=3600".into());
+        }
+        if !(1..=1_000_000).contains(&self.reconnect_timelines_max) {
+            errors.push("omi.reconnect_timelines_max: must be in 1..=1000000".into());
+        }
         // A document wraps its payload: room for two keeps one always deliverable.
         if self.json_queue_bytes < 2 * self.max_json_bytes {
             errors.push("omi.json_queue_bytes: must be >= 2 x omi.max_json_bytes".into());
         }
+    }
+
+    pub fn reconnect(&self) -> Duration {
+        Duration::from_secs_f64(self.reconnect_seconds)
     }
 
     /// Bytes of the replay window at `rate` (PCM16 mono).
@@ -105,6 +126,23 @@ mod tests {
             [
                 r#"omi.audio_apps: "not a url" is not a URL"#,
                 "omi.audio_app_delay_seconds: must be >= 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn reconnect_limits_are_checked() {
+        let mut o = OmiConfig::default();
+        assert_eq!(o.reconnect(), Duration::from_secs(60));
+        o.reconnect_seconds = f64::NAN;
+        o.reconnect_timelines_max = 0;
+        let mut errors = Vec::new();
+        o.validate(&mut errors);
+        assert_eq!(
+            errors,
+            [
+                "omi.reconnect_seconds: must be in 0..=3600",
+                "omi.reconnect_timelines_max: must be in 1..=1000000",
             ]
         );
     }

@@ -43,6 +43,24 @@ pub struct RecordingConfig {
     pub backoff_max_ms: u64,
     /// Time limit of one object write. Default 10000.
     pub timeout_ms: u64,
+    /// Where audio objects go: `voxgate` (per session, sample-range keys; fetchable) or `omi`
+    /// (Omi's private cloud sync layout, `chunks/{uid}/{conversation}/{first}-{last}.batch.bin`,
+    /// for Omi's own readers). Events and the summary stay in the voxgate layout. Default
+    /// `voxgate`.
+    pub layout: RecordingLayout,
+    /// Per-user encryption at rest: uid -> AES-256 key (64 hex digits). A user with a key has
+    /// each audio object AES-256-GCM encrypted (`.pcm.enc`, `.batch.enc` in the Omi layout);
+    /// fetching decrypts with the same key. Default none.
+    pub keys: BTreeMap<String, String>,
+}
+
+/// Object layout of recorded audio (`recording.layout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingLayout {
+    #[default]
+    Voxgate,
+    Omi,
 }
 
 impl Default for RecordingConfig {
@@ -58,6 +76,8 @@ impl Default for RecordingConfig {
             backoff_initial_ms: 200,
             backoff_max_ms: 2000,
             timeout_ms: 10_000,
+            layout: RecordingLayout::Voxgate,
+            keys: BTreeMap::new(),
         }
     }
 }
@@ -80,6 +100,14 @@ impl RecordingConfig {
         }
         if !(4096..=64 << 20).contains(&self.max_event_bytes) {
             errors.push("recording.max_event_bytes: must be in 4096..=64 MiB".into());
+        }
+        for (uid, key) in &self.keys {
+            let hex = key.trim();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                errors.push(format!(
+                    "recording.keys.{uid}: must be 64 hex digits (AES-256)"
+                ));
+            }
         }
         if self.timeout_ms == 0 || self.backoff_initial_ms > self.backoff_max_ms {
             errors.push(
@@ -118,6 +146,8 @@ mod tests {
         r.chunk_seconds = 40.0;
         r.max_event_bytes = 1;
         r.url = " ".into();
+        r.keys.insert("u1".into(), "ab".repeat(32));
+        r.keys.insert("u2".into(), "xyz".into());
         r.validate(&mut errors);
         assert_eq!(
             errors,
@@ -125,6 +155,7 @@ mod tests {
                 "recording.url: must not be empty",
                 "recording.max_buffer_seconds: must be >= 2 x chunk_seconds and <= 3600",
                 "recording.max_event_bytes: must be in 4096..=64 MiB",
+                "recording.keys.u2: must be 64 hex digits (AES-256)",
             ]
         );
     }

@@ -12,7 +12,7 @@
 //! (`gave_up`). Ingest never waits for the store.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use metrics::counter;
@@ -27,9 +27,10 @@ use super::contract::pcm_bytes;
 use super::queue::{ConsumerStats, QueueHandle};
 use super::retry::{with_retries, Attempt, RetryPolicy};
 use super::{Consumer, ConsumerKind, DropReason, Offer};
-use crate::config::RecordingConfig;
+use crate::config::{RecordingConfig, RecordingLayout};
 use crate::metrics::{RECORDING_EVENTS_DROPPED, RECORDING_WRITES};
-use crate::recording::layout::SessionKeys;
+use crate::recording::crypt::Key;
+use crate::recording::layout::{omi_chunk, SessionKeys};
 use crate::recording::Store;
 
 /// The consumer's name in summaries and warnings.
@@ -42,6 +43,8 @@ const MIN_CHUNK_BYTES: usize = 320;
 enum Item {
     Audio(AudioChunk),
     Event(Bytes),
+    /// The session's conversation changed (Omi's `103`): names audio objects in the Omi layout.
+    Conversation(String),
     Close(CloseCode),
 }
 
@@ -112,7 +115,25 @@ pub struct RecordingTarget {
     pub owner: String,
     pub session_id: String,
     pub uid: String,
+    /// Set by the frontend before the session's first audio when the session continues another
+    /// one's recording (an Omi reconnect); read by the recorder at its first audio.
+    pub continuation: Option<Continuation>,
 }
+
+/// Where a session's audio lands when it continues another session's recording.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContinueAt {
+    /// The session id the recording is kept under.
+    pub recording_id: String,
+    /// The recording's 16 kHz sample this session's sample 0 is.
+    pub start_sample: u64,
+    /// Capture time (unix seconds) of the recording's sample 0, when the client tells it
+    /// (Omi's `audio_timeline=2`); names objects in the Omi layout.
+    pub origin_unix: Option<f64>,
+}
+
+/// Shared between a frontend (which sets it once) and the session's recorder.
+pub type Continuation = Arc<OnceLock<ContinueAt>>;
 
 impl Recorder {
     pub fn spawn(cfg: Arc<RecordingConfig>, store: Store, target: RecordingTarget) -> Self {
@@ -122,6 +143,14 @@ impl Recorder {
         let cap_bytes = cfg.max_buffer_bytes();
         let worker = Worker {
             keys: SessionKeys::new(&store.prefix, &target.owner, &target.session_id),
+            continuation: target.continuation.clone(),
+            offset: None,
+            origin_unix: 0.0,
+            key: cfg
+                .keys
+                .get(&target.uid)
+                .and_then(|k| Key::from_hex(k).ok()),
+            conversation: None,
             cut: Cutter::new(cfg.chunk_samples()),
             store,
             stats: stats.clone(),
@@ -167,6 +196,14 @@ impl Consumer for Recorder {
         line.push(b'\n');
         let len = line.len() as u64;
         let over = self.events_held.load(Ordering::Relaxed) + len > self.max_event_bytes;
+        if let ServerEvent::Conversation {
+            conversation_id: Some(id),
+            ..
+        } = event
+        {
+            // Outside the byte cap (at most 256 bytes, once per conversation change).
+            let _ = self.queue.send(Item::Conversation(id.clone()));
+        }
         if over || self.queue.send(Item::Event(line.into())).is_err() {
             counter!(RECORDING_EVENTS_DROPPED).increment(1);
             self.events_dropped.fetch_add(1, Ordering::Relaxed);
@@ -251,6 +288,15 @@ struct Worker {
     event_seq: u32,
     summary: Summary,
     retries: AtomicU64,
+    continuation: Option<Continuation>,
+    /// The recording sample of session sample 0, known at the first audio.
+    offset: Option<u64>,
+    /// The user's key when its audio is encrypted at rest (`recording.keys`).
+    key: Option<Key>,
+    /// Capture time of recording sample 0 (the client's, or the first audio's arrival).
+    origin_unix: f64,
+    /// The conversation the audio belongs to (Omi's `103`; else the session id).
+    conversation: Option<String>,
 }
 
 /// Which object a write is (the `object` label).
@@ -277,14 +323,23 @@ impl Worker {
         while let Some(item) = rx.recv().await {
             match item {
                 Item::Audio(c) => {
-                    self.summary.first_sample.get_or_insert(c.start);
-                    self.summary.end_sample = c.start + c.pcm.len() as u64;
-                    for batch in self.cut.push(c.start, &c.pcm) {
+                    let start = c.start + self.offset();
+                    self.summary.first_sample.get_or_insert(start);
+                    self.summary.end_sample = start + c.pcm.len() as u64;
+                    for batch in self.cut.push(start, &c.pcm) {
                         self.write_audio(batch).await;
                         self.flush_events().await;
                     }
                 }
                 Item::Event(line) => self.events.extend_from_slice(&line),
+                Item::Conversation(id) if self.conversation.as_ref() != Some(&id) => {
+                    // Omi's conversation switch: the open chunk belongs to the old one.
+                    if let Some(rest) = self.cut.finish() {
+                        self.write_audio(rest).await;
+                    }
+                    self.conversation = Some(id);
+                }
+                Item::Conversation(_) => {}
                 Item::Close(code) => self.summary.close_code = Some(code.as_u16()),
             }
         }
@@ -299,12 +354,36 @@ impl Worker {
         let _ = self.put(Object::Summary, &path, body.into()).await;
     }
 
+    /// The recording sample of session sample 0, fixed at the first audio: 0, or where the
+    /// session continues another's recording (which then also names the keys).
+    fn offset(&mut self) -> u64 {
+        if let Some(offset) = self.offset {
+            return offset;
+        }
+        let at = self.continuation.as_ref().and_then(|c| c.get());
+        let offset = at.map_or(0, |at| at.start_sample);
+        self.origin_unix = at.and_then(|at| at.origin_unix).unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            now.map_or(0.0, |d| d.as_secs_f64())
+        });
+        if let Some(at) = at.filter(|at| at.recording_id != self.summary.session_id) {
+            let prefix = &self.store.prefix;
+            self.keys = SessionKeys::new(prefix, &self.summary.owner, &at.recording_id);
+            debug!(recording = %at.recording_id, offset, "continuing a recording");
+        }
+        self.offset = Some(offset);
+        offset
+    }
+
     /// Writes one chunk; on return its bytes are delivered or counted as dropped.
     async fn write_audio(&mut self, batch: Batch) {
         let samples = batch.pcm.len() as u64;
         let end = batch.start + samples;
-        let path = self.keys.audio(batch.start, end);
-        let body = Bytes::from(pcm_bytes(&batch.pcm));
+        let path = self.audio_key(batch.start, end);
+        let mut body = Bytes::from(pcm_bytes(&batch.pcm));
+        if let Some(key) = &self.key {
+            body = key.seal(&body).into();
+        }
         drop(batch);
         let ok = self.put(Object::Audio, &path, body).await;
         self.stats.release(samples * 2);
@@ -315,6 +394,29 @@ impl Worker {
         } else {
             self.stats.count_dropped(DropReason::GaveUp, samples * 2);
             self.summary.lost.push((end - samples, end));
+        }
+    }
+
+    /// The key of recording samples `[start, end)` in the configured layout.
+    fn audio_key(&self, start: u64, end: u64) -> object_store::path::Path {
+        match self.cfg.layout {
+            RecordingLayout::Voxgate if self.key.is_some() => self.keys.audio_enc(start, end),
+            RecordingLayout::Voxgate => self.keys.audio(start, end),
+            RecordingLayout::Omi => {
+                let rate = f64::from(voxgate_session::SAMPLE_RATE);
+                let at = |sample: u64| self.origin_unix + sample as f64 / rate;
+                let conversation = self.conversation.as_ref();
+                let conversation = conversation.unwrap_or(&self.summary.session_id);
+                let uid = &self.summary.uid;
+                let span = (at(start), at(end));
+                omi_chunk(
+                    &self.store.prefix,
+                    uid,
+                    conversation,
+                    span,
+                    self.key.is_some(),
+                )
+            }
         }
     }
 

@@ -182,7 +182,8 @@ async fn serve_connection(
             frontends::twilio::accept(&shared, &mut sink, &mut stream, req).await
         }
         (Built::None, Endpoint::Omi) => {
-            frontends::omi::accept(&shared.cfg, shared.shutdown.is_cancelled(), req)
+            let draining = shared.shutdown.is_cancelled();
+            frontends::omi::accept(&shared.cfg, draining, Some(&shared.omi_timelines), req)
         }
         (Built::None, Endpoint::Carrier(carrier)) => {
             frontends::carrier::accept(&shared, &mut sink, &mut stream, req, carrier).await

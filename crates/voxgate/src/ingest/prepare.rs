@@ -79,7 +79,11 @@ pub async fn prepare(
         breakers: &shared.breakers,
     };
     let owner = principal.map_or("", |p| p.user.as_str());
-    let recorder = plan.record.then(|| recorder(shared, owner, &target));
+    frontend.on_session(owner, &target);
+    let continuation = frontend.recording_continuation();
+    let recorder = plan
+        .record
+        .then(|| recorder(shared, owner, &target, continuation));
     let mut consumers = build_consumers(
         shared,
         &ctx,
@@ -160,7 +164,12 @@ fn register(
 }
 
 /// The session's recorder, writing under its owner's namespace (the token's user).
-fn recorder(shared: &Shared, owner: &str, target: &Target) -> Box<dyn crate::fanout::Consumer> {
+fn recorder(
+    shared: &Shared,
+    owner: &str,
+    target: &Target,
+    continuation: Option<crate::fanout::recorder::Continuation>,
+) -> Box<dyn crate::fanout::Consumer> {
     Box::new(crate::fanout::recorder::Recorder::spawn(
         Arc::new(shared.cfg.recording.clone()),
         shared.recordings.clone(),
@@ -168,6 +177,7 @@ fn recorder(shared: &Shared, owner: &str, target: &Target) -> Box<dyn crate::fan
             owner: owner.to_owned(),
             session_id: target.session_id.clone(),
             uid: target.uid.clone(),
+            continuation,
         },
     ))
 }

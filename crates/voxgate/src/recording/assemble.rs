@@ -9,6 +9,7 @@ use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{GetOptions, ObjectStore};
 
+use super::crypt::{CryptError, Key};
 use super::layout::{audio_range, SessionKeys};
 use super::Store;
 
@@ -28,6 +29,10 @@ pub enum FetchError {
     TooMany,
     #[error("recording store: {0}")]
     Store(#[from] object_store::Error),
+    #[error("the recording is encrypted and no key is configured for its user")]
+    NoKey,
+    #[error(transparent)]
+    Decrypt(#[from] CryptError),
 }
 
 /// One audio object: samples `[start, end)` at `path`.
@@ -36,6 +41,8 @@ pub struct Chunk {
     pub start: u64,
     pub end: u64,
     pub path: Path,
+    /// Sealed with the user's key (`.pcm.enc`).
+    pub encrypted: bool,
 }
 
 /// The audio objects of a recording in sample order (names that are not sample ranges are
@@ -51,6 +58,7 @@ pub async fn list_chunks(store: &Store, keys: &SessionKeys) -> Result<Vec<Chunk>
             chunks.push(Chunk {
                 start,
                 end,
+                encrypted: meta.location.as_ref().ends_with(".enc"),
                 path: meta.location,
             });
         }
@@ -107,23 +115,48 @@ pub struct Wav {
     pub body: BoxStream<'static, Result<Bytes, FetchError>>,
 }
 
-/// Opens session `keys` as one WAV; `NotFound` when it has no audio.
-pub async fn wav(store: &Store, keys: &SessionKeys) -> Result<Wav, FetchError> {
+/// Opens session `keys` as one WAV; `NotFound` when it has no audio. Encrypted chunks are
+/// opened with `key`: without one, or when the first does not open, this fails before any byte
+/// is sent (a wrong key fails loudly, not as a WAV of noise).
+pub async fn wav(store: &Store, keys: &SessionKeys, key: Option<Key>) -> Result<Wav, FetchError> {
     let chunks = list_chunks(store, keys).await?;
     if chunks.is_empty() {
         return Err(FetchError::NotFound);
+    }
+    if let Some(first) = chunks.iter().find(|c| c.encrypted) {
+        let key = key.as_ref().ok_or(FetchError::NoKey)?;
+        let sealed = store.inner.get_opts(&first.path, GetOptions::new()).await?;
+        key.open(&sealed.bytes().await?)?;
     }
     let (plan, samples) = plan(&chunks);
     let header = stream::once(async move { Ok(Bytes::copy_from_slice(&wav_header(samples))) });
     let inner = store.inner.clone();
     let parts = stream::iter(chunks.into_iter().zip(plan)).flat_map(move |(c, (skip, gap))| {
-        let audio = chunk_bytes(inner.clone(), c, skip);
+        let audio = chunk_bytes(inner.clone(), c, skip, key.clone());
         silence(gap).chain(audio).boxed()
     });
     Ok(Wav {
         bytes: 44 + samples * 2,
         body: header.chain(parts).boxed(),
     })
+}
+
+/// The key of the recording's user (its summary's `uid`) among `keys` (`recording.keys`);
+/// `None` when there is no summary yet, no key for the user, or no keys at all.
+pub async fn user_key(
+    store: &Store,
+    session: &SessionKeys,
+    keys: &std::collections::BTreeMap<String, String>,
+) -> Option<Key> {
+    if keys.is_empty() {
+        return None;
+    }
+    let path = session.summary();
+    let got = store.inner.get_opts(&path, GetOptions::new());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&got.await.ok()?.bytes().await.ok()?).ok()?;
+    let hex = keys.get(summary.get("uid")?.as_str()?)?;
+    Key::from_hex(hex).ok()
 }
 
 /// `samples` of silence in bounded blocks.
@@ -143,23 +176,30 @@ fn chunk_bytes(
     store: std::sync::Arc<dyn ObjectStore>,
     c: Chunk,
     skip: u64,
+    key: Option<Key>,
 ) -> BoxStream<'static, Result<Bytes, FetchError>> {
     let want = (c.end - c.start) * 2 - skip;
     let fetch = async move {
         let got = store.get_opts(&c.path, GetOptions::new()).await?;
+        // A sealed object opens whole (its tag is at its end): one chunk in memory.
+        let raw = match (c.encrypted, key) {
+            (false, _) => got.into_stream().map_err(FetchError::from).boxed(),
+            (true, None) => return Err(FetchError::NoKey),
+            (true, Some(key)) => {
+                let plain = Bytes::from(key.open(&got.bytes().await?)?);
+                stream::once(std::future::ready(Ok(plain))).boxed()
+            }
+        };
         // Whole objects are read (a range past a short object's end is an error on some
         // stores): the first `skip` bytes are dropped here, and at most `want` kept.
         let (mut to_skip, mut left) = (skip, want);
-        let body = got
-            .into_stream()
-            .map_err(FetchError::from)
-            .map_ok(move |b| {
-                let from = to_skip.min(b.len() as u64) as usize;
-                to_skip -= from as u64;
-                let keep = left.min((b.len() - from) as u64) as usize;
-                left -= keep as u64;
-                b.slice(from..from + keep)
-            });
+        let body = raw.map_ok(move |b| {
+            let from = to_skip.min(b.len() as u64) as usize;
+            to_skip -= from as u64;
+            let keep = left.min((b.len() - from) as u64) as usize;
+            left -= keep as u64;
+            b.slice(from..from + keep)
+        });
         Ok::<_, FetchError>(body)
     };
     let counted = stream::once(fetch).try_flatten();
@@ -225,6 +265,7 @@ mod tests {
             start,
             end,
             path: Path::from("x"),
+            encrypted: false,
         }
     }
 
@@ -268,7 +309,7 @@ mod tests {
         put(10, 20, 2).await;
         put(0, 10, 1).await;
         put(30, 40, 4).await;
-        let got = wav(&store, &keys).await.unwrap();
+        let got = wav(&store, &keys, None).await.unwrap();
         assert_eq!(got.bytes, 44 + 80);
         let parts: Vec<Bytes> = got.body.try_collect().await.unwrap();
         let bytes = parts.concat();
@@ -286,7 +327,7 @@ mod tests {
         assert_eq!(samples, want);
         let none = SessionKeys::new(&store.prefix, "", "other");
         assert!(matches!(
-            wav(&store, &none).await,
+            wav(&store, &none, None).await,
             Err(FetchError::NotFound)
         ));
     }

@@ -14,6 +14,7 @@
 //! - `{owner}/{session}/summary.json`: written at close (close code, samples, what was lost).
 
 pub mod assemble;
+pub mod crypt;
 pub mod layout;
 
 use std::sync::Arc;

@@ -8,7 +8,7 @@ pub mod deepgram;
 pub mod listen;
 pub mod omi;
 mod omi_consumers;
-pub mod omi_timeline;
+mod omi_v2;
 pub mod realtime;
 pub mod twilio;
 
@@ -107,6 +107,13 @@ pub trait Frontend: Send + Sync {
     /// An admission the frontend made before its session was asked for (Twilio admits at
     /// connect, before `start`); `None`: `prepare` admits.
     fn take_admission(&mut self) -> Option<Admitted> {
+        None
+    }
+    /// The session's owner (the token's user; empty without tokens), id and uid, before its
+    /// consumers are built.
+    fn on_session(&mut self, _owner: &str, _target: &crate::fanout::contract::Target) {}
+    /// Set before the session's first audio when it continues another session's recording.
+    fn recording_continuation(&self) -> Option<crate::fanout::recorder::Continuation> {
         None
     }
 }

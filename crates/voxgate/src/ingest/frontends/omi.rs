@@ -10,8 +10,8 @@ use axum::extract::ws::Message;
 use bytes::Bytes;
 use voxgate_session::{ClientControl, CloseCode, ServerEvent, MAX_GAP_SAMPLES, SAMPLE_RATE};
 
-use super::omi_consumers::{consumers, OmiTargets};
-use super::omi_timeline::{Placed, Replay, Timeline};
+use super::omi_consumers::{consumers, durable_job_required, OmiTargets};
+use super::omi_v2::V2;
 use super::{Accept, Action, Frontend};
 use crate::config::{Config, WebhookConfig};
 use crate::fanout::registry::BuildCtx;
@@ -20,6 +20,8 @@ use crate::ingest::hook::HookAnswer;
 use crate::ingest::refusal::{Refusal, RefuseReason};
 use crate::ingest::request::ConnectRequest;
 use crate::metrics::OMI_REPLAYS;
+use crate::omi_timelines::ledger::Ledger;
+use crate::omi_timelines::timeline::{Placed, Replay};
 use metrics::counter;
 
 /// The `audio_timeline` versions this pusher speaks.
@@ -27,8 +29,15 @@ const TIMELINE_VERSION: u32 = 2;
 
 /// Checks `uid`, `sample_rate` (8000..=48000, default 8000: the audio is PCM16 mono) and
 /// `audio_timeline` (absent: legacy; `2`; anything else is refused with 1008). While draining
-/// the socket is accepted, then closed with 1001, as Omi's listen side expects.
-pub fn accept(cfg: &Config, draining: bool, mut req: ConnectRequest) -> Accept {
+/// the socket is accepted, then closed with 1001, as Omi's listen side expects. With `ledger`,
+/// an `audio_timeline=2` socket continues the timeline a previous socket of the same user and
+/// conversation left.
+pub fn accept(
+    cfg: &Config,
+    draining: bool,
+    ledger: Option<&Arc<Ledger>>,
+    mut req: ConnectRequest,
+) -> Accept {
     if draining {
         let why = "server is draining; reconnect to another instance";
         return Accept::Refuse(req, Refusal::new(RefuseReason::Draining, why));
@@ -55,7 +64,8 @@ pub fn accept(cfg: &Config, draining: bool, mut req: ConnectRequest) -> Accept {
             req.set_source("linear16", rate);
             let mut omi = Omi::new(rate, cfg.omi.max_json_bytes);
             if timeline.is_some() {
-                omi.timeline = Some(Timeline::new(rate, cfg.omi.replay_window_bytes(rate)));
+                let window = cfg.omi.replay_window_bytes(rate);
+                omi.timeline = Some(V2::new(rate, window, ledger.cloned()));
             }
             Accept::Session(req, Box::new(omi))
         }
@@ -94,7 +104,7 @@ pub struct Omi {
     first_ts: Option<f64>,
     samples_in: u64,
     /// With `audio_timeline=2`: where each frame goes, and the replay rules.
-    timeline: Option<Timeline>,
+    timeline: Option<V2>,
 }
 
 /// A late capture timestamp beyond this many seconds counts as a gap (filled, counted).
@@ -143,6 +153,11 @@ impl Omi {
     }
 
     fn conversation(&self, event: &str, data: serde_json::Value) -> Action {
+        if event == "finalize" {
+            if let Some(answer) = durable_job_required(&self.conversation_id, &data) {
+                return Action::Notice(answer);
+            }
+        }
         Action::Notice(ServerEvent::Conversation {
             event: event.to_owned(),
             conversation_id: self.conversation_id.clone(),
@@ -176,8 +191,11 @@ impl Omi {
                 ));
                 return;
             }
-            let placed = timeline.place(ts, pcm);
-            return self.on_placed(ts, placed, out);
+            let conversation = self.conversation_id.as_deref();
+            if let Some(placed) = timeline.place(conversation, ts, pcm) {
+                self.on_placed(ts, placed, out);
+            }
+            return;
         }
         match self.first_ts {
             None if ts.is_finite() => self.first_ts = Some(ts),
@@ -206,8 +224,13 @@ impl Omi {
     /// An `audio_timeline=2` frame placed on the timeline: its gap filled, its replay counted
     /// (and told once per kind, as a warning), its new audio passed on.
     fn on_placed(&mut self, ts: f64, placed: Placed, out: &mut Vec<Action>) {
+        let mut silence = 0;
         if placed.gap > 0 {
-            gap_actions(placed.gap as f64 / f64::from(self.rate), ts, out);
+            silence = gap_actions(placed.gap as f64 / f64::from(self.rate), ts, out);
+        }
+        let audio = placed.pcm.len() as u64 / 2;
+        if let Some(timeline) = self.timeline.as_mut() {
+            timeline.passed_on(audio, silence);
         }
         if let Some(replay) = placed.replay {
             counter!(OMI_REPLAYS, "outcome" => replay.as_str()).increment(1);
@@ -228,8 +251,8 @@ impl Omi {
 }
 
 /// `gap` seconds missing before capture time `ts`: up to `MAX_GAP_SAMPLES` filled (within the
-/// session's budget); a longer jump is followed but not filled.
-fn gap_actions(gap: f64, ts: f64, out: &mut Vec<Action>) {
+/// session's budget); a longer jump is followed but not filled. Returns the samples asked for.
+fn gap_actions(gap: f64, ts: f64, out: &mut Vec<Action>) -> u64 {
     let samples = (gap * f64::from(SAMPLE_RATE)) as u64;
     if samples > MAX_GAP_SAMPLES {
         out.push(Action::Notice(ServerEvent::warning(
@@ -239,13 +262,14 @@ fn gap_actions(gap: f64, ts: f64, out: &mut Vec<Action>) {
                 MAX_GAP_SAMPLES / u64::from(SAMPLE_RATE)
             ),
         )));
-        return;
+        return 0;
     }
     out.push(Action::Silence(samples));
     out.push(Action::Notice(ServerEvent::warning(
         "media_gap",
         format!("{gap:.3} s of audio missing before capture time {ts:.3}; filled with silence"),
     )));
+    samples
 }
 
 impl Frontend for Omi {
@@ -319,6 +343,16 @@ impl Frontend for Omi {
         consumers(ctx, targets)
     }
 
+    fn on_session(&mut self, owner: &str, target: &crate::fanout::contract::Target) {
+        if let Some(timeline) = self.timeline.as_mut() {
+            timeline.on_session(owner, &target.session_id, &target.uid);
+        }
+    }
+
+    fn recording_continuation(&self) -> Option<crate::fanout::recorder::Continuation> {
+        self.timeline.as_ref().map(|t| t.continuation.clone())
+    }
+
     fn render(&mut self, event: &ServerEvent, out: &mut Vec<Message>) {
         if let ServerEvent::Conversation { event, data, .. } = event {
             if event == "finalize_result" {
@@ -360,14 +394,14 @@ mod tests {
     #[test]
     fn accept_needs_a_uid_and_a_sane_rate() {
         assert!(
-            matches!(accept(&Config::default(), false, request(&[("uid", "u")])), Accept::Session(r, _)
+            matches!(accept(&Config::default(), false, None, request(&[("uid", "u")])), Accept::Session(r, _)
             if matches!(r.source, Ok(voxgate_media::SourceFormat::Linear16 { sample_rate: 8000, channels: 1 })))
         );
         assert!(
-            matches!(accept(&Config::default(), false, request(&[])), Accept::Refuse(_, r) if r.reason == RefuseReason::MissingUid)
+            matches!(accept(&Config::default(), false, None, request(&[])), Accept::Refuse(_, r) if r.reason == RefuseReason::MissingUid)
         );
         assert!(
-            matches!(accept(&Config::default(), false, request(&[("uid", "u"), ("sample_rate", "4000")])),
+            matches!(accept(&Config::default(), false, None, request(&[("uid", "u"), ("sample_rate", "4000")])),
             Accept::Refuse(_, r) if r.reason == RefuseReason::InvalidSampleRate)
         );
     }
@@ -375,7 +409,14 @@ mod tests {
     #[test]
     fn the_timeline_version_is_negotiated_and_draining_is_told_after_accept() {
         let cfg = Config::default();
-        let v = |v: &str| accept(&cfg, false, request(&[("uid", "u"), ("audio_timeline", v)]));
+        let v = |v: &str| {
+            accept(
+                &cfg,
+                false,
+                None,
+                request(&[("uid", "u"), ("audio_timeline", v)]),
+            )
+        };
         assert!(matches!(v("2"), Accept::Session(..)));
         for bad in ["3", "1", "two", ""] {
             assert!(
@@ -383,7 +424,7 @@ mod tests {
                 "audio_timeline={bad}"
             );
         }
-        let draining = accept(&cfg, true, request(&[("uid", "u")]));
+        let draining = accept(&cfg, true, None, request(&[("uid", "u")]));
         assert!(
             matches!(draining, Accept::Refuse(_, r) if r.reason.close_code() == CloseCode::GoingAway)
         );
@@ -402,7 +443,8 @@ mod tests {
             body,
             serde_json::json!({"type": "audio_timeline_ack", "version": 2})
         );
-        let Accept::Session(_, mut legacy) = accept(&cfg, false, request(&[("uid", "u")])) else {
+        let Accept::Session(_, mut legacy) = accept(&cfg, false, None, request(&[("uid", "u")]))
+        else {
             unreachable!()
         };
         let mut out = Vec::new();

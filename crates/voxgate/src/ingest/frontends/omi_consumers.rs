@@ -117,18 +117,53 @@ fn conversation(target: &Target) -> Selector {
                 conversation_id,
                 data,
             }),
-            reply: (event == "finalize").then(|| finalize_result(conversation_id)),
+            reply: (event == "finalize").then(|| finalize_result(conversation_id, data)),
         }),
         _ => None,
     })
 }
 
-fn finalize_result(conversation_id: &Option<String>) -> ServerEvent {
+/// The `201` answer to a `104`. Under finalization result protocol 2 it echoes the request's
+/// `finalization_job_id` and `dispatch_generation`, so the listen side matches it to its pending
+/// request; voxgate answers each `104` once, after delivery, so the protocol's lease and fencing
+/// answers never arise.
+fn finalize_result(conversation_id: &Option<String>, request: &serde_json::Value) -> ServerEvent {
+    let mut data = serde_json::json!({ "conversation_id": conversation_id, "success": true });
+    for field in [
+        "finalization_job_id",
+        "dispatch_generation",
+        "finalization_result_protocol",
+    ] {
+        if let Some(v) = request.get(field) {
+            data[field] = v.clone();
+        }
+    }
     ServerEvent::Conversation {
         event: "finalize_result".into(),
         conversation_id: conversation_id.clone(),
-        data: serde_json::json!({ "conversation_id": conversation_id, "success": true }),
+        data,
     }
+}
+
+/// A `104` under finalization result protocol 2 without a `finalization_job_id`: answered at
+/// once with `durable_job_required` (terminal), as Omi's pusher does, and not forwarded.
+pub fn durable_job_required(
+    conversation_id: &Option<String>,
+    request: &serde_json::Value,
+) -> Option<ServerEvent> {
+    let v2 = request.get("finalization_result_protocol") == Some(&serde_json::json!(2));
+    let has_job = request
+        .get("finalization_job_id")
+        .is_some_and(|j| !j.is_null());
+    (v2 && !has_job).then(|| ServerEvent::Conversation {
+        event: "finalize_result".into(),
+        conversation_id: conversation_id.clone(),
+        data: serde_json::json!({
+            "conversation_id": conversation_id,
+            "error": "durable_job_required",
+            "terminal": true,
+        }),
+    })
 }
 
 /// Answers `104` when there is no conversation webhook to deliver it to.
@@ -150,11 +185,11 @@ impl Consumer for AutoReply {
         if let ServerEvent::Conversation {
             event,
             conversation_id,
-            ..
+            data,
         } = event
         {
             if event == "finalize" {
-                self.notifier.offer(finalize_result(conversation_id));
+                self.notifier.offer(finalize_result(conversation_id, data));
             }
         }
     }

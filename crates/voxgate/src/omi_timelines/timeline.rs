@@ -123,6 +123,11 @@ impl Timeline {
         }
     }
 
+    /// Capture time (unix seconds) of timeline sample 0, once a frame was placed.
+    pub fn origin(&self) -> Option<f64> {
+        self.origin
+    }
+
     fn accept(&mut self, pcm: &[u8]) {
         self.end += pcm.len() as u64 / 2;
         self.window.extend(pcm);
