@@ -8,11 +8,13 @@ mod protocol;
 mod segmenter;
 mod session;
 
-pub use protocol::{ClientControl, CloseSummary, ConsumerSummary, ServerEvent, UtteranceReason};
+pub use protocol::{
+    ClientControl, CloseSummary, ConsumerSummary, Party, ServerEvent, UtteranceReason,
+};
 pub use segmenter::{Segment, Segmenter, SegmenterConfig};
 pub use session::{
     AudioChunk, CloseCode, ContinuePoint, Input, Output, Session, SessionConfig, SessionError,
-    SessionStats, MAX_GAP_SAMPLES,
+    SessionStats, MAX_GAP_SAMPLES, MAX_PARTIES,
 };
 
 /// Output sample rate of every session (16 kHz mono PCM16).

@@ -4,7 +4,8 @@
 //! `mixType`) and FreeSWITCH `mod_audio_fork` (subprotocol `audio.drachtio.org`; its rate and
 //! channels are the fork command's, given in the URL as `sample_rate`/`channels`, its optional
 //! metadata message is forwarded). A stereo stream (jambonz `mixType: stereo`, an audio fork
-//! with `channels=2`) is interleaved caller/callee and is mixed to mono by the decoder.
+//! with `channels=2`) is interleaved caller/callee: the session keeps each party apart besides
+//! the mix (`carriers.max_parties`, `voxgate_session::Party`).
 //!
 //! Sources: developer.vonage.com/voice/voice-api/concepts/websockets; docs.jambonz.org
 //! (verbs/listen: "audio.jambonz.org", the initial JSON text frame, L16 binary frames);
