@@ -385,6 +385,26 @@ async fn freeswitch_audio_fork_l16_calls() {
     l16_calls(Carrier::AudioFork, Some("audio.drachtio.org"), meta).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinch_stream_l16_calls_are_answered_or_rejected() {
+    // developers.sinch.com voice-2.0 api-reference stream: a ConnectRequest
+    // {"command":"connect","version":1,"callId","applicationKey","codec":"PCM","sampleRate",
+    // "callHeaders":{..}} answered {"command":"answer"|"busy"|"reject"}, then binary 16-bit LE
+    // mono PCM; the server may send {"command":"clear"|"heartbeat"} (a text here to forward).
+    let heartbeat = r#"{"command":"heartbeat"}"#;
+    l16_calls(Carrier::Sinch, None, heartbeat).await;
+    let (gw, _rx) = gateway().await;
+    let call = short_call(Carrier::Sinch, &[]);
+    let frames: Vec<Frame> = call.frames.iter().map(|t| t.frame.clone()).collect();
+    let run = replay(&gw.ws("/v1/sinch"), frames).await;
+    assert_eq!(run.events[0]["command"], "answer", "{:?}", run.events);
+    // A codec Sinch's docs do not define is rejected the Sinch way, then closed with 1003.
+    let connect = r#"{"command":"connect","version":1,"callId":"c1","applicationKey":"k","codec":"OPUS","sampleRate":48000,"callHeaders":{}}"#;
+    let run = replay(&gw.ws("/v1/sinch"), vec![Frame::Text(connect.into())]).await;
+    assert_eq!(run.events[0]["command"], "reject", "{:?}", run.events);
+    assert_eq!(run.close_code, Some(1003));
+}
+
 /// One AudioSocket frame: kind, big-endian u16 length, payload (docs.asterisk.org AudioSocket
 /// protocol; CyCoreSystems/audiosocket `message.go`).
 fn audiosocket_frame(kind: u8, payload: &[u8]) -> Vec<u8> {

@@ -90,7 +90,7 @@ pub fn call(
         Carrier::SignalWire | Carrier::Telnyx | Carrier::Plivo | Carrier::Exotel => {
             Ok(json_call(carrier, &pcm8, &id, params))
         }
-        Carrier::Vonage | Carrier::Jambonz | Carrier::AudioFork => {
+        Carrier::Vonage | Carrier::Jambonz | Carrier::AudioFork | Carrier::Sinch => {
             Ok(l16_call(carrier, rate, samples, 1, &id, params))
         }
         other => anyhow::bail!("no simulator for {} yet", other.as_str()),
@@ -154,6 +154,21 @@ fn l16_call(
                     "mixType",
                     json!(if channels == 2 { "stereo" } else { "mono" }),
                 ),
+            ] {
+                meta.insert(k.into(), v);
+            }
+            Some(meta)
+        }
+        Carrier::Sinch => {
+            let headers = serde_json::Value::Object(std::mem::take(&mut meta));
+            for (k, v) in [
+                ("command", json!("connect")),
+                ("version", json!(1)),
+                ("callId", json!(id)),
+                ("applicationKey", json!("voxgate-simulator")),
+                ("codec", json!("PCM")),
+                ("sampleRate", json!(rate)),
+                ("callHeaders", headers),
             ] {
                 meta.insert(k.into(), v);
             }
@@ -301,7 +316,12 @@ mod tests {
             let per = if c == Carrier::Exotel { 10 } else { 50 };
             assert_eq!(call.media.len(), per, "{c:?}");
         }
-        for c in [Carrier::Vonage, Carrier::Jambonz, Carrier::AudioFork] {
+        for c in [
+            Carrier::Vonage,
+            Carrier::Jambonz,
+            Carrier::AudioFork,
+            Carrier::Sinch,
+        ] {
             let call = call(c, 16_000, &samples, &[]).unwrap();
             assert_eq!(call.media.len(), 50, "{c:?}");
             assert_eq!(call.frames.last().unwrap().frame, Frame::Close);

@@ -45,11 +45,14 @@ pub enum Carrier {
     AudioFork,
     /// Asterisk AudioSocket over TCP (its own listener).
     AudioSocket,
+    /// Sinch Voice stream: a JSON `connect` request answered `answer`/`busy`/`reject`, then
+    /// binary L16.
+    Sinch,
 }
 
 impl Carrier {
     /// Every carrier served on a WebSocket path (AudioSocket has its own TCP listener).
-    pub const WEBSOCKET: [Carrier; 7] = [
+    pub const WEBSOCKET: [Carrier; 8] = [
         Self::SignalWire,
         Self::Telnyx,
         Self::Plivo,
@@ -57,6 +60,7 @@ impl Carrier {
         Self::Vonage,
         Self::Jambonz,
         Self::AudioFork,
+        Self::Sinch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +73,7 @@ impl Carrier {
             Self::Jambonz => "jambonz",
             Self::AudioFork => "audio_fork",
             Self::AudioSocket => "audiosocket",
+            Self::Sinch => "sinch",
         }
     }
 }
