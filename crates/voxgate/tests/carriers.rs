@@ -323,9 +323,10 @@ async fn l16_calls(c: Carrier, protocol: Option<&str>, dtmf: &str) {
             ("consumers".to_owned(), "calls".to_owned()),
             ("session_id".to_owned(), id.to_owned()),
         ];
-        // An audio fork's session is chosen in its URL; the others' in their description.
+        // An audio fork's and Asterisk's session is chosen in the URL; the others' in their
+        // description.
         let (query, params) = match c {
-            Carrier::AudioFork => (
+            Carrier::AudioFork | Carrier::Asterisk => (
                 format!("?sample_rate={rate}&consumers=calls&session_id={id}"),
                 vec![],
             ),
@@ -402,6 +403,20 @@ async fn sinch_stream_l16_calls_are_answered_or_rejected() {
     let connect = r#"{"command":"connect","version":1,"callId":"c1","applicationKey":"k","codec":"OPUS","sampleRate":48000,"callHeaders":{}}"#;
     let run = replay(&gw.ws("/v1/sinch"), vec![Frame::Text(connect.into())]).await;
     assert_eq!(run.events[0]["command"], "reject", "{:?}", run.events);
+    assert_eq!(run.close_code, Some(1003));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_chan_websocket_calls() {
+    // docs.asterisk.org Channel-Drivers/WebSocket: Asterisk dials out, sends a TEXT
+    // `MEDIA_START connection_id:.. channel:.. format:slin16 optimal_frame_size:640 ptime:20`,
+    // then BINARY media in the channel's codec; later events such as `DTMF_END digit:5`.
+    l16_calls(Carrier::Asterisk, Some("media"), "DTMF_END digit:5").await;
+    // The JSON control format (`control_message_format = json`) with a passthrough codec
+    // voxgate does not decode: refused with 1003.
+    let (gw, _rx) = gateway().await;
+    let start = r#"{"event":"MEDIA_START","connection_id":"c9","channel":"WebSocket/c9/0x9","channel_id":"1761245643.1","format":"opus","optimal_frame_size":960,"ptime":20,"channel_variables":{}}"#;
+    let run = replay(&gw.ws("/v1/asterisk"), vec![Frame::Text(start.into())]).await;
     assert_eq!(run.close_code, Some(1003));
 }
 

@@ -90,9 +90,11 @@ pub fn call(
         Carrier::SignalWire | Carrier::Telnyx | Carrier::Plivo | Carrier::Exotel => {
             Ok(json_call(carrier, &pcm8, &id, params))
         }
-        Carrier::Vonage | Carrier::Jambonz | Carrier::AudioFork | Carrier::Sinch => {
-            Ok(l16_call(carrier, rate, samples, 1, &id, params))
-        }
+        Carrier::Vonage
+        | Carrier::Jambonz
+        | Carrier::AudioFork
+        | Carrier::Sinch
+        | Carrier::Asterisk => Ok(l16_call(carrier, rate, samples, 1, &id, params)),
         other => anyhow::bail!("no simulator for {} yet", other.as_str()),
     }
 }
@@ -180,6 +182,22 @@ fn l16_call(
         .map(|d| text(0.0, serde_json::Value::Object(d)))
         .into_iter()
         .collect();
+    if carrier == Carrier::Asterisk {
+        // chan_websocket's default plain-text control format; its session is chosen in the URL.
+        let format = if rate == 8000 {
+            "slin".to_owned()
+        } else {
+            format!("slin{}", rate / 1000)
+        };
+        let start = format!(
+            "MEDIA_START connection_id:{id} channel:WebSocket/{id}/0x1 format:{format} optimal_frame_size:{} ptime:20",
+            rate / 50 * 2
+        );
+        frames.push(Timed {
+            at_ms: 0.0,
+            frame: Frame::Text(start),
+        });
+    }
     let mut media = Vec::new();
     let per_frame = (rate / 50) as usize * channels;
     for (i, chunk) in samples.chunks(per_frame).enumerate() {

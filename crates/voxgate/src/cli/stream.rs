@@ -42,7 +42,7 @@ pub struct StreamArgs {
     #[arg(long, conflicts_with = "encoding")]
     pub twilio: bool,
     /// Carrier simulator: send the WAV FILE (8 or 16 kHz) as a call in this carrier's framing
-    /// (`signalwire`, `telnyx`, `plivo`, `exotel`, `vonage`, `jambonz`, `audio_fork`, `sinch`), to the
+    /// (`signalwire`, `telnyx`, `plivo`, `exotel`, `vonage`, `jambonz`, `audio_fork`, `sinch`, `asterisk`), to the
     /// URL's path, or `/v1/<carrier>` when the URL has none.
     #[arg(long, conflicts_with_all = ["encoding", "twilio"])]
     pub carrier: Option<String>,

@@ -48,11 +48,14 @@ pub enum Carrier {
     /// Sinch Voice stream: a JSON `connect` request answered `answer`/`busy`/`reject`, then
     /// binary L16.
     Sinch,
+    /// Asterisk's WebSocket channel driver (`chan_websocket`) dialing out: a `MEDIA_START`
+    /// control event (plain text or JSON), then binary media in the channel's codec.
+    Asterisk,
 }
 
 impl Carrier {
     /// Every carrier served on a WebSocket path (AudioSocket has its own TCP listener).
-    pub const WEBSOCKET: [Carrier; 8] = [
+    pub const WEBSOCKET: [Carrier; 9] = [
         Self::SignalWire,
         Self::Telnyx,
         Self::Plivo,
@@ -61,6 +64,7 @@ impl Carrier {
         Self::Jambonz,
         Self::AudioFork,
         Self::Sinch,
+        Self::Asterisk,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +78,7 @@ impl Carrier {
             Self::AudioFork => "audio_fork",
             Self::AudioSocket => "audiosocket",
             Self::Sinch => "sinch",
+            Self::Asterisk => "asterisk",
         }
     }
 }

@@ -35,6 +35,8 @@ pub fn subprotocol(carrier: Carrier) -> Option<&'static str> {
     match carrier {
         Carrier::Jambonz => Some("audio.jambonz.org"),
         Carrier::AudioFork => Some("audio.drachtio.org"),
+        // `websocket_client.conf` `protocols = media`, when the client is configured so.
+        Carrier::Asterisk => Some("media"),
         _ => None,
     }
 }
@@ -61,6 +63,7 @@ pub async fn accept(
         let what = match carrier {
             Carrier::Vonage => "websocket:connected message",
             Carrier::Sinch => "connect request",
+            Carrier::Asterisk => "MEDIA_START event",
             _ => "metadata message",
         };
         let limits = call::start_limits(shared, what);
@@ -152,9 +155,10 @@ fn before_start(
         }
         _ => return (BeforeStart::Wait, None),
     };
-    let parsed = serde_json::from_str::<serde_json::Value>(text.as_str())
-        .map_err(|e| format!("not JSON: {e}; ignored"))
-        .and_then(|v| parse_description(carrier, v));
+    let parsed = parse_control(carrier, text.as_str()).and_then(|v| match carrier {
+        Carrier::Asterisk => super::asterisk_ws::describe(v),
+        _ => parse_description(carrier, v),
+    });
     match parsed {
         Ok(Some(call)) => (BeforeStart::Started(call), None),
         Ok(None) => (BeforeStart::Wait, None),
@@ -247,6 +251,14 @@ fn parse_description(
     })))
 }
 
+/// A control message as JSON (Asterisk's may be plain text).
+fn parse_control(carrier: Carrier, text: &str) -> Result<serde_json::Value, String> {
+    match carrier {
+        Carrier::Asterisk => super::asterisk_ws::control(text),
+        _ => serde_json::from_str(text).map_err(|e| format!("not JSON: {e}; ignored")),
+    }
+}
+
 fn text(v: &serde_json::Value, key: &str) -> String {
     v[key].as_str().unwrap_or_default().to_owned()
 }
@@ -287,10 +299,9 @@ impl Frontend for L16Carrier {
     }
 
     fn on_text(&mut self, text: &str, out: &mut Vec<Action>) {
-        let v: serde_json::Value = match serde_json::from_str(text) {
+        let v = match parse_control(self.carrier, text) {
             Ok(v) => v,
-            Err(e) => {
-                let why = format!("not JSON: {e}; ignored");
+            Err(why) => {
                 return out.push(Action::Notice(ServerEvent::warning("bad_message", why)));
             }
         };
