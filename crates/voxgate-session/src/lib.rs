@@ -9,11 +9,13 @@ mod segmenter;
 mod session;
 mod vad;
 
-pub use protocol::{ClientControl, CloseSummary, ConsumerSummary, ServerEvent, UtteranceReason};
+pub use protocol::{
+    ClientControl, CloseSummary, ConsumerSummary, Party, ServerEvent, UtteranceReason,
+};
 pub use segmenter::{Segment, Segmenter, SegmenterConfig};
 pub use session::{
     AudioChunk, CloseCode, ContinuePoint, Input, Output, Session, SessionConfig, SessionError,
-    SessionStats, MAX_GAP_SAMPLES,
+    SessionStats, MAX_GAP_SAMPLES, MAX_PARTIES,
 };
 pub use vad::{VadMode, VadStats};
 

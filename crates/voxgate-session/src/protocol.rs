@@ -37,6 +37,33 @@ pub enum UtteranceReason {
     Close,
 }
 
+/// Which party of a two-party call an utterance or transcript is from: a stereo carrier stream
+/// (jambonz `mixType=stereo`, an audio fork with two channels) carries the caller on its first
+/// channel and the called party (the agent) on its second. Events of a mono session carry none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Party {
+    Caller,
+    Agent,
+}
+
+impl Party {
+    /// The parties in channel order (channel 0 is the caller).
+    pub const ALL: [Party; 2] = [Party::Caller, Party::Agent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::Agent => "agent",
+        }
+    }
+
+    /// `caller`/`agent`, as a query or config names them.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
 /// Per-consumer delivery counts, as reported in `Closed`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConsumerSummary {
@@ -89,12 +116,18 @@ pub enum ServerEvent {
     SpeechStarted {
         utterance: u64,
         timestamp: f64,
+        /// The party who spoke, in a two-party session; absent otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        party: Option<Party>,
     },
     UtteranceEnd {
         utterance: u64,
         start: f64,
         end: f64,
         reason: UtteranceReason,
+        /// The party who spoke, in a two-party session; absent otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        party: Option<Party>,
     },
     /// A transcript from a speech-to-text consumer. `start`/`end` are media seconds: the
     /// utterance's bounds for per-utterance backends, the recognized segment's for streaming ones.
@@ -107,6 +140,9 @@ pub enum ServerEvent {
         start: f64,
         #[serde(default)]
         end: f64,
+        /// The party who spoke, in a two-party session; absent otherwise.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        party: Option<Party>,
     },
     /// Audio stored durably on the delivery bus (every audio webhook's messages acknowledged by
     /// JetStream) up to `samples`; sent at most once a second and at close.
@@ -181,6 +217,15 @@ impl ServerEvent {
             message: message.into(),
         }
     }
+    /// For an utterance boundary (`SpeechStarted`, `UtteranceEnd`): whose utterance it is
+    /// (`Some(None)` for the mix); `None` for every other event.
+    pub fn boundary_party(&self) -> Option<Option<Party>> {
+        match self {
+            Self::SpeechStarted { party, .. } | Self::UtteranceEnd { party, .. } => Some(*party),
+            _ => None,
+        }
+    }
+
     /// The JSON text sent on the wire.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("events serialize: only strings and numbers")
@@ -213,10 +258,23 @@ mod tests {
             start: 1.5,
             end: 3.0,
             reason: UtteranceReason::Limit,
+            party: None,
         };
         let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
         assert_eq!(v["type"], "UtteranceEnd");
         assert_eq!(v["reason"], "limit");
         assert_eq!(v["end"], 3.0);
+        assert!(
+            v.get("party").is_none(),
+            "a mono session's events carry no party"
+        );
+        let e = ServerEvent::SpeechStarted {
+            utterance: 0,
+            timestamp: 0.5,
+            party: Some(Party::Agent),
+        };
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["party"], "agent");
+        assert_eq!(e.boundary_party(), Some(Some(Party::Agent)));
     }
 }

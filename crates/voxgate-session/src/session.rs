@@ -6,11 +6,14 @@ use std::time::{Duration, Instant};
 
 use voxgate_media::{Decoder, DetectedFormat, Limits, MediaError, MediaEvent, SourceFormat};
 
-use crate::protocol::{ClientControl, CloseSummary, ServerEvent, UtteranceReason};
+use crate::protocol::{ClientControl, CloseSummary, Party, ServerEvent, UtteranceReason};
 use crate::segmenter::{Segment, Segmenter, SegmenterConfig};
 use crate::{seconds, SAMPLE_RATE};
 
 mod gap;
+mod parties;
+
+pub use parties::MAX_PARTIES;
 
 /// WebSocket close codes the session decides on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +71,10 @@ pub struct SessionConfig {
     /// Synthesized audio (gap filling, concealment) a session may insert beyond the wall-clock
     /// time since it started, in 16 kHz samples. Default 2 s.
     pub gap_slack_samples: u64,
+    /// Parties a raw stereo stream is split into (its channels in order: caller, agent), each
+    /// with its own utterances and audio chunks besides the mix; 0 (the default) keeps only the
+    /// mix. At most `MAX_PARTIES`.
+    pub max_parties: u8,
 }
 
 /// Where a continued session picks up.
@@ -94,6 +101,7 @@ impl SessionConfig {
             ack: false,
             continue_at: None,
             gap_slack_samples: 2 * u64::from(SAMPLE_RATE),
+            max_parties: 0,
         }
     }
 }
@@ -135,6 +143,8 @@ pub enum Input<'a> {
 pub struct AudioChunk {
     pub start: u64,
     pub pcm: Arc<[i16]>,
+    /// One party's channel of a two-party session; `None` for the mix (every other session).
+    pub party: Option<Party>,
 }
 
 /// One output of the session. Drain with `poll_output` after every input.
@@ -203,6 +213,8 @@ pub struct Session {
     skip_samples: u64,
     /// Gap fills are being cut by the budget (the client was warned once for this episode).
     gap_over_budget: bool,
+    /// The per-party lanes of a two-party session.
+    parties: Option<parties::Parties>,
 }
 
 impl Session {
@@ -239,7 +251,9 @@ impl Session {
             carried_decode_errors: 0,
             carried_resyncs: 0,
             gap_over_budget: false,
+            parties: None,
         };
+        session.parties = parties::Parties::new(&session.cfg);
         session.drain_media_events();
         Ok(session)
     }
@@ -294,11 +308,15 @@ impl Session {
 
     /// The client's audio format changed (a protocol that sets it mid-connection, like OpenAI's
     /// `session.update`): decoding continues in `source`, media time and utterances go on.
+    /// A two-party split ends here (its lanes were built for the old format).
     pub fn set_source(&mut self, source: SourceFormat) -> Result<(), SessionError> {
         let previous = std::mem::replace(&mut self.cfg.source, source);
         if let Err(e) = self.restart_stream() {
             self.cfg.source = previous;
             return Err(e);
+        }
+        if let Some(mut lanes) = self.parties.take() {
+            lanes.finalize(UtteranceReason::Close, &mut self.outputs);
         }
         Ok(())
     }
@@ -306,6 +324,9 @@ impl Session {
     /// New segmenter thresholds from now on (an open utterance stays open).
     pub fn set_segmenter(&mut self, cfg: SegmenterConfig) {
         self.cfg.segmenter = cfg.clone();
+        if let Some(lanes) = &mut self.parties {
+            lanes.reconfigure(&cfg);
+        }
         self.segmenter.reconfigure(cfg);
     }
 
@@ -321,6 +342,9 @@ impl Session {
                 self.segmenter
                     .finalize(UtteranceReason::Finalize, &mut self.segments);
                 self.route_segments();
+                if let Some(lanes) = &mut self.parties {
+                    lanes.finalize(UtteranceReason::Finalize, &mut self.outputs);
+                }
             }
             ClientControl::CloseStream => {
                 self.close(CloseCode::Normal, "CloseStream received".into());
@@ -342,6 +366,9 @@ impl Session {
                 let result = self.decoder.push(data, &mut self.pcm);
                 self.drain_media_events();
                 self.route_pcm();
+                if let Some(lanes) = &mut self.parties {
+                    lanes.push(data, self.cfg.wants_audio, &mut self.outputs);
+                }
                 if let Err(e) = result {
                     self.fail(&e);
                 } else if self.cfg.ack {
@@ -495,6 +522,7 @@ impl Session {
             self.outputs.push_back(Output::Audio(AudioChunk {
                 start,
                 pcm: Arc::from(self.pcm.as_slice()),
+                party: None,
             }));
         }
         self.segmenter.push(&self.pcm, &mut self.segments);
@@ -520,6 +548,7 @@ impl Session {
                     self.emit(ServerEvent::SpeechStarted {
                         utterance,
                         timestamp: seconds(start),
+                        party: None,
                     });
                 }
                 Segment::Ended {
@@ -541,6 +570,7 @@ impl Session {
                         start: seconds(start),
                         end: seconds(end),
                         reason,
+                        party: None,
                     });
                 }
             }
@@ -571,10 +601,16 @@ impl Session {
             if let Err(e) = result {
                 self.emit(ServerEvent::error(e.code(), e.to_string()));
             }
+            if let Some(lanes) = &mut self.parties {
+                lanes.flush(self.cfg.wants_audio, &mut self.outputs);
+            }
         }
         self.segmenter
             .finalize(UtteranceReason::Close, &mut self.segments);
         self.route_segments();
+        if let Some(lanes) = &mut self.parties {
+            lanes.finalize(UtteranceReason::Close, &mut self.outputs);
+        }
         let summary = self.summary();
         self.outputs.push_back(Output::Close {
             code,

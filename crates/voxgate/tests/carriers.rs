@@ -323,9 +323,10 @@ async fn l16_calls(c: Carrier, protocol: Option<&str>, dtmf: &str) {
             ("consumers".to_owned(), "calls".to_owned()),
             ("session_id".to_owned(), id.to_owned()),
         ];
-        // An audio fork's session is chosen in its URL; the others' in their description.
+        // An audio fork's and Asterisk's session is chosen in the URL; the others' in their
+        // description.
         let (query, params) = match c {
-            Carrier::AudioFork => (
+            Carrier::AudioFork | Carrier::Asterisk => (
                 format!("?sample_rate={rate}&consumers=calls&session_id={id}"),
                 vec![],
             ),
@@ -383,6 +384,40 @@ async fn freeswitch_audio_fork_l16_calls() {
     // fork command's rate (here 16000 in the URL), binary L16, an optional metadata text frame.
     let meta = r#"{"event":"metadata","uuid":"fs-1","caller":"1000"}"#;
     l16_calls(Carrier::AudioFork, Some("audio.drachtio.org"), meta).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinch_stream_l16_calls_are_answered_or_rejected() {
+    // developers.sinch.com voice-2.0 api-reference stream: a ConnectRequest
+    // {"command":"connect","version":1,"callId","applicationKey","codec":"PCM","sampleRate",
+    // "callHeaders":{..}} answered {"command":"answer"|"busy"|"reject"}, then binary 16-bit LE
+    // mono PCM; the server may send {"command":"clear"|"heartbeat"} (a text here to forward).
+    let heartbeat = r#"{"command":"heartbeat"}"#;
+    l16_calls(Carrier::Sinch, None, heartbeat).await;
+    let (gw, _rx) = gateway().await;
+    let call = short_call(Carrier::Sinch, &[]);
+    let frames: Vec<Frame> = call.frames.iter().map(|t| t.frame.clone()).collect();
+    let run = replay(&gw.ws("/v1/sinch"), frames).await;
+    assert_eq!(run.events[0]["command"], "answer", "{:?}", run.events);
+    // A codec Sinch's docs do not define is rejected the Sinch way, then closed with 1003.
+    let connect = r#"{"command":"connect","version":1,"callId":"c1","applicationKey":"k","codec":"OPUS","sampleRate":48000,"callHeaders":{}}"#;
+    let run = replay(&gw.ws("/v1/sinch"), vec![Frame::Text(connect.into())]).await;
+    assert_eq!(run.events[0]["command"], "reject", "{:?}", run.events);
+    assert_eq!(run.close_code, Some(1003));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_chan_websocket_calls() {
+    // docs.asterisk.org Channel-Drivers/WebSocket: Asterisk dials out, sends a TEXT
+    // `MEDIA_START connection_id:.. channel:.. format:slin16 optimal_frame_size:640 ptime:20`,
+    // then BINARY media in the channel's codec; later events such as `DTMF_END digit:5`.
+    l16_calls(Carrier::Asterisk, Some("media"), "DTMF_END digit:5").await;
+    // The JSON control format (`control_message_format = json`) with a passthrough codec
+    // voxgate does not decode: refused with 1003.
+    let (gw, _rx) = gateway().await;
+    let start = r#"{"event":"MEDIA_START","connection_id":"c9","channel":"WebSocket/c9/0x9","channel_id":"1761245643.1","format":"opus","optimal_frame_size":960,"ptime":20,"channel_variables":{}}"#;
+    let run = replay(&gw.ws("/v1/asterisk"), vec![Frame::Text(start.into())]).await;
+    assert_eq!(run.close_code, Some(1003));
 }
 
 /// One AudioSocket frame: kind, big-endian u16 length, payload (docs.asterisk.org AudioSocket

@@ -53,6 +53,9 @@ impl Session {
         self.decoder.conceal(samples, &mut self.pcm);
         self.pcm.resize(samples as usize, 0);
         self.route_pcm();
+        if let Some(lanes) = &mut self.parties {
+            lanes.silence(samples as usize, self.cfg.wants_audio, &mut self.outputs);
+        }
     }
 }
 

@@ -90,19 +90,45 @@ pub fn call(
         Carrier::SignalWire | Carrier::Telnyx | Carrier::Plivo | Carrier::Exotel => {
             Ok(json_call(carrier, &pcm8, &id, params))
         }
-        Carrier::Vonage | Carrier::Jambonz | Carrier::AudioFork => {
-            Ok(l16_call(carrier, rate, samples, &id, params))
-        }
+        Carrier::Vonage
+        | Carrier::Jambonz
+        | Carrier::AudioFork
+        | Carrier::Sinch
+        | Carrier::Asterisk => Ok(l16_call(carrier, rate, samples, 1, &id, params)),
         other => anyhow::bail!("no simulator for {} yet", other.as_str()),
     }
 }
 
+/// A two-party call in a stereo carrier's framing: `caller` on the first channel, `agent` on
+/// the second (the shorter padded with silence), as jambonz `listen` with `mixType: stereo`
+/// and FreeSWITCH `uuid_audio_fork ... stereo` send it (an audio fork's URL must then say
+/// `channels=2`).
+pub fn stereo_call(
+    carrier: Carrier,
+    rate: u32,
+    caller: &[i16],
+    agent: &[i16],
+    params: &[(String, String)],
+) -> anyhow::Result<Call> {
+    if !matches!(carrier, Carrier::Jambonz | Carrier::AudioFork) {
+        anyhow::bail!("{} sends one mixed channel", carrier.as_str());
+    }
+    let at = |s: &[i16], i: usize| s.get(i).copied().unwrap_or(0);
+    let interleaved: Vec<i16> = (0..caller.len().max(agent.len()))
+        .flat_map(|i| [at(caller, i), at(agent, i)])
+        .collect();
+    let id = format!("{}-{}", carrier.as_str(), uuid::Uuid::new_v4().simple());
+    Ok(l16_call(carrier, rate, &interleaved, 2, &id, params))
+}
+
 /// The JSON-then-binary framing: the carrier's description (none for an audio fork, whose
-/// format is in its URL), 20 ms binary L16 frames at the WAV's rate, then the close.
+/// format is in its URL), 20 ms binary L16 frames at the WAV's rate (`samples` interleaved
+/// when `channels` is 2), then the close.
 fn l16_call(
     carrier: Carrier,
     rate: u32,
     samples: &[i16],
+    channels: usize,
     id: &str,
     params: &[(String, String)],
 ) -> Call {
@@ -126,7 +152,25 @@ fn l16_call(
                 ("from", json!("+15550100")),
                 ("to", json!("+15550199")),
                 ("sampleRate", json!(rate)),
-                ("mixType", json!("mono")),
+                (
+                    "mixType",
+                    json!(if channels == 2 { "stereo" } else { "mono" }),
+                ),
+            ] {
+                meta.insert(k.into(), v);
+            }
+            Some(meta)
+        }
+        Carrier::Sinch => {
+            let headers = serde_json::Value::Object(std::mem::take(&mut meta));
+            for (k, v) in [
+                ("command", json!("connect")),
+                ("version", json!(1)),
+                ("callId", json!(id)),
+                ("applicationKey", json!("voxgate-simulator")),
+                ("codec", json!("PCM")),
+                ("sampleRate", json!(rate)),
+                ("callHeaders", headers),
             ] {
                 meta.insert(k.into(), v);
             }
@@ -138,8 +182,24 @@ fn l16_call(
         .map(|d| text(0.0, serde_json::Value::Object(d)))
         .into_iter()
         .collect();
+    if carrier == Carrier::Asterisk {
+        // chan_websocket's default plain-text control format; its session is chosen in the URL.
+        let format = if rate == 8000 {
+            "slin".to_owned()
+        } else {
+            format!("slin{}", rate / 1000)
+        };
+        let start = format!(
+            "MEDIA_START connection_id:{id} channel:WebSocket/{id}/0x1 format:{format} optimal_frame_size:{} ptime:20",
+            rate / 50 * 2
+        );
+        frames.push(Timed {
+            at_ms: 0.0,
+            frame: Frame::Text(start),
+        });
+    }
     let mut media = Vec::new();
-    let per_frame = (rate / 50) as usize;
+    let per_frame = (rate / 50) as usize * channels;
     for (i, chunk) in samples.chunks(per_frame).enumerate() {
         media.push(frames.len());
         frames.push(Timed {
@@ -147,7 +207,7 @@ fn l16_call(
             frame: Frame::Binary(le_bytes(chunk)),
         });
     }
-    let end = samples.len() as f64 * 1000.0 / f64::from(rate);
+    let end = (samples.len() / channels) as f64 * 1000.0 / f64::from(rate);
     frames.push(Timed {
         at_ms: end,
         frame: Frame::Close,
@@ -274,12 +334,41 @@ mod tests {
             let per = if c == Carrier::Exotel { 10 } else { 50 };
             assert_eq!(call.media.len(), per, "{c:?}");
         }
-        for c in [Carrier::Vonage, Carrier::Jambonz, Carrier::AudioFork] {
+        for c in [
+            Carrier::Vonage,
+            Carrier::Jambonz,
+            Carrier::AudioFork,
+            Carrier::Sinch,
+        ] {
             let call = call(c, 16_000, &samples, &[]).unwrap();
             assert_eq!(call.media.len(), 50, "{c:?}");
             assert_eq!(call.frames.last().unwrap().frame, Frame::Close);
         }
         assert!(carrier_named("nope").is_err());
         assert_eq!(carrier_named("audio_fork").unwrap(), Carrier::AudioFork);
+    }
+
+    #[test]
+    fn a_stereo_call_interleaves_the_caller_first() {
+        let (caller, agent) = (vec![1i16; 16_000], vec![2i16; 8_000]);
+        let call = stereo_call(Carrier::Jambonz, 16_000, &caller, &agent, &[]).unwrap();
+        assert!(
+            matches!(&call.frames[0].frame, Frame::Text(t) if t.contains(r#""mixType":"stereo""#))
+        );
+        assert_eq!(call.media.len(), 50, "20 ms frames of both channels");
+        let Frame::Binary(first) = &call.frames[call.media[0]].frame else {
+            panic!("binary media");
+        };
+        assert_eq!(first.len(), 320 * 2 * 2);
+        assert_eq!(&first[..4], &[1, 0, 2, 0]);
+        let Frame::Binary(last) = &call.frames[*call.media.last().unwrap()].frame else {
+            panic!("binary media");
+        };
+        assert_eq!(
+            &last[..4],
+            &[1, 0, 0, 0],
+            "the shorter party is padded with silence"
+        );
+        assert!(stereo_call(Carrier::Vonage, 16_000, &caller, &agent, &[]).is_err());
     }
 }

@@ -42,10 +42,15 @@ pub struct StreamArgs {
     #[arg(long, conflicts_with = "encoding")]
     pub twilio: bool,
     /// Carrier simulator: send the WAV FILE (8 or 16 kHz) as a call in this carrier's framing
-    /// (`signalwire`, `telnyx`, `plivo`, `exotel`, `vonage`, `jambonz`, `audio_fork`), to the
+    /// (`signalwire`, `telnyx`, `plivo`, `exotel`, `vonage`, `jambonz`, `audio_fork`, `sinch`, `asterisk`), to the
     /// URL's path, or `/v1/<carrier>` when the URL has none.
     #[arg(long, conflicts_with_all = ["encoding", "twilio"])]
     pub carrier: Option<String>,
+    /// With `--carrier jambonz` or `audio_fork`: the agent's WAV (same rate as FILE, the
+    /// caller's); the call is sent as stereo, caller left, agent right (an audio fork's URL
+    /// gets `channels=2&sample_rate=R`).
+    #[arg(long, requires = "carrier")]
+    pub agent: Option<std::path::PathBuf>,
     /// Twilio customParameters, `key=value` (repeatable), e.g. `consumers=app1`.
     #[arg(long = "param")]
     pub params: Vec<String>,
@@ -144,7 +149,22 @@ fn carrier_plan(
         .iter()
         .filter_map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
         .collect();
-    let call = super::carrier::call(carrier, rate, &samples, &params)?;
+    let call = match &args.agent {
+        Some(agent_file) => {
+            let (agent_rate, agent) = super::device::read_wav(agent_file)?;
+            anyhow::ensure!(
+                agent_rate == rate,
+                "--agent is {agent_rate} Hz, FILE {rate} Hz"
+            );
+            if carrier == crate::ingest::request::Carrier::AudioFork {
+                url.query_pairs_mut()
+                    .append_pair("channels", "2")
+                    .append_pair("sample_rate", &rate.to_string());
+            }
+            super::carrier::stereo_call(carrier, rate, &samples, &agent, &params)?
+        }
+        None => super::carrier::call(carrier, rate, &samples, &params)?,
+    };
     if url.path() == "/" || url.path().is_empty() {
         url.set_path(&format!("/v1/{}", carrier.as_str()));
     }

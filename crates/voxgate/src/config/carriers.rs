@@ -29,6 +29,11 @@ pub struct CarriersConfig {
     /// The largest AudioSocket payload accepted (the header's length field); a bigger frame
     /// ends that call with an error frame. Default 8192 bytes (slin48 sends 1,920 per 20 ms).
     pub audiosocket_max_frame_bytes: usize,
+    /// Parties a stereo call is kept apart as (jambonz `mixType=stereo`, an audio fork with
+    /// `channels=2`: the caller on the first channel, the agent on the second), each with its
+    /// own utterances (`party` in events) for `parties=caller,agent` speech-to-text; the mix
+    /// goes on as before. 0 mixes only; at most 2. Default 2.
+    pub max_parties: u8,
 }
 
 impl Default for CarriersConfig {
@@ -39,6 +44,7 @@ impl Default for CarriersConfig {
             reorder_window_frames: 16,
             audiosocket_listen: None,
             audiosocket_max_frame_bytes: 8192,
+            max_parties: 2,
         }
     }
 }
@@ -57,6 +63,9 @@ impl CarriersConfig {
         }
         if !(320..=65_535).contains(&self.audiosocket_max_frame_bytes) {
             errors.push("carriers.audiosocket_max_frame_bytes: must be in 320..=65535".into());
+        }
+        if self.max_parties > voxgate_session::MAX_PARTIES {
+            errors.push("carriers.max_parties: must be in 0..=2".into());
         }
         if let Some(addr) = &self.audiosocket_listen {
             if addr.parse::<std::net::SocketAddr>().is_err() {
@@ -88,9 +97,11 @@ mod tests {
         c.max_messages_before_start = 0;
         c.reorder_window_frames = 0;
         c.audiosocket_max_frame_bytes = 70_000;
+        c.max_parties = 3;
         c.audiosocket_listen = Some("nowhere".into());
         c.validate(&mut errors);
-        assert_eq!(errors.len(), 5, "{errors:?}");
-        assert!(errors[4].contains("audiosocket_listen"), "{errors:?}");
+        assert_eq!(errors.len(), 6, "{errors:?}");
+        assert!(errors[4].contains("max_parties"), "{errors:?}");
+        assert!(errors[5].contains("audiosocket_listen"), "{errors:?}");
     }
 }

@@ -49,6 +49,17 @@ impl Config {
             + self.omi_json_bound()
             + self.hook_webhooks_bound()
             + self.recording_bound()
+            + self.carrier_bound(stt)
+    }
+
+    /// A carrier call: the frames its reorder window holds (each at most one message's
+    /// payload), and per party of a stereo call a lane (its channel's bytes and decoded PCM of
+    /// one message, at most 3x the message, and a segmenter) and every backend's buffer again
+    /// (`parties=caller,agent` transcribes each party apart).
+    fn carrier_bound(&self, stt: usize) -> usize {
+        let c = &self.carriers;
+        let lane = 3 * self.server.max_message_bytes + SEGMENTER + stt;
+        c.reorder_window_frames * self.server.max_message_bytes + usize::from(c.max_parties) * lane
     }
 
     /// The recorder (any session may be recorded by its token or hook): its audio buffer, its
@@ -115,10 +126,28 @@ mod tests {
             + 256 * 512;
         let omi = 2 * 2 * mib + 21 * 64 * 1024 + 10 * 48_000 * 2;
         let recording = 60 * 32_000 + 256 * 1024 + 10 * 32_000;
+        // 16 reordered frames, two parties' lanes.
+        let carriers = 16 * mib + 2 * (3 * mib + 16 * 1024);
         assert_eq!(
             cfg.session_memory_bound(),
-            fixed + 256 * mib * 4 * 8 + omi + recording
+            fixed + 256 * mib * 4 * 8 + omi + recording + carriers
         );
+    }
+
+    #[test]
+    fn the_bound_counts_the_reorder_window_and_each_party() {
+        let mut cfg = Config::default();
+        cfg.carriers.max_parties = 0;
+        let base = cfg.session_memory_bound();
+        cfg.carriers.reorder_window_frames += 10;
+        assert_eq!(cfg.session_memory_bound() - base, 10 << 20);
+        let mut s = crate::config::SttConfig::new("s", crate::config::SttBackend::Openai, "");
+        s.max_buffer_seconds = 10.0;
+        cfg.stt.push(s);
+        let one = cfg.session_memory_bound();
+        cfg.carriers.max_parties = 2;
+        let lane = 3 * (1 << 20) + 16 * 1024;
+        assert_eq!(cfg.session_memory_bound() - one, 2 * (lane + 10 * 32_000));
     }
 
     #[test]

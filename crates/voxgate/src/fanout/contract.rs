@@ -140,11 +140,12 @@ pub fn transcript_doc(
         backend,
         start,
         end,
+        party,
     } = event
     else {
         return None;
     };
-    Some(serde_json::json!({
+    let mut doc = serde_json::json!({
         "session_id": session_id,
         "uid": uid,
         "backend": backend,
@@ -154,7 +155,12 @@ pub fn transcript_doc(
         "is_final": is_final,
         "start": start,
         "end": end,
-    }))
+    });
+    // Only a two-party session's transcripts say whose they are (others keep their shape).
+    if let Some(party) = party {
+        doc["party"] = party.as_str().into();
+    }
+    Some(doc)
 }
 
 /// Whether a header is covered by the signature: every `x-voxgate-*` header but the signature,
@@ -392,6 +398,7 @@ mod tests {
             text: "hello there".into(),
             is_final: true,
             backend: "whisper".into(),
+            party: None,
             start: 1.5,
             end: 2.25,
         };

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use tokio::time::Instant;
-use voxgate_session::{AudioChunk, CloseCode, ConsumerSummary, ServerEvent};
+use voxgate_session::{AudioChunk, CloseCode, ConsumerSummary, Party, ServerEvent};
 
 pub use contract::pcm_bytes;
 pub use labels::{ConsumerKind, DropReason};
@@ -37,6 +37,11 @@ pub trait Consumer: Send + Sync {
     /// Whether it takes audio (only then does the session produce audio outputs).
     fn wants_audio(&self) -> bool {
         true
+    }
+    /// The party whose audio and utterances it takes in a two-party session; `None` (the
+    /// default): the mix, as in every other session.
+    fn party(&self) -> Option<Party> {
+        None
     }
     /// Offers decoded 16 kHz audio. Must not block.
     fn on_audio(&mut self, chunk: &AudioChunk) -> Offer;

@@ -86,22 +86,30 @@ impl Consumers {
             || self.hub.wants_audio()
     }
 
-    /// Every consumer sees every event (utterance boundaries drive per-utterance consumers).
+    /// Every consumer sees every event, except utterance boundaries (they drive per-utterance
+    /// consumers): a consumer sees only its own party's (the mix's by default).
     pub fn on_event(&mut self, event: &ServerEvent) {
+        let boundary = event.boundary_party();
         for c in self.all() {
-            c.on_event(event);
+            if boundary.is_none_or(|p| p == c.party()) {
+                c.on_event(event);
+            }
         }
     }
 
     /// Offers audio to the consumers that take it and to audio subscribers; calls `dropping`
     /// with the name of each consumer that starts dropping (once per episode).
     pub fn on_audio(&mut self, chunk: &AudioChunk, mut dropping: impl FnMut(&str)) {
-        for c in self.all().filter(|c| c.wants_audio()) {
+        // A party's audio goes only to the consumers of that party; the rest take the mix.
+        let wanted = |c: &&mut Box<dyn Consumer>| c.wants_audio() && c.party() == chunk.party;
+        for c in self.all().filter(wanted) {
             if let Offer::Dropped { first: true } = c.on_audio(chunk) {
                 dropping(c.name());
             }
         }
-        self.hub.publish_audio(&chunk.pcm);
+        if chunk.party.is_none() {
+            self.hub.publish_audio(&chunk.pcm);
+        }
     }
 
     /// Closes every consumer in order, each flushing until `deadline`; the events each one sends

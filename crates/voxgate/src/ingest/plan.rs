@@ -22,6 +22,9 @@ pub struct ConsumerPlan {
     pub stt: Vec<Arc<Backend>>,
     /// What the session asks of its speech-to-text backends (token claim, hook, then query).
     pub stt_options: crate::config::SttOptions,
+    /// Whose speech each chosen backend transcribes (`parties=caller,agent,mix`; `None`: the
+    /// mix, the default and all a session not split into parties has).
+    pub stt_parties: Vec<Option<voxgate_session::Party>>,
     /// The user the hook named (only when no token names one).
     pub hook_uid: Option<String>,
     /// Whether the session is recorded: the token's `record` claim, else the hook's answer,
@@ -83,10 +86,14 @@ pub async fn choose(
     );
     crate::fanout::stt::check_options(&stt, &stt_options)
         .map_err(|why| Refusal::new(RefuseReason::InvalidParameters, why))?;
+    let split = super::session_config::max_parties(cfg, req);
+    let stt_parties = crate::fanout::stt::parties(req.raw_query.get("parties"), split)
+        .map_err(|why| Refusal::new(RefuseReason::InvalidParameters, why))?;
     Ok(ConsumerPlan {
         webhooks,
         stt,
         stt_options,
+        stt_parties,
         hook_uid,
         record: (principal.and_then(|p| p.record))
             .or(hook_record)

@@ -272,6 +272,7 @@ fn build_consumers(
         crate::fanout::stt::Selection {
             backends: plan.stt,
             asked: &plan.stt_options,
+            parties: &plan.stt_parties,
         },
         &shared.http,
         lookback,

@@ -45,11 +45,17 @@ pub enum Carrier {
     AudioFork,
     /// Asterisk AudioSocket over TCP (its own listener).
     AudioSocket,
+    /// Sinch Voice stream: a JSON `connect` request answered `answer`/`busy`/`reject`, then
+    /// binary L16.
+    Sinch,
+    /// Asterisk's WebSocket channel driver (`chan_websocket`) dialing out: a `MEDIA_START`
+    /// control event (plain text or JSON), then binary media in the channel's codec.
+    Asterisk,
 }
 
 impl Carrier {
     /// Every carrier served on a WebSocket path (AudioSocket has its own TCP listener).
-    pub const WEBSOCKET: [Carrier; 7] = [
+    pub const WEBSOCKET: [Carrier; 9] = [
         Self::SignalWire,
         Self::Telnyx,
         Self::Plivo,
@@ -57,6 +63,8 @@ impl Carrier {
         Self::Vonage,
         Self::Jambonz,
         Self::AudioFork,
+        Self::Sinch,
+        Self::Asterisk,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +77,8 @@ impl Carrier {
             Self::Jambonz => "jambonz",
             Self::AudioFork => "audio_fork",
             Self::AudioSocket => "audiosocket",
+            Self::Sinch => "sinch",
+            Self::Asterisk => "asterisk",
         }
     }
 }

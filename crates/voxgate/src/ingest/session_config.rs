@@ -3,10 +3,10 @@
 //! another gateway published on the bus.
 
 use voxgate_media::SourceFormat;
-use voxgate_session::{ContinuePoint, SessionConfig};
+use voxgate_session::{ContinuePoint, SessionConfig, MAX_PARTIES};
 
 use super::handoff::HandoffState;
-use super::request::ConnectRequest;
+use super::request::{ConnectRequest, Endpoint};
 use crate::bus::publish::Continuation;
 use crate::config::Config;
 
@@ -43,7 +43,24 @@ pub fn build(
         }),
         (None, None) => None,
     };
+    s.max_parties = max_parties(cfg, req);
     s
+}
+
+/// Parties the session is split into: a carrier's stereo stream carries the caller and the
+/// agent on its two channels (`carriers.max_parties` of them are kept apart); any other
+/// session is one mix.
+pub fn max_parties(cfg: &Config, req: &ConnectRequest) -> u8 {
+    let stereo = match req.source {
+        Ok(SourceFormat::Linear16 { channels, .. })
+        | Ok(SourceFormat::Mulaw { channels, .. })
+        | Ok(SourceFormat::Alaw { channels, .. }) => channels == 2,
+        _ => false,
+    };
+    match req.endpoint {
+        Endpoint::Carrier(_) if stereo => cfg.carriers.max_parties.min(MAX_PARTIES),
+        _ => 0,
+    }
 }
 
 #[cfg(test)]

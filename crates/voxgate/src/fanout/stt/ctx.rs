@@ -7,7 +7,7 @@ use std::time::Duration;
 use metrics::{counter, histogram};
 use tokio::time::Instant;
 use tracing::warn;
-use voxgate_session::{ServerEvent, SAMPLE_RATE};
+use voxgate_session::{Party, ServerEvent, SAMPLE_RATE};
 
 use super::backend::Backend;
 use crate::config::SessionStt;
@@ -36,6 +36,8 @@ pub(crate) struct Ctx {
     pub stats: Arc<ConsumerStats>,
     /// The language, model and hints this session uses with this backend.
     pub opts: Arc<SessionStt>,
+    /// The party this consumer transcribes in a two-party session (`None`: the mix).
+    pub party: Option<Party>,
 }
 
 impl Ctx {
@@ -65,6 +67,7 @@ impl Ctx {
             backend: self.name().to_owned(),
             start,
             end,
+            party: self.party,
         }
     }
 

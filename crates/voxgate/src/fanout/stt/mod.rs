@@ -33,6 +33,7 @@ use super::contract::Target;
 use super::queue::ConsumerStats;
 use super::{Consumer, ConsumerKind, Notifier};
 use crate::config::{SttBackend, SttOptions};
+use voxgate_session::Party;
 
 pub use backend::{Backend, Registry};
 pub use error::{SttError, UnknownBackend};
@@ -67,6 +68,35 @@ pub fn asked_options(
 pub struct Selection<'a> {
     pub backends: Vec<Arc<Backend>>,
     pub asked: &'a SttOptions,
+    /// Whose speech each backend transcribes, one consumer per entry (`None`: the mix).
+    pub parties: &'a [Option<Party>],
+}
+
+/// What `parties=caller,agent,mix` asks, for a session split into `split` parties (caller
+/// first). Unset: the mix. A party the session does not have is transcribed from the mix (a
+/// mono call's one voice is the whole call), once.
+pub fn parties(asked: Option<&String>, split: u8) -> Result<Vec<Option<Party>>, String> {
+    let Some(list) = asked else {
+        return Ok(vec![None]);
+    };
+    let mut chosen = Vec::new();
+    for name in list.split(',').filter(|n| !n.is_empty()) {
+        let party = match name {
+            "mix" => None,
+            _ => Some(Party::parse(name).ok_or_else(|| {
+                format!("parties: unknown party {name:?} (caller, agent or mix)")
+            })?),
+        };
+        let have = party.is_none_or(|p| Party::ALL[..usize::from(split)].contains(&p));
+        let party = if have { party } else { None };
+        if !chosen.contains(&party) {
+            chosen.push(party);
+        }
+    }
+    if chosen.is_empty() {
+        return Err("parties: empty (caller, agent or mix)".into());
+    }
+    Ok(chosen)
 }
 
 /// Builds the session's speech-to-text consumers.
@@ -80,7 +110,11 @@ pub fn build(
     consumers: &mut Vec<Box<dyn Consumer>>,
 ) {
     let asked = chosen.asked;
-    for backend in chosen.backends {
+    let targets = chosen
+        .backends
+        .iter()
+        .flat_map(|b| chosen.parties.iter().map(move |p| (b.clone(), *p)));
+    for (backend, party) in targets {
         // The plan checked `asked` against every chosen backend (`check_options`).
         let opts = backend
             .session_options(asked)
@@ -94,6 +128,7 @@ pub fn build(
             target: target.clone(),
             notifier: notifier.clone(),
             stats: Arc::new(ConsumerStats::new(ConsumerKind::Stt)),
+            party,
         };
         match backend.cfg.backend {
             SttBackend::Deepgram => consumers.push(Box::new(deepgram::DeepgramHandle::spawn(
@@ -102,5 +137,25 @@ pub fn build(
             ))),
             _ => consumers.push(Box::new(UtteranceHandle::spawn(ctx, lookback_samples))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parties_are_asked_by_name_and_fall_back_to_the_mix() {
+        let ask = |list: &str, split| parties(Some(&list.to_owned()), split);
+        assert_eq!(parties(None, 2), Ok(vec![None]));
+        assert_eq!(
+            ask("caller,agent,mix", 2),
+            Ok(vec![Some(Party::Caller), Some(Party::Agent), None])
+        );
+        // A mono call's one voice is the mix, transcribed once.
+        assert_eq!(ask("caller,agent", 0), Ok(vec![None]));
+        assert_eq!(ask("agent,mix", 1), Ok(vec![None]));
+        assert!(ask("callee", 2).unwrap_err().contains("callee"));
+        assert!(ask(",", 2).is_err());
     }
 }

@@ -62,8 +62,13 @@ impl Poster {
         let Some(doc) = transcript_doc(&target.session_id, &target.uid, seq, event) else {
             return;
         };
+        // Each party's transcripts are numbered apart: its own key space.
+        let sink = match ctx.party {
+            Some(party) => format!("{}.{}", ctx.name(), party.as_str()),
+            None => ctx.name().to_owned(),
+        };
         let out = Outgoing {
-            key: idempotency_key(&target.session_id, ctx.name(), seq),
+            key: idempotency_key(&target.session_id, &sink, seq),
             body: Bytes::from(doc.to_string()),
         };
         if self.tx.try_send(out).is_err() {

@@ -126,6 +126,10 @@ impl Consumer for UtteranceHandle {
         self.ctx.name()
     }
 
+    fn party(&self) -> Option<voxgate_session::Party> {
+        self.ctx.party
+    }
+
     fn on_audio(&mut self, chunk: &AudioChunk) -> Offer {
         let bytes = chunk.pcm.len() as u64 * 2;
         if self.open.is_none() {
@@ -154,6 +158,7 @@ impl Consumer for UtteranceHandle {
             ServerEvent::SpeechStarted {
                 utterance,
                 timestamp,
+                ..
             } => {
                 let start = sample_at(timestamp);
                 self.cut_before(start);

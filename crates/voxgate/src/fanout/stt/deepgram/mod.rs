@@ -63,6 +63,10 @@ impl Consumer for DeepgramHandle {
         self.ctx.name()
     }
 
+    fn party(&self) -> Option<voxgate_session::Party> {
+        self.ctx.party
+    }
+
     fn on_audio(&mut self, chunk: &AudioChunk) -> Offer {
         let bytes = chunk.pcm.len() as u64 * 2;
         let reason = match self.queue.offer(In::Audio(chunk.clone()), bytes) {
@@ -85,6 +89,7 @@ impl Consumer for DeepgramHandle {
             ServerEvent::SpeechStarted {
                 utterance,
                 timestamp,
+                ..
             } => In::Started {
                 utterance,
                 start: sample_at(timestamp),

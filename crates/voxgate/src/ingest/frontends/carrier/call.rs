@@ -54,7 +54,7 @@ pub(super) fn session_for(
         return Accept::Refuse(req, refusal);
     }
     for (k, v) in &call.custom {
-        if matches!(k.as_str(), "consumers" | "uid" | "session_id") {
+        if matches!(k.as_str(), "consumers" | "uid" | "session_id" | "parties") {
             req.raw_query.insert(k.clone(), v.clone());
         }
     }

@@ -3,17 +3,22 @@
 //! `listen` (subprotocol `audio.jambonz.org`, a metadata message with `sampleRate` and
 //! `mixType`) and FreeSWITCH `mod_audio_fork` (subprotocol `audio.drachtio.org`; its rate and
 //! channels are the fork command's, given in the URL as `sample_rate`/`channels`, its optional
-//! metadata message is forwarded). A stereo stream (jambonz `mixType: stereo`, an audio fork
-//! with `channels=2`) is interleaved caller/callee and is mixed to mono by the decoder.
+//! metadata message is forwarded), and Sinch (a `connect` request, answered with
+//! `{"command":"answer"}`, or `busy`/`reject` when the call is refused). A stereo stream (jambonz `mixType: stereo`, an audio fork
+//! with `channels=2`) is interleaved caller/callee: the session keeps each party apart besides
+//! the mix (`carriers.max_parties`, `voxgate_session::Party`).
 //!
 //! Sources: developer.vonage.com/voice/voice-api/concepts/websockets; docs.jambonz.org
 //! (verbs/listen: "audio.jambonz.org", the initial JSON text frame, L16 binary frames);
 //! github.com/drachtio/drachtio-freeswitch-modules `mod_audio_fork` README (subprotocol
-//! "audio.drachtio.org", `uuid_audio_fork <uuid> start <url> <mix-type> <rate> <metadata>`).
+//! "audio.drachtio.org", `uuid_audio_fork <uuid> start <url> <mix-type> <rate> <metadata>`);
+//! developers.sinch.com voice-2.0 api-reference stream (ConnectRequest `{command:"connect",
+//! version, callId, applicationKey, codec:"PCM", sampleRate, callHeaders{}}`, ConnectResponse
+//! `{command: answer|busy|reject}`, then binary 16-bit LE mono PCM frames).
 
 use axum::extract::ws::Message;
 use bytes::Bytes;
-use voxgate_session::{ClientControl, ServerEvent};
+use voxgate_session::{ClientControl, CloseCode, ServerEvent};
 
 use super::call::{self, telephony, CallStart};
 use super::start::{self, BeforeStart};
@@ -30,6 +35,8 @@ pub fn subprotocol(carrier: Carrier) -> Option<&'static str> {
     match carrier {
         Carrier::Jambonz => Some("audio.jambonz.org"),
         Carrier::AudioFork => Some("audio.drachtio.org"),
+        // `websocket_client.conf` `protocols = media`, when the client is configured so.
+        Carrier::Asterisk => Some("media"),
         _ => None,
     }
 }
@@ -53,22 +60,47 @@ pub async fn accept(
             Err(why) => return refuse_format(req, why),
         }
     } else {
-        let what = if carrier == Carrier::Vonage {
-            "websocket:connected message"
-        } else {
-            "metadata message"
+        let what = match carrier {
+            Carrier::Vonage => "websocket:connected message",
+            Carrier::Sinch => "connect request",
+            Carrier::Asterisk => "MEDIA_START event",
+            _ => "metadata message",
         };
         let limits = call::start_limits(shared, what);
         let step = |msg, loud| before_start(carrier, msg, loud);
         match start::wait_for_start(shared, sink, stream, &limits, step).await {
             Ok(Some(call)) => call,
             Ok(None) => return Accept::Done,
-            Err(refusal) => return Accept::Refuse(req, refusal),
+            Err(refusal) => {
+                let refused = Accept::Refuse(req, refusal);
+                return answer_sinch(carrier, sink, refused).await;
+            }
         }
     };
     let make =
         |call: &CallStart, admitted| Box::new(L16Carrier::new(call, admitted)) as Box<dyn Frontend>;
-    call::session_for(shared, req, admitted, call, make)
+    let accepted = call::session_for(shared, req, admitted, call, make);
+    answer_sinch(carrier, sink, accepted).await
+}
+
+/// Sinch waits for a reply to its connect request: `answer` for a session, `busy` when voxgate
+/// is over capacity or draining (try again later), `reject` for any other refusal (which then
+/// closes as every carrier's does).
+async fn answer_sinch(carrier: Carrier, sink: &mut WsSink, accept: Accept) -> Accept {
+    use futures_util::SinkExt;
+    if carrier != Carrier::Sinch {
+        return accept;
+    }
+    let command = match &accept {
+        Accept::Session(..) => "answer",
+        Accept::Refuse(_, r) if r.reason.close_code() == CloseCode::TryAgainLater => "busy",
+        Accept::Refuse(..) => "reject",
+        Accept::Done => return accept,
+    };
+    let reply = serde_json::json!({ "command": command }).to_string();
+    // A peer that cannot take the reply has gone: the close that follows tells the same.
+    let _ = sink.send(Message::Text(reply.into())).await;
+    accept
 }
 
 fn refuse_format(req: ConnectRequest, why: String) -> Accept {
@@ -123,9 +155,10 @@ fn before_start(
         }
         _ => return (BeforeStart::Wait, None),
     };
-    let parsed = serde_json::from_str::<serde_json::Value>(text.as_str())
-        .map_err(|e| format!("not JSON: {e}; ignored"))
-        .and_then(|v| parse_description(carrier, v));
+    let parsed = parse_control(carrier, text.as_str()).and_then(|v| match carrier {
+        Carrier::Asterisk => super::asterisk_ws::describe(v),
+        _ => parse_description(carrier, v),
+    });
     match parsed {
         Ok(Some(call)) => (BeforeStart::Started(call), None),
         Ok(None) => (BeforeStart::Wait, None),
@@ -142,6 +175,7 @@ fn parse_description(
     carrier: Carrier,
     v: serde_json::Value,
 ) -> Result<Option<Result<CallStart, Refusal>>, String> {
+    let mut custom = call::string_map(&v);
     let (rate, channels, stream_id, call_id) = match carrier {
         Carrier::Vonage => {
             if v["event"] != "websocket:connected" {
@@ -166,6 +200,26 @@ fn parse_description(
                 text(&v, "conversation_uuid"),
             )
         }
+        Carrier::Sinch => {
+            if v["command"] != "connect" {
+                return Ok(None);
+            }
+            let codec = v["codec"].as_str().unwrap_or_default();
+            let Some(rate) = v["sampleRate"].as_u64().filter(|_| codec == "PCM") else {
+                let why = format!(
+                    "codec {codec:?} at sampleRate {} is not PCM",
+                    v["sampleRate"]
+                );
+                return Ok(Some(Err(Refusal::new(
+                    RefuseReason::UnsupportedFormat,
+                    why,
+                ))));
+            };
+            // Custom data comes as call headers (`token`, `consumers`, ...).
+            custom = call::string_map(&v["callHeaders"]);
+            let app = text(&v, "applicationKey");
+            (rate as u32, 1, text(&v, "callId"), app)
+        }
         _ => {
             let Some(rate) = v["sampleRate"].as_u64() else {
                 return Err("jambonz metadata without sampleRate".into());
@@ -189,12 +243,20 @@ fn parse_description(
         carrier,
         stream_id,
         call_id,
-        custom: call::string_map(&v),
+        custom,
         encoding: "linear16",
         sample_rate: rate,
         channels: channels as u8,
         detail: v,
     })))
+}
+
+/// A control message as JSON (Asterisk's may be plain text).
+fn parse_control(carrier: Carrier, text: &str) -> Result<serde_json::Value, String> {
+    match carrier {
+        Carrier::Asterisk => super::asterisk_ws::control(text),
+        _ => serde_json::from_str(text).map_err(|e| format!("not JSON: {e}; ignored")),
+    }
 }
 
 fn text(v: &serde_json::Value, key: &str) -> String {
@@ -220,7 +282,11 @@ impl L16Carrier {
 
 /// The telephony event a control message names, in voxgate's words (`dtmf`, `clear`, ...).
 fn control_event(carrier: Carrier, v: &serde_json::Value) -> Option<String> {
-    let event = v["event"].as_str().or(v["type"].as_str())?;
+    // Sinch names its control messages by `command`.
+    let event = v["event"]
+        .as_str()
+        .or(v["type"].as_str())
+        .or(v["command"].as_str())?;
     match carrier {
         Carrier::Vonage => event.strip_prefix("websocket:").map(str::to_owned),
         _ => Some(event.to_owned()),
@@ -233,10 +299,9 @@ impl Frontend for L16Carrier {
     }
 
     fn on_text(&mut self, text: &str, out: &mut Vec<Action>) {
-        let v: serde_json::Value = match serde_json::from_str(text) {
+        let v = match parse_control(self.carrier, text) {
             Ok(v) => v,
-            Err(e) => {
-                let why = format!("not JSON: {e}; ignored");
+            Err(why) => {
                 return out.push(Action::Notice(ServerEvent::warning("bad_message", why)));
             }
         };

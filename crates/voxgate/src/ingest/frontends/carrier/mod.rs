@@ -1,9 +1,11 @@
 //! Phone carriers and PBXs besides Twilio, by protocol family: `json` (SignalWire, Telnyx,
 //! Plivo, Exotel: JSON events with base64 audio, one table row each in `spec`) and `l16`
 //! (Vonage, jambonz, FreeSWITCH audio fork: a JSON description, then binary L16), and Asterisk's
-//! `audiosocket` (type/length frames over TCP); what they
+//! `audiosocket` (type/length frames over TCP) and `asterisk_ws` (`chan_websocket`'s control
+//! events, served by `l16`); what they
 //! share is in `call`.
 
+pub mod asterisk_ws;
 pub mod audiosocket;
 pub mod call;
 pub mod json;

@@ -103,6 +103,7 @@ impl Renderer {
                 start,
                 end,
                 reason,
+                ..
             } => {
                 self.speaking = false;
                 self.media_seconds = self.media_seconds.max(*end);
@@ -127,6 +128,7 @@ impl Renderer {
                 start,
                 end,
                 backend,
+                ..
             } if self.opts.backend.as_deref() == Some(backend) => {
                 self.transcript(*utterance, text, *is_final, *start, *end)
             }
@@ -363,6 +365,7 @@ mod tests {
             backend: "b".into(),
             start: 1.0,
             end: 2.5,
+            party: None,
         }
     }
 
@@ -372,6 +375,7 @@ mod tests {
             start: 1.0,
             end: 2.6,
             reason,
+            party: None,
         }
     }
 
@@ -381,7 +385,8 @@ mod tests {
         assert!(
             r.render(&ServerEvent::SpeechStarted {
                 utterance: 0,
-                timestamp: 1.0
+                timestamp: 1.0,
+                party: None,
             })
             .len()
                 == 1
@@ -503,6 +508,7 @@ mod tests {
             backend: "webhook-only".into(),
             start: 0.0,
             end: 1.0,
+            party: None,
         };
         assert!(r.render(&other).is_empty());
         r.opts.backend = None;

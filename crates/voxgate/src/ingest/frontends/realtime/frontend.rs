@@ -347,6 +347,7 @@ impl Frontend for Realtime {
             ServerEvent::SpeechStarted {
                 utterance,
                 timestamp,
+                ..
             } => {
                 self.speech_started(*utterance, *timestamp, out);
             }
